@@ -8,7 +8,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from broker.protocol import FdsRefused, MAX_MESSAGE_BYTES, MessageTooLarge, ProtocolViolation
+from broker.protocol import MAX_MESSAGE_BYTES, FdsRefused, MessageTooLarge, ProtocolViolation
 
 _INT_SIZE = array.array("i").itemsize
 

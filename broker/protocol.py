@@ -300,15 +300,25 @@ def _qemu_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def netdev_arg(netdev_id: str, lease: LeaseInfo, sock_fds: list[int | str]) -> str:
-    """The whole `-netdev` value QEMU needs for these sockets (numbers or getfd names)."""
-    if len(sock_fds) != len(lease.queue_ids):
-        raise ValueError(f"{len(lease.queue_ids)} queues need as many fds, got {len(sock_fds)}")
+def _netdev(netdev_id: str, lease: LeaseInfo, sock_fds: str) -> str:
     return (
         f"af-xdp,id={_qemu_escape(netdev_id)},ifname={_qemu_escape(lease.ifname)},"
         f"mode={lease.mode},queues={len(lease.queue_ids)},start-queue={lease.start_queue},"
-        f"inhibit=on,sock-fds={':'.join(str(f) for f in sock_fds)}"
+        f"inhibit=on,sock-fds={sock_fds}"
     )
+
+
+def netdev_arg(netdev_id: str, lease: LeaseInfo, sock_fds: list[int] | list[str]) -> str:
+    """The whole `-netdev` value QEMU needs for these sockets (numbers or getfd names)."""
+    if len(sock_fds) != len(lease.queue_ids):
+        raise ValueError(f"{len(lease.queue_ids)} queues need as many fds, got {len(sock_fds)}")
+    return _netdev(netdev_id, lease, ":".join(str(fd) for fd in sock_fds))
+
+
+def netdev_template(lease: LeaseInfo) -> str:
+    """The `-netdev` value with `{id}` and `{sock-fds}` left for the receiver to fill in:
+    fd numbers are chosen by the receiving process's kernel, not by the broker."""
+    return _netdev("{id}", lease, "{sock-fds}")
 
 
 def netdev_qmp(netdev_id: str, lease: LeaseInfo, fd_names: list[str]) -> dict:

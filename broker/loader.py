@@ -1,0 +1,297 @@
+"""The XSK redirect program on an interface: build, attach, pin, adopt, detach.
+
+Attachments are bpf_links pinned in bpffs under PIN_ROOT/<netns inode>/<ifindex>/, so they
+outlive the broker (a restart or crash never interrupts a VM) and netlink cannot replace
+them. The attach mode is part of the link's pin name, so adoption needs no netlink query.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker import bpf, netdev
+from broker.protocol import AttachFailed, BadQueues, ModeUnsupported, XdpConflict
+
+DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/xsk-broker")
+BPF_FS_MAGIC = 0xCAFE4A11
+_MODE_FLAGS = {"native": bpf.XDP_FLAGS_DRV_MODE, "skb": bpf.XDP_FLAGS_SKB_MODE}
+# Errnos that mean "this mode is not possible here", after which auto tries the next mode.
+_MODE_REFUSALS = {errno.EOPNOTSUPP, errno.EINVAL, errno.ERANGE}
+
+
+def xsk_redirect_program(map_fd: int) -> bytes:
+    """`return bpf_redirect_map(&xsks_map, ctx->rx_queue_index, XDP_PASS);` in 6 insns."""
+
+    def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+        return struct.pack("<BBhi", code, dst | src << 4, off, imm)
+
+    return b"".join(
+        (
+            insn(0x61, dst=2, src=1, off=16),  # r2 = ctx->rx_queue_index
+            insn(0x18, dst=1, src=1, imm=map_fd),  # r1 = &xsks_map (BPF_PSEUDO_MAP_FD)
+            insn(0x00),
+            insn(0xB7, dst=3, imm=2),  # r3 = XDP_PASS when the slot is empty
+            insn(0x85, imm=51),  # call bpf_redirect_map
+            insn(0x95),  # exit
+        )
+    )
+
+
+@dataclass
+class Attachment:
+    """The program on one interface; the broker holds the map fd to insert sockets."""
+
+    ifname: str
+    ifindex: int
+    mode: str
+    queue_count: int
+    map_fd: int
+    link_fd: int
+    link_id: int
+    prog_id: int
+    pin_dir: Path
+    adopted: bool
+
+    def is_live(self) -> bool:
+        """False once the device is gone (the kernel then detaches the link)."""
+        try:
+            return bpf.link_info(self.link_fd).ifindex == self.ifindex
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        for fd in (self.map_fd, self.link_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def describe(self) -> dict:
+        return {
+            "ifname": self.ifname,
+            "ifindex": self.ifindex,
+            "mode": self.mode,
+            "queue_count": self.queue_count,
+            "link_id": self.link_id,
+            "prog_id": self.prog_id,
+            "pin_dir": str(self.pin_dir),
+            "adopted": self.adopted,
+        }
+
+
+def _is_bpffs(path: Path) -> bool:
+    class Statfs(ctypes.Structure):
+        _fields_ = (("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112))
+
+    buf = Statfs()
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.statfs(str(path).encode(), ctypes.byref(buf)) == 0 and buf.f_type == BPF_FS_MAGIC
+
+
+def ensure_bpffs(pin_root: Path) -> None:
+    """Make pin_root's directory, mounting bpffs at /sys/fs/bpf first if nobody has."""
+    anchor = pin_root.parent
+    if not _is_bpffs(anchor) and anchor == DEFAULT_PIN_ROOT.parent:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"bpf", str(anchor).encode(), b"bpf", 0, None) != 0:
+            err = ctypes.get_errno()
+            raise AttachFailed(
+                f"bpffs is not mounted at {anchor} and mounting it failed "
+                f"({os.strerror(err)}); run: mount -t bpf bpf {anchor}",
+                errno=err,
+            )
+    if not _is_bpffs(anchor):
+        raise AttachFailed(
+            f"{anchor} is not a bpffs mount; mount one (mount -t bpf bpf {anchor}) "
+            "or choose another --pin-dir",
+            errno=errno.ENOTDIR,
+        )
+    pin_root.mkdir(mode=0o700, exist_ok=True)
+
+
+def netns_key() -> str:
+    """An ifindex is only unique within a network namespace; pins are keyed by both."""
+    return str(os.stat("/proc/self/ns/net").st_ino)
+
+
+class Loader:
+    """Keeps one Attachment per interface of the broker's network namespace."""
+
+    def __init__(self, pin_root: Path = DEFAULT_PIN_ROOT) -> None:
+        self.pin_root = pin_root
+        self.ns_dir = pin_root / netns_key()
+        self.attachments: dict[int, Attachment] = {}
+
+    def ensure(self, ifname: str, mode: str = "auto", queue_ids: range = range(1)) -> Attachment:
+        """The attachment for ifname: cached, adopted from pins, or attached now.
+
+        Every check (queue range, mode) runs before anything is attached, so a refused
+        request leaves the interface as it was.
+        """
+        ifindex = netdev.ifindex_of(ifname)
+        current = self.attachments.get(ifindex)
+        if current is not None and not current.is_live():
+            self.forget(ifindex)
+            current = None
+        if current is None:
+            current = self._adopt(ifindex, ifname)
+        if current is None:
+            state = netdev.link_state(ifindex)
+            check_queue_range(ifname, state.rx_queues, queue_ids)
+            current = self._attach(state, ifname, mode)
+        self.attachments[ifindex] = current
+        check_queue_range(ifname, current.queue_count, queue_ids)
+        if mode not in ("auto", current.mode):
+            raise ModeUnsupported(
+                f"{ifname} already carries the XSK program in {current.mode} mode; "
+                f"ask for mode={current.mode} or auto, or detach it first"
+            )
+        current.ifname = ifname
+        return current
+
+    def adopt_all(self) -> list[Attachment]:
+        """Pick up every pinned attachment after a restart; clean pins of vanished links."""
+        if self.ns_dir.is_dir():
+            for entry in sorted(self.ns_dir.iterdir()):
+                if entry.name.isdigit() and int(entry.name) not in self.attachments:
+                    found = self._adopt(int(entry.name), None)
+                    if found is not None:
+                        self.attachments[found.ifindex] = found
+        return list(self.attachments.values())
+
+    def forget(self, ifindex: int) -> None:
+        """Drop a dead attachment: close fds and remove its pins."""
+        attachment = self.attachments.pop(ifindex, None)
+        if attachment is not None:
+            attachment.close()
+        shutil.rmtree(self.ns_dir / str(ifindex), ignore_errors=True)
+
+    def detach(self, ifindex: int) -> None:
+        """Remove the program from the device now, and its pins."""
+        attachment = self.attachments.get(ifindex)
+        if attachment is not None:
+            with contextlib.suppress(OSError):
+                bpf.detach_link(attachment.link_fd)
+        self.forget(ifindex)
+
+    def close(self) -> None:
+        """Close the broker's fds; the pins keep the attachments alive."""
+        for attachment in self.attachments.values():
+            attachment.close()
+        self.attachments.clear()
+
+    def _adopt(self, ifindex: int, ifname: str | None) -> Attachment | None:
+        pin_dir = self.ns_dir / str(ifindex)
+        links = sorted(pin_dir.glob("link_*")) if pin_dir.is_dir() else []
+        if not links:
+            if pin_dir.exists():
+                shutil.rmtree(pin_dir, ignore_errors=True)
+            return None
+        link_fd = map_fd = -1
+        try:
+            link_fd = bpf.get_pinned(str(links[0]))
+            map_fd = bpf.get_pinned(str(pin_dir / "map"))
+            info = bpf.link_info(link_fd)
+            queue_count = bpf.map_info(map_fd).max_entries
+        except OSError:
+            info = None
+        if info is None or info.ifindex != ifindex:
+            for fd in (link_fd, map_fd):
+                if fd >= 0:
+                    os.close(fd)
+            shutil.rmtree(pin_dir, ignore_errors=True)
+            return None
+        if ifname is None:
+            try:
+                ifname = socket.if_indextoname(ifindex)
+            except OSError:
+                ifname = f"if{ifindex}"
+        return Attachment(
+            ifname=ifname,
+            ifindex=ifindex,
+            mode=links[0].name.removeprefix("link_"),
+            queue_count=queue_count,
+            map_fd=map_fd,
+            link_fd=link_fd,
+            link_id=info.link_id,
+            prog_id=info.prog_id,
+            pin_dir=pin_dir,
+            adopted=True,
+        )
+
+    def _attach(self, state: netdev.LinkState, ifname: str, mode: str) -> Attachment:
+        ifindex = state.ifindex
+        if state.xdp_mode is not None:
+            raise XdpConflict(
+                f"{ifname} already has another XDP program (id {state.xdp_prog_id}, "
+                f"{state.xdp_mode} mode) attached; remove it (ip link set dev {ifname} xdp off) "
+                "or let the broker own the interface"
+            )
+        ensure_bpffs(self.pin_root)
+        self.ns_dir.mkdir(mode=0o700, exist_ok=True)
+        pin_dir = self.ns_dir / str(ifindex)
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        map_fd = bpf.create_xskmap(f"xsks_{ifindex}", state.rx_queues)
+        link_fd = -1
+        try:
+            prog_fd = bpf.load_xdp_program("xsk_redirect", xsk_redirect_program(map_fd))
+            try:
+                link_fd, used = _link_first_possible(prog_fd, ifindex, ifname, mode)
+            finally:
+                os.close(prog_fd)
+            pin_dir.mkdir(mode=0o700)
+            bpf.pin(map_fd, str(pin_dir / "map"))
+            bpf.pin(link_fd, str(pin_dir / f"link_{used}"))
+            info = bpf.link_info(link_fd)
+        except BaseException:
+            for fd in (map_fd, link_fd):
+                if fd >= 0:
+                    os.close(fd)
+            shutil.rmtree(pin_dir, ignore_errors=True)
+            raise
+        return Attachment(
+            ifname=ifname,
+            ifindex=ifindex,
+            mode=used,
+            queue_count=state.rx_queues,
+            map_fd=map_fd,
+            link_fd=link_fd,
+            link_id=info.link_id,
+            prog_id=info.prog_id,
+            pin_dir=pin_dir,
+            adopted=False,
+        )
+
+
+def check_queue_range(ifname: str, queue_count: int, queue_ids: range) -> None:
+    """Refuse queues the device does not have, naming the ones it has."""
+    if queue_ids.stop > queue_count:
+        raise BadQueues(
+            f"{ifname} has {queue_count} rx queue(s) (0-{queue_count - 1}); "
+            f"queues {queue_ids.start}-{queue_ids.stop - 1} were asked for"
+        )
+
+
+def _link_first_possible(prog_fd: int, ifindex: int, ifname: str, mode: str) -> tuple[int, str]:
+    """Attach in the wished mode, or native then skb for auto; say why each was refused."""
+    tried: list[str] = []
+    for candidate in ("native", "skb") if mode == "auto" else (mode,):
+        try:
+            return bpf.create_xdp_link(prog_fd, ifindex, _MODE_FLAGS[candidate]), candidate
+        except bpf.BpfError as exc:
+            if exc.errno in (errno.EBUSY, errno.EEXIST):
+                raise XdpConflict(
+                    f"{ifname}: the kernel refused the attach ({exc.strerror}); another XDP "
+                    "program or link holds the interface",
+                    errno=exc.errno,
+                ) from None
+            if exc.errno not in _MODE_REFUSALS:
+                raise AttachFailed(f"{ifname}: {exc.strerror}", errno=exc.errno) from None
+            tried.append(f"{candidate}: {exc.strerror}")
+    raise ModeUnsupported(f"{ifname} cannot take an XDP program in {' or '.join(tried)}")
