@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -23,6 +24,11 @@ QEMU_UMEM_BYTES = 32 * 1024 * 1024
 MODES = ("auto", "native", "skb")
 MAX_TAG_CHARS = 64
 IFNAMSIZ = 16
+
+
+def socket_path_from(path: str | os.PathLike | None) -> str:
+    """An explicit path, else $XSK_BROKER_SOCKET, else the system broker's path."""
+    return os.fspath(path) if path else os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET_PATH
 
 
 class BrokerError(Exception):

@@ -1,0 +1,67 @@
+"""`xsk-broker serve`: the order of start-up matters, so it is written down once here.
+
+1. logging (journal or stderr), 2. bpffs (mounting it may need privileges the broker is
+about to drop), 3. capabilities down to the three it needs, 4. the listening socket (from
+systemd or bound by hand), 5. adopt pins and leases, 6. READY=1, serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+
+from broker import activation, caps
+from broker.loader import DEFAULT_PIN_ROOT, ensure_bpffs
+from broker.protocol import socket_path_from
+from broker.server import Broker, ServeConfig
+
+log = logging.getLogger("xsk-broker")
+
+
+def config_from(opts: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(
+        socket_path=Path(socket_path_from(opts.socket)),
+        pin_root=opts.pin_dir or DEFAULT_PIN_ROOT,
+        state_dir=opts.state_dir or ServeConfig.state_dir,
+        idle_exit=opts.idle_exit,
+    )
+
+
+def status_line(broker: Broker) -> str:
+    """The one line `systemctl status` shows."""
+    attachments = ", ".join(f"{a.ifname}/{a.mode}" for a in broker.loader.attachments.values())
+    return f"{len(broker.leases.by_id)} lease(s); attached: {attachments or 'none'}"
+
+
+def main(opts: argparse.Namespace) -> int:
+    activation.setup_logging(opts.verbose)
+    config = config_from(opts)
+    ensure_bpffs(config.pin_root)
+    caps.enter_least_privilege(opts.allow_root)
+    listener = activation.listening_socket(config.socket_path, group=opts.group)
+    notifier = activation.Notifier()
+    broker = Broker(config, listener, on_change=lambda b: notifier.status(status_line(b)))
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        broker.running = False
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        broker.start()
+        notifier.ready()
+        log.info("serving on %s", config.socket_path)
+        while broker.running:
+            broker.step(notifier.next_timeout(broker.next_timeout()))
+            notifier.tick()
+            if broker.idle_expired():
+                log.info("idle for %.0f s: exiting", config.idle_exit)
+                break
+    finally:
+        notifier.stopping()
+        broker.close()
+    return 0

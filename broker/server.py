@@ -1,0 +1,343 @@
+"""The accept loop: one thread, one selector, every step of a request a plain function call.
+
+Connections are non-blocking SOCK_SEQPACKET sockets: a datagram is there whole or not at
+all, so a slow or hostile client can never stall another; each gets a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from broker import fdpass, xsk
+from broker.leases import Lease, LeaseTable, new_lease_id, process_start_time
+from broker.loader import DEFAULT_PIN_ROOT, Loader
+from broker.protocol import (
+    BrokerError,
+    ConsumerGone,
+    Denied,
+    LeaseInfo,
+    Message,
+    NoSuchLease,
+    Ping,
+    QueueBusy,
+    Release,
+    Request,
+    StatusQuery,
+    TooManyConnections,
+    decode_message,
+    encode_error,
+    encode_reply,
+    netdev_template,
+)
+
+log = logging.getLogger("xsk-broker")
+SO_PEERGROUPS = 59
+SO_PEERPIDFD = 77
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `serve` is told, parsed once and passed down."""
+
+    socket_path: Path
+    pin_root: Path = DEFAULT_PIN_ROOT
+    state_dir: Path | None = Path("/run/xsk-broker")
+    idle_exit: float | None = None
+    max_connections: int = 512
+    connection_deadline: float = 10.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end, as the kernel says: never taken from the message."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def peer_of(conn: socket.socket) -> tuple[Peer, int]:
+    """The peer's credentials and a pidfd on it (SO_PEERPIDFD, Linux 6.5+)."""
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+    groups = struct.unpack(f"{len(raw) // 4}I", raw)
+    pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    return Peer(pid, uid, gid, groups), pidfd
+
+
+def _status_uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/{pid}/status has no Uid line")
+
+
+@dataclass
+class Connection:
+    sock: socket.socket
+    peer: Peer
+    pidfd: int
+    deadline: float
+
+
+@dataclass
+class Broker:
+    """The daemon's state: attachments, leases, open connections."""
+
+    config: ServeConfig
+    listener: socket.socket
+    loader: Loader = field(init=False)
+    leases: LeaseTable = field(init=False)
+    connections: dict[int, Connection] = field(default_factory=dict)
+    on_change: Callable[[Broker], None] | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.loader = Loader(self.config.pin_root)
+        self.leases = LeaseTable(self.config.state_dir)
+        self.selector = selectors.DefaultSelector()
+        self.running = True
+        self.last_activity = time.monotonic()
+
+    def start(self) -> None:
+        """Adopt pinned attachments and the previous broker's leases before serving."""
+        if self.config.state_dir is not None:
+            self.config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        for attachment in self.loader.adopt_all():
+            log.info("adopted %s", attachment.describe())
+        for info in self.leases.restore():
+            log.info("lease %s ended while the broker was down", info.lease_id)
+        for lease in self.leases.by_id.values():
+            self.selector.register(lease.pidfd, selectors.EVENT_READ, "pidfd")
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, "listen")
+        self._changed()
+
+    def step(self, timeout: float | None) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.data == "listen":
+                self._accept()
+            elif key.data == "pidfd":
+                self._consumer_exited(key.fd)
+            else:
+                self._readable(key.fd)
+        self._expire_connections()
+
+    def close(self) -> None:
+        for fd in list(self.connections):
+            self._drop(fd)
+        self.leases.close()
+        self.loader.close()
+        self.selector.close()
+
+    def next_timeout(self) -> float | None:
+        now = time.monotonic()
+        waits = [conn.deadline - now for conn in self.connections.values()]
+        if self.config.idle_exit is not None:
+            waits.append(self.last_activity + self.config.idle_exit - now)
+        return max(0.0, min(waits)) if waits else None
+
+    def idle_expired(self) -> bool:
+        idle = self.config.idle_exit
+        return (
+            idle is not None
+            and not self.connections
+            and time.monotonic() - self.last_activity >= idle
+        )
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self.last_activity = time.monotonic()
+        if len(self.connections) >= self.config.max_connections:
+            with sock, contextlib.suppress(OSError):
+                fdpass.send(sock, encode_error(TooManyConnections("the broker is full")))
+            return
+        try:
+            peer, pidfd = peer_of(sock)
+        except OSError:
+            sock.close()
+            return
+        sock.setblocking(False)
+        deadline = time.monotonic() + self.config.connection_deadline
+        self.connections[sock.fileno()] = Connection(sock, peer, pidfd, deadline)
+        self.selector.register(sock, selectors.EVENT_READ, "conn")
+
+    def _drop(self, fd: int) -> None:
+        conn = self.connections.pop(fd, None)
+        if conn is not None:
+            self.selector.unregister(conn.sock)
+            conn.sock.close()
+            os.close(conn.pidfd)
+
+    def _expire_connections(self) -> None:
+        now = time.monotonic()
+        for fd in [fd for fd, conn in self.connections.items() if conn.deadline <= now]:
+            self._drop(fd)
+
+    def _readable(self, fd: int) -> None:
+        conn = self.connections[fd]
+        self.last_activity = time.monotonic()
+        try:
+            data = fdpass.receive_request(conn.sock)
+        except BrokerError as error:
+            self._reply(conn, encode_error(error))
+            return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(fd)
+            return
+        if not data:
+            self._drop(fd)
+            return
+        reply, fds = self._handle(conn, data)
+        self._reply(conn, reply, fds)
+
+    def _reply(self, conn: Connection, reply: bytes, fds: list[int] | None = None) -> None:
+        try:
+            fdpass.send(conn.sock, reply, fds or [])
+        except OSError:
+            self._drop(conn.sock.fileno())
+        finally:
+            fdpass.close_all(fds or [])
+
+    def _handle(self, conn: Connection, data: bytes) -> tuple[bytes, list[int]]:
+        try:
+            message = decode_message(data)
+            return self._dispatch(conn, message)
+        except BrokerError as error:
+            log.info("refused uid=%d pid=%d: %s", conn.peer.uid, conn.peer.pid, error)
+            return encode_error(error), []
+        except Exception as exc:
+            log.exception("internal error")
+            return encode_error(BrokerError(f"internal error: {exc}")), []
+
+    def _dispatch(self, conn: Connection, message: Message) -> tuple[bytes, list[int]]:
+        if isinstance(message, Request):
+            return self._grant(conn, message)
+        if isinstance(message, StatusQuery):
+            return encode_reply("status", self.status()), []
+        if isinstance(message, Ping):
+            return encode_reply("ping", {"broker": VERSION, "pid": os.getpid()}), []
+        if isinstance(message, Release):
+            return self._release(conn, message)
+        raise AssertionError(f"unhandled message {message!r}")
+
+    def _consumer(self, conn: Connection, request: Request) -> tuple[int, int, int]:
+        """(pid, uid, pidfd) of the process the sockets are for."""
+        if request.consumer_pid is None or request.consumer_pid == conn.peer.pid:
+            return conn.peer.pid, conn.peer.uid, os.dup(conn.pidfd)
+        try:
+            pidfd = os.pidfd_open(request.consumer_pid)
+        except OSError:
+            raise ConsumerGone(f"consumer pid {request.consumer_pid} does not exist") from None
+        try:
+            uid = _status_uid(request.consumer_pid)
+        except OSError:
+            os.close(pidfd)
+            raise ConsumerGone(f"consumer pid {request.consumer_pid} exited") from None
+        if conn.peer.uid not in (0, uid):
+            os.close(pidfd)
+            raise Denied(
+                f"consumer pid {request.consumer_pid} belongs to uid {uid}, not to the "
+                f"caller's uid {conn.peer.uid}"
+            )
+        return request.consumer_pid, uid, pidfd
+
+    def _grant(self, conn: Connection, request: Request) -> tuple[bytes, list[int]]:
+        queue_ids = range(request.start_queue, request.start_queue + request.queues)
+        attachment = self.loader.ensure(request.ifname, request.mode, queue_ids)
+        busy = self.leases.holders(attachment.ifindex, list(queue_ids))
+        if busy:
+            raise QueueBusy("; ".join(_held_by(lease, attachment.ifname) for lease in busy))
+        consumer_pid, consumer_uid, pidfd = self._consumer(conn, request)
+        try:
+            start_time = process_start_time(consumer_pid)
+            fds = xsk.create_sockets(attachment, list(queue_ids))
+        except BaseException:
+            os.close(pidfd)
+            raise
+        info = LeaseInfo(
+            lease_id=new_lease_id(),
+            ifname=attachment.ifname,
+            ifindex=attachment.ifindex,
+            queue_ids=list(queue_ids),
+            mode=attachment.mode,
+            uid=conn.peer.uid,
+            pid=conn.peer.pid,
+            consumer_pid=consumer_pid,
+            tag=request.tag,
+            umem_bytes=request.umem_bytes,
+            created=time.time(),
+            extra={"consumer_uid": consumer_uid},
+        )
+        self.leases.add(Lease(info, pidfd, start_time))
+        self.selector.register(pidfd, selectors.EVENT_READ, "pidfd")
+        log.info(
+            "granted lease %s: %s queues %s (%s) to pid %d uid %d for consumer %d",
+            info.lease_id,
+            info.ifname,
+            info.queue_ids,
+            info.mode,
+            conn.peer.pid,
+            conn.peer.uid,
+            consumer_pid,
+        )
+        self._changed()
+        payload = {"lease": asdict(info), "netdev_template": netdev_template(info)}
+        return encode_reply("request", payload), fds
+
+    def _release(self, conn: Connection, message: Release) -> tuple[bytes, list[int]]:
+        lease = self.leases.by_id.get(message.lease_id)
+        if lease is None:
+            raise NoSuchLease(f"no live lease has id {message.lease_id!r}")
+        if conn.peer.uid not in (0, lease.info.uid):
+            raise Denied(f"lease {message.lease_id} belongs to uid {lease.info.uid}")
+        self._end_lease(lease, "released")
+        return encode_reply("release", {"lease_id": message.lease_id}), []
+
+    def _end_lease(self, lease: Lease, reason: str) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(lease.pidfd)
+        self.leases.end(lease.info.lease_id)
+        log.info("lease %s %s", lease.info.lease_id, reason)
+        self._changed()
+
+    def _consumer_exited(self, pidfd: int) -> None:
+        for lease in self.leases.by_pidfd(pidfd):
+            self._end_lease(lease, f"expired: consumer pid {lease.info.consumer_pid} exited")
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def status(self) -> dict:
+        return {
+            "broker": {"version": VERSION, "pid": os.getpid()},
+            "attachments": [a.describe() for a in self.loader.attachments.values()],
+            "leases": [asdict(lease.info) for lease in self.leases.by_id.values()],
+        }
+
+
+def _held_by(lease: Lease, ifname: str) -> str:
+    info = lease.info
+    tag = f", tag {info.tag}" if info.tag else ""
+    return (
+        f"queue(s) {info.queue_ids} of {ifname} are leased to pid {info.consumer_pid} "
+        f"(uid {info.uid}{tag}, lease {info.lease_id})"
+    )

@@ -1,0 +1,184 @@
+"""The `xsk-broker` command line.
+
+Contract that launch scripts rely on: every client command takes --socket (and honours
+$XSK_BROKER_SOCKET), every reporting command takes --json, exit status 0 only on success,
+and an error is one stderr line starting with the broker's error code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from broker.protocol import MODES, BrokerError
+from client.lease import Lease
+from client.sync import Client
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line with a code like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"USAGE: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _add_socket(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="broker socket (default: $XSK_BROKER_SOCKET or /run/xsk-broker/broker.sock)",
+    )
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _add_lease_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ifname", required=True, help="interface to take queues of")
+    parser.add_argument("--queues", type=int, required=True, help="number of queues")
+    parser.add_argument("--start-queue", type=int, default=0, help="first queue (default 0)")
+    parser.add_argument("--mode", choices=MODES, default="auto", help="XDP attach mode wish")
+    parser.add_argument("--tag", help="free text shown in status and audit (e.g. the VM name)")
+    parser.add_argument(
+        "--umem-bytes",
+        type=int,
+        help="UMEM the consumer will register per queue "
+        "(default QEMU's 32 MiB; checked against its locked-memory limit)",
+    )
+
+
+def substitute(args: Sequence[str], lease: Lease, netdev_id: str) -> list[str]:
+    """Replace {netdev} and {sock-fds} in each argument."""
+    netdev = lease.netdev_arg(netdev_id)
+    return [a.replace("{netdev}", netdev).replace("{sock-fds}", lease.sock_fds) for a in args]
+
+
+def cmd_request(opts: argparse.Namespace) -> int:
+    """Get sockets, then become COMMAND with them inherited (so the lease follows it)."""
+    if not opts.command:
+        raise BrokerError("give the command to run after --, e.g. -- qemu-system-x86_64 ...")
+    lease = Client(opts.socket).request(
+        opts.ifname, opts.queues, opts.start_queue, opts.mode, opts.tag, None, opts.umem_bytes
+    )
+    argv = substitute(opts.command, lease, opts.id)
+    lease.make_inheritable()
+    os.environ.update(
+        XSK_BROKER_NETDEV=lease.netdev_arg(opts.id),
+        XSK_BROKER_SOCK_FDS=lease.sock_fds,
+        XSK_BROKER_LEASE=lease.lease_id,
+        XSK_BROKER_MODE=lease.mode,
+    )
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        lease.close()
+        raise BrokerError(f"cannot run {argv[0]!r}: {exc.strerror}", errno=exc.errno) from None
+
+
+def _print_status(status: dict) -> None:
+    attachments, leases = status["attachments"], status["leases"]
+    print(f"broker {status['broker']['version']} pid {status['broker']['pid']}")
+    print(f"{'INTERFACE':<16}{'IFINDEX':>8}  {'MODE':<7}{'QUEUES':>7}  {'LINK':>6}  ADOPTED")
+    for a in attachments:
+        print(
+            f"{a['ifname']:<16}{a['ifindex']:>8}  {a['mode']:<7}{a['queue_count']:>7}  "
+            f"{a['link_id']:>6}  {'yes' if a['adopted'] else 'no'}"
+        )
+    print(f"\n{'LEASE':<14}{'INTERFACE':<16}{'QUEUES':<12}{'CONSUMER':>9}{'UID':>7}  TAG")
+    for lease in leases:
+        queues = ",".join(str(q) for q in lease["queue_ids"])
+        print(
+            f"{lease['lease_id']:<14}{lease['ifname']:<16}{queues:<12}"
+            f"{lease['consumer_pid']:>9}{lease['uid']:>7}  {lease['tag'] or ''}"
+        )
+
+
+def cmd_status(opts: argparse.Namespace) -> int:
+    status = Client(opts.socket).status()
+    if opts.json:
+        print(json.dumps({k: status[k] for k in ("broker", "attachments", "leases")}, indent=2))
+    else:
+        _print_status(status)
+    return 0
+
+
+def cmd_ping(opts: argparse.Namespace) -> int:
+    reply = Client(opts.socket).ping()
+    if opts.json:
+        print(json.dumps({"broker": reply["broker"], "pid": reply["pid"]}))
+    else:
+        print(f"broker {reply['broker']} pid {reply['pid']} is up")
+    return 0
+
+
+def cmd_serve(opts: argparse.Namespace) -> int:
+    from broker import daemon
+
+    return daemon.main(opts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="xsk-broker", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the privileged broker daemon")
+    _add_socket(serve)
+    serve.add_argument("--pin-dir", type=Path, help="bpffs directory for pins")
+    serve.add_argument("--state-dir", type=Path, help="runtime state (default /run/xsk-broker)")
+    serve.add_argument("--group", help="group that may connect to the socket (mode 0660)")
+    serve.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
+    serve.add_argument("--allow-root", action="store_true", help="run as full root anyway")
+    serve.add_argument("-v", "--verbose", action="store_true")
+    serve.set_defaults(func=cmd_serve)
+
+    req = sub.add_parser(
+        "request",
+        help="get sockets, then exec COMMAND with them",
+        description="Placeholders in COMMAND: {netdev} (the whole -netdev value) and "
+        "{sock-fds} (a:b:c). Also exported as XSK_BROKER_NETDEV and XSK_BROKER_SOCK_FDS.",
+    )
+    _add_socket(req)
+    _add_lease_args(req)
+    req.add_argument("--id", default="net0", help="netdev id in {netdev} (default net0)")
+    req.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    req.set_defaults(func=cmd_request)
+
+    status = sub.add_parser("status", help="attachments and leases")
+    _add_socket(status)
+    _add_json(status)
+    status.set_defaults(func=cmd_status)
+
+    ping = sub.add_parser("ping", help="is the broker up")
+    _add_socket(ping)
+    _add_json(ping)
+    ping.set_defaults(func=cmd_ping)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    if getattr(opts, "command", None) and opts.command[0] == "--":
+        opts.command = opts.command[1:]
+    func: Callable[[argparse.Namespace], int] = opts.func
+    try:
+        return func(opts)
+    except BrokerError as error:
+        print(f"{error.code}: {error.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("INTERRUPTED: stopped by the user", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
