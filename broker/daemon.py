@@ -36,6 +36,11 @@ def status_line(broker: Broker) -> str:
     return f"{len(broker.leases.by_id)} lease(s); attached: {attachments or 'none'}"
 
 
+def _earliest(*timeouts: float | None) -> float | None:
+    known = [t for t in timeouts if t is not None]
+    return min(known) if known else None
+
+
 def main(opts: argparse.Namespace) -> int:
     activation.setup_logging(opts.verbose)
     config = config_from(opts)
@@ -56,8 +61,8 @@ def main(opts: argparse.Namespace) -> int:
         notifier.ready()
         log.info("serving on %s", config.socket_path)
         while broker.running:
-            broker.step(notifier.next_timeout(broker.next_timeout()))
-            notifier.tick()
+            broker.step(_earliest(broker.next_timeout(), notifier.watchdog_interval))
+            notifier.watchdog()
             if broker.idle_expired():
                 log.info("idle for %.0f s: exiting", config.idle_exit)
                 break
