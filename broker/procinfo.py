@@ -1,0 +1,116 @@
+"""What the kernel says about another process, read from /proc.
+
+Policy, polkit and the locked-memory check all need facts about a caller or consumer that
+the process itself must not be able to state: its uids, effective capabilities, memlock
+limit and start time. A pid alone can be reused between two reads; when the server holds a
+pidfd for the process, pass it and the read is confirmed to be of that very process (the
+pidfd turns readable when its process exits, so "still not readable after the read" means
+the pid had not been recycled yet).
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+from dataclasses import dataclass
+
+from broker.protocol import ConsumerGone
+
+CAP_IPC_LOCK = 14
+CAP_SYS_RESOURCE = 24
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    """The identity fields of /proc/PID/status."""
+
+    pid: int
+    uids: tuple[int, ...]  # real, effective, saved, filesystem
+    gids: tuple[int, ...]
+    groups: tuple[int, ...]
+    cap_eff: int
+
+    @property
+    def uid(self) -> int:
+        """The real uid: the kernel charges locked memory (UMEM) to this user."""
+        return self.uids[0]
+
+    def has_cap(self, cap: int) -> bool:
+        return bool(self.cap_eff >> cap & 1)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One resource limit; None means unlimited."""
+
+    soft: int | None
+    hard: int | None
+
+
+def _read(pid: int, name: str, pidfd: int | None) -> str:
+    try:
+        with open(f"/proc/{pid}/{name}", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise ConsumerGone(f"process {pid} does not exist (any more)") from None
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise ConsumerGone(f"process {pid} does not exist (any more)") from None
+        raise
+    if pidfd is not None and pidfd_exited(pidfd):
+        raise ConsumerGone(f"process {pid} exited while the broker was reading about it")
+    return text
+
+
+def pidfd_exited(pidfd: int) -> bool:
+    """True once the process behind pidfd has exited (the pidfd polls readable then)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def read_status(pid: int, pidfd: int | None = None) -> ProcStatus:
+    """Parse /proc/PID/status; ConsumerGone when the process is not there."""
+    fields: dict[str, str] = {}
+    for line in _read(pid, "status", pidfd).splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    try:
+        uids = tuple(int(v) for v in fields["Uid"].split())
+        gids = tuple(int(v) for v in fields["Gid"].split())
+        groups = tuple(int(v) for v in fields["Groups"].split())
+        cap_eff = int(fields["CapEff"], 16)
+    except (KeyError, ValueError) as exc:
+        raise ConsumerGone(f"/proc/{pid}/status is unreadable: {exc}") from None
+    return ProcStatus(pid, uids, gids, groups, cap_eff)
+
+
+def memlock_limit(pid: int, pidfd: int | None = None) -> Limit:
+    """RLIMIT_MEMLOCK of pid from /proc/PID/limits (world-readable, unlike prlimit)."""
+    limit = parse_memlock(_read(pid, "limits", pidfd))
+    if limit is None:
+        raise ConsumerGone(f"/proc/{pid}/limits has no 'Max locked memory' line")
+    return limit
+
+
+def parse_memlock(limits_text: str) -> Limit | None:
+    """The 'Max locked memory' line of a /proc/PID/limits text, "unlimited" as None."""
+    for line in limits_text.splitlines():
+        if line.startswith("Max locked memory"):
+            soft, hard = line[len("Max locked memory") :].split()[:2]
+            return Limit(_limit_value(soft), _limit_value(hard))
+    return None
+
+
+def _limit_value(text: str) -> int | None:
+    return None if text == "unlimited" else int(text)
+
+
+def start_time(pid: int, pidfd: int | None = None) -> int:
+    """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, it names one process.
+
+    The command name (field 2) may contain spaces and parentheses, so fields are counted
+    from the last ')'.
+    """
+    stat = _read(pid, "stat", pidfd)
+    return int(stat[stat.rindex(")") + 2 :].split()[19])

@@ -1,0 +1,155 @@
+"""The locked-memory check against real consumer processes with real limits and capabilities.
+
+Children run as otherwise unused uids with RLIMIT_MEMLOCK lowered in preexec, and one keeps
+CAP_IPC_LOCK through the ambient set (setpriv), so /proc reads what the kernel enforces.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from broker import memlock, procinfo
+from broker.protocol import QEMU_UMEM_BYTES, ConsumerGone, MemlockExceeded
+
+MIB = 1024 * 1024
+UID = 61011
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="spawns children as other uids")
+
+
+def _limit(soft: int, hard: int) -> Callable[[], None]:
+    return lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start sleeping children; all are killed and reaped after the test."""
+    children: list[subprocess.Popen] = []
+
+    def start(argv: list[str] | None = None, **kwargs) -> subprocess.Popen:
+        child = subprocess.Popen(argv or ["sleep", "60"], **kwargs)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+        child.wait()
+
+
+def test_8mib_consumer_is_refused_32mib_with_numbers_and_fix(spawn) -> None:
+    child = spawn(user=UID, group=UID, extra_groups=[], preexec_fn=_limit(8 * MIB, 8 * MIB))
+    with pytest.raises(MemlockExceeded) as caught:
+        memlock.check(child.pid, memlock.needed_bytes(1, QEMU_UMEM_BYTES), 0)
+    message = caught.value.message
+    for part in (f"pid {child.pid}", f"uid {UID}", "8 MiB", "32 MiB", "LimitMEMLOCK="):
+        assert part in message
+    assert "ulimit -l" in message and "CAP_IPC_LOCK" in message
+    assert caught.value.details["limit_bytes"] == 8 * MIB
+
+
+def test_small_declared_umem_fits(spawn) -> None:
+    child = spawn(user=UID, group=UID, extra_groups=[], preexec_fn=_limit(8 * MIB, 8 * MIB))
+    memlock.check(child.pid, memlock.needed_bytes(2, 2 * MIB), 0)
+
+
+def test_sum_over_the_uid_counts(spawn) -> None:
+    """Mirrors the kernel: with 8 MiB, 5 MiB held + 5 MiB more fails, + 3 MiB works."""
+    child = spawn(user=UID, group=UID, extra_groups=[], preexec_fn=_limit(8 * MIB, 8 * MIB))
+    with pytest.raises(MemlockExceeded, match="already holds 5 MiB through other leases"):
+        memlock.check(child.pid, 5 * MIB, 5 * MIB)
+    memlock.check(child.pid, 3 * MIB, 5 * MIB)
+
+
+def test_cap_ipc_lock_bypasses_the_limit(spawn) -> None:
+    child = spawn(
+        [
+            "setpriv",
+            f"--reuid={UID}",
+            f"--regid={UID}",
+            "--clear-groups",
+            "--inh-caps=+ipc_lock",
+            "--ambient-caps=+ipc_lock",
+            "sleep",
+            "60",
+        ],
+        preexec_fn=_limit(MIB, MIB),
+    )
+    _wait_until(child.pid, lambda status: status.uid == UID)
+    assert procinfo.read_status(child.pid).has_cap(procinfo.CAP_IPC_LOCK)
+    memlock.check(child.pid, memlock.needed_bytes(8, QEMU_UMEM_BYTES), 0)
+
+
+def _wait_until(pid: int, ready: Callable[[procinfo.ProcStatus], bool]) -> None:
+    """setpriv changes credentials after fork; wait until the exec'd sleep has them."""
+    for _ in range(10000):
+        if ready(procinfo.read_status(pid)):
+            return
+        os.sched_yield()
+    raise AssertionError(f"pid {pid} never got the credentials it was started for")
+
+
+def _root_without_ipc_lock(spawn, soft: int, hard: int) -> subprocess.Popen:
+    """A root consumer that, like a confined QEMU, lacks CAP_IPC_LOCK."""
+    child = spawn(
+        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "60"], preexec_fn=_limit(soft, hard)
+    )
+    _wait_until(child.pid, lambda status: not status.has_cap(procinfo.CAP_IPC_LOCK))
+    return child
+
+
+def test_raise_limit_for_another_uid_names_the_missing_capability(spawn) -> None:
+    """Root on these machines lacks CAP_SYS_RESOURCE, so this is the real refusal."""
+    if procinfo.read_status(os.getpid()).has_cap(procinfo.CAP_SYS_RESOURCE):
+        pytest.skip("this broker holds CAP_SYS_RESOURCE, so prlimit would succeed")
+    child = spawn(user=UID, group=UID, extra_groups=[], preexec_fn=_limit(8 * MIB, 8 * MIB))
+    with pytest.raises(MemlockExceeded, match="lacks CAP_SYS_RESOURCE"):
+        memlock.raise_limit(child.pid, 64 * MIB)
+    with pytest.raises(MemlockExceeded) as caught:
+        memlock.ensure(child.pid, QEMU_UMEM_BYTES, 0, may_raise=True)
+    assert "RLIMIT_MEMLOCK of pid" in caught.value.message
+    assert "the policy lets the broker raise the limit" in caught.value.message
+    assert "lacks CAP_SYS_RESOURCE" in caught.value.message
+
+
+def test_raise_limit_within_the_hard_limit_works(spawn) -> None:
+    """Same uid and no hard-limit increase: the kernel allows it without CAP_SYS_RESOURCE."""
+    child = _root_without_ipc_lock(spawn, 2 * MIB, 8 * MIB)
+    with pytest.raises(MemlockExceeded):
+        memlock.check(child.pid, 4 * MIB, 0)
+    memlock.ensure(child.pid, 4 * MIB, 2 * MIB, may_raise=True)
+    assert procinfo.memlock_limit(child.pid).soft == 6 * MIB
+
+
+def test_ensure_without_permission_to_raise_reports_the_shortfall(spawn) -> None:
+    child = _root_without_ipc_lock(spawn, 2 * MIB, 8 * MIB)
+    with pytest.raises(MemlockExceeded, match="is 2 MiB; this lease needs 4 MiB"):
+        memlock.ensure(child.pid, 4 * MIB, 0, may_raise=False)
+    assert procinfo.memlock_limit(child.pid).soft == 2 * MIB
+
+
+def test_gone_consumer(spawn) -> None:
+    child = spawn()
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.kill()
+        child.wait()
+        with pytest.raises(ConsumerGone):
+            memlock.check(child.pid, MIB, 0)
+        # A live process under a pid whose pidfd has exited is what a recycled pid looks like.
+        with pytest.raises(ConsumerGone):
+            procinfo.read_status(os.getpid(), pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def test_unlimited_and_page_rounding() -> None:
+    """No process here may have an unlimited limit (no CAP_SYS_RESOURCE), so parse the text."""
+    text = "Max locked memory         unlimited            unlimited            bytes\n"
+    assert procinfo.parse_memlock(text) == procinfo.Limit(None, None)
+    assert memlock.needed_bytes(3, 1) == 3 * memlock.PAGE_SIZE
+    assert memlock.needed_bytes(4, QEMU_UMEM_BYTES) == 128 * MIB
