@@ -1,0 +1,104 @@
+"""The broker's start-up privilege handling, in real child processes with real credentials."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker import caps
+
+REPO = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+THREE = {"net_admin", "bpf", "net_raw"}
+# What `serve` does first, then proof that the kept capabilities still work (AF_XDP socket).
+CHILD = """
+import json, socket, sys
+from broker import caps
+from broker.protocol import BrokerError
+try:
+    caps.enter_least_privilege(allow_root=len(sys.argv) > 1)
+except BrokerError as err:
+    sys.exit(str(err))
+socket.socket(44, socket.SOCK_RAW, 0).close()
+status = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().splitlines())
+print(json.dumps({k: sorted(v) for k, v in caps.current().items()} | {"nnp": status["NoNewPrivs"]}))
+"""
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set up credentials")
+
+
+def run_child(prefix: list[str], *args: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")}
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", CHILD, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def setpriv(ambient: set[str], bounding: set[str] | None) -> list[str]:
+    """Start as an ordinary uid holding exactly `ambient`, like the unit's AmbientCapabilities=."""
+    plus = ",".join(f"+{name}" for name in sorted(ambient))
+    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    argv += [f"--inh-caps=-all,{plus}", f"--ambient-caps={plus}"]
+    if bounding is not None:
+        argv.append("--bounding-set=-all," + ",".join(f"+{name}" for name in sorted(bounding)))
+    return argv
+
+
+@pytest.mark.parametrize("bounded", [True, False], ids=["unit-like-bounding", "full-bounding"])
+def test_non_root_with_three_ambient_caps_keeps_exactly_those(bounded: bool) -> None:
+    done = run_child(setpriv(THREE, THREE if bounded else None))
+    assert done.returncode == 0, done.stderr
+    sets = json.loads(done.stdout)
+    for key in ("CapPrm", "CapEff", "CapInh", "CapAmb"):
+        assert set(sets[key]) <= THREE, key
+    assert set(sets["CapPrm"]) == set(sets["CapEff"]) == THREE
+    assert sets["nnp"] == "1"
+    if bounded:
+        assert set(sets["CapBnd"]) == THREE
+
+
+@pytest.mark.parametrize("missing", sorted(THREE))
+def test_one_missing_capability_exits_with_one_line_naming_it_and_the_fix(missing: str) -> None:
+    done = run_child(setpriv(THREE - {missing}, None))
+    assert done.returncode == 1
+    message = done.stderr.strip()
+    assert "\n" not in message
+    assert message.startswith("MISSING_CAPABILITIES: missing capabilities ")
+    assert caps.unit_name(missing) in message
+    assert "AmbientCapabilities=" in message
+
+
+def test_full_root_is_refused_without_allow_root() -> None:
+    done = run_child([])
+    assert done.returncode == 1
+    assert done.stderr.startswith("ROOT_REFUSED: ")
+    assert "--allow-root" in done.stderr
+
+
+def test_full_root_with_allow_root_still_drops_everything_else_even_the_bounding_set() -> None:
+    done = run_child([], "--allow-root")
+    assert done.returncode == 0, done.stderr
+    sets = json.loads(done.stdout)
+    assert {k: set(v) for k, v in sets.items() if k != "nnp"} == {
+        "CapPrm": THREE,
+        "CapEff": THREE,
+        "CapBnd": THREE,
+        "CapInh": set(),
+        "CapAmb": set(),
+    }
+    assert sets["nnp"] == "1"
+
+
+def test_current_reads_another_process() -> None:
+    sets = caps.current(Path("/proc/1/status"))
+    assert set(sets) == set(caps.SETS)
