@@ -1,8 +1,8 @@
 """`xsk-broker serve`: the order of start-up matters, so it is written down once here.
 
-1. logging (journal or stderr), 2. bpffs (mounting it may need privileges the broker is
-about to drop), 3. capabilities down to the three it needs, 4. the listening socket (from
-systemd or bound by hand), 5. adopt pins and leases, 6. READY=1, serve.
+1. logging (journal or stderr), 2. bpffs and 3. the listening socket (from systemd, or bound
+by hand: mounting and chgrp need privileges the broker is about to drop), 4. capabilities
+down to the three it needs, 5. adopt pins and leases, 6. READY=1, serve.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def main(opts: argparse.Namespace) -> int:
     activation.setup_logging(opts.verbose)
     config = config_from(opts)
     ensure_bpffs(config.pin_root)
+    group = int(opts.group) if opts.group and opts.group.isdigit() else opts.group
+    listener = activation.listening_socket(config.socket_path, group=group)
     caps.enter_least_privilege(opts.allow_root)
-    listener = activation.listening_socket(config.socket_path, group=opts.group)
     notifier = activation.Notifier()
     broker = Broker(config, listener, on_change=lambda b: notifier.status(status_line(b)))
 

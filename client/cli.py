@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from broker.protocol import MODES, BrokerError
 from client.lease import Lease
+from client.probe import ProbeReport, announce_bound, probe
 from client.sync import Client
 
 EXIT_FAILURE = 1
@@ -121,6 +122,46 @@ def cmd_ping(opts: argparse.Namespace) -> int:
     return 0
 
 
+def _print_probe(report: ProbeReport) -> None:
+    print(
+        f"lease {report.lease_id}: {report.ifname} (ifindex {report.ifindex}) mode {report.mode}, "
+        f"fds {report.fds}, request {report.request_ms:.2f} ms"
+    )
+    print(f"netdev: {report.netdev}")
+    for q in report.queues:
+        print(f"  queue {q.queue}: received {q.received}, sent {q.sent}")
+
+
+def cmd_probe(opts: argparse.Namespace) -> int:
+    """Bind every socket as QEMU would and move frames; exit 1 if a queue fell short."""
+    report = probe(
+        Client(opts.socket),
+        opts.ifname,
+        opts.queues,
+        opts.start_queue,
+        opts.mode,
+        frames=opts.frames,
+        tag=opts.tag,
+        duration=opts.duration,
+        expect=opts.expect,
+        reply=opts.reply,
+        send=opts.send,
+        on_bound=announce_bound if opts.events else None,
+    )
+    if opts.json or opts.events:
+        print(report.to_json(), flush=True)
+    else:
+        _print_probe(report)
+    short = [q.queue for q in report.queues if q.received < opts.expect]
+    if short:
+        print(
+            f"PROBE_SHORT: queue(s) {short} received fewer than {opts.expect} frames",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return 0
+
+
 def cmd_serve(opts: argparse.Namespace) -> int:
     from broker import daemon
 
@@ -157,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_socket(status)
     _add_json(status)
     status.set_defaults(func=cmd_status)
+
+    prb = sub.add_parser(
+        "probe", help="get sockets, bind them as QEMU would, send and count frames"
+    )
+    _add_socket(prb)
+    _add_json(prb)
+    _add_lease_args(prb)
+    prb.add_argument("--frames", type=int, default=256, help="UMEM frames per queue (4 KiB)")
+    prb.add_argument("--duration", type=float, default=2.0, help="seconds to listen")
+    prb.add_argument("--expect", type=int, default=0, help="fail unless each queue gets N")
+    prb.add_argument("--send", type=int, default=1, help="test frames to send per queue")
+    prb.add_argument("--reply", action="store_true", help="answer each frame received")
+    prb.add_argument("--events", action="store_true", help="print a JSON line once bound")
+    prb.set_defaults(func=cmd_probe)
 
     ping = sub.add_parser("ping", help="is the broker up")
     _add_socket(ping)

@@ -1,0 +1,18 @@
+# Both targets install what is missing first (apt packages, .venv), so a fresh machine
+# needs nothing else. Run as root: the demo and the tests make namespaces and attach XDP.
+.PHONY: setup demo test lint bench
+
+setup:
+	scripts/setup.sh
+
+demo: setup
+	.venv/bin/xsk-broker demo
+
+test: setup
+	.venv/bin/pytest $(PYTEST_ARGS)
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+bench: setup
+	.venv/bin/python bench/request_latency.py

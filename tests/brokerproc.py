@@ -1,0 +1,104 @@
+"""A real `xsk-broker serve` process inside a lab namespace, for tests and benchmarks.
+
+It enters the namespace with setns() and keeps the host's mount namespace, so the pins it
+makes live on a bpffs the test owns and survive the process (restart tests need that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from broker.netlab import UNPRIVILEGED_GID, enter_netns
+from broker.protocol import BrokerError
+from client.sync import Client
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def public_tempdir(prefix: str = "xskt-") -> Path:
+    """A directory the unprivileged test users can reach (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+class BrokerProcess:
+    """Start, stop, kill and restart one broker; its log is kept for failure messages."""
+
+    def __init__(
+        self, netns: str, pin_root: Path, workdir: Path, *extra: str, group: int = UNPRIVILEGED_GID
+    ) -> None:
+        self.netns = netns
+        self.socket_path = workdir / "broker.sock"
+        self.state_dir = workdir / "state"
+        self.log_path = workdir / "broker.log"
+        self.argv = [
+            sys.executable, "-m", "client.cli", "serve",
+            "--socket", str(self.socket_path),
+            "--pin-dir", str(pin_root),
+            "--state-dir", str(self.state_dir),
+            "--group", str(group),
+            "--allow-root",
+            *extra,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 10.0) -> BrokerProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=lambda: enter_netns(self.netns),
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(BrokerError):
+                Client(self.socket_path, timeout=2).ping()
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"broker did not come up; log:\n{self.log()}")
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self) -> Client:
+        return Client(self.socket_path)
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Stop the process and return its exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

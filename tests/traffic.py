@@ -1,0 +1,110 @@
+"""Driving traffic through a lab: unprivileged probes, steered frames, captures."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from brokerproc import REPO, BrokerProcess
+
+from broker.netlab import DEFAULT_ENV, Endpoint, QueueSender, in_netns, spawn_unprivileged
+from client.consumer import make_frame
+
+ETH_P_ALL = 0x0003
+ETH_P_EXPERIMENTAL = 0x88B5
+
+
+def client_env(broker: BrokerProcess) -> dict[str, str]:
+    return {**DEFAULT_ENV, "XSK_BROKER_SOCKET": str(broker.socket_path), "PYTHONPATH": str(REPO)}
+
+
+@dataclass
+class RunningProbe:
+    """An unprivileged `xsk-broker probe` that has bound its sockets and is listening."""
+
+    proc: subprocess.Popen
+    queues: list[int]
+
+    def result(self, timeout: float = 30.0) -> dict:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, f"probe failed ({self.proc.returncode}): {err}"
+        return json.loads(out.strip().splitlines()[-1])
+
+
+@contextmanager
+def running_probe(
+    broker: BrokerProcess, ifname: str, queues: int, *args: str, duration: float = 20.0
+) -> Iterator[RunningProbe]:
+    """Start a probe as another uid with no capabilities and wait until it is bound."""
+    argv = [
+        sys.executable, "-m", "client.cli", "probe", "--ifname", ifname,
+        "--queues", str(queues), "--send", "0", "--duration", str(duration), "--events", *args,
+    ]  # fmt: skip
+    proc = spawn_unprivileged(
+        argv,
+        netns=broker.netns,
+        env=client_env(broker),
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            proc.wait(timeout=10)
+            raise AssertionError(f"probe exited before binding: {proc.stderr.read()}")
+        yield RunningProbe(proc, json.loads(line)["queues"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+class Capture:
+    """An AF_PACKET socket on an endpoint, counting frames of the experimental ethertype."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        with in_netns(endpoint.netns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            self.sock.bind((endpoint.ifname, 0))
+        self.sock.settimeout(0.05)
+
+    def frames(self, duration: float, want: int | None = None) -> list[bytes]:
+        """Frames of our ethertype received within duration (early out at `want`)."""
+        found: list[bytes] = []
+        deadline = time.monotonic() + duration
+        while time.monotonic() < deadline and (want is None or len(found) < want):
+            try:
+                frame, addr = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            if addr[2] != socket.PACKET_OUTGOING and frame[12:14] == b"\x88\xb5":
+                found.append(frame)
+        return found
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def send_to_queue(
+    sender_end: Endpoint, target: Endpoint, tx_queue: int, label: str, count: int
+) -> int:
+    """Send count frames labelled `label n=i` from sender_end's tx queue to target's MAC."""
+    frames = [
+        make_frame(target.mac, sender_end.mac, f"{label} n={i}".encode()) for i in range(count)
+    ]
+    with QueueSender(sender_end, tx_queue) as sender:
+        return sender.send(frames)
