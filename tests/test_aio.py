@@ -1,0 +1,247 @@
+"""AsyncClient against a real broker (`xsk-broker serve`) on a veth in a private netns.
+
+The `broker` fixture here is also used by test_qmp.py and test_examples.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker.protocol import (
+    BadQueues,
+    BadRequest,
+    BrokerError,
+    BrokerUnreachable,
+    ConsumerGone,
+    NoSuchDevice,
+    NoSuchLease,
+    ProtocolViolation,
+    QueueBusy,
+    Timeout,
+)
+from client.aio import AsyncClient
+
+REPO = Path(__file__).resolve().parent.parent
+AF_XDP = 44
+QUEUES = 64
+
+
+@dataclass(frozen=True)
+class BrokerEnv:
+    socket_path: str
+    ifname: str
+    netns: str
+    log: Path
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerEnv]:
+    """`xsk-broker serve` in its own netns owning veth xa (64 queues), own bpffs and state."""
+    base = tmp_path_factory.mktemp("broker")
+    netns = f"xskt-{uuid.uuid4().hex[:10]}"
+    bpffs = base / "bpf"
+    bpffs.mkdir()
+    sock = base / "broker.sock"
+    log = base / "serve.log"
+    _run("ip", "netns", "add", netns)
+    proc = None
+    try:
+        _run(
+            "ip",
+            "-n",
+            netns,
+            "link",
+            "add",
+            "xa",
+            "numrxqueues",
+            str(QUEUES),
+            "numtxqueues",
+            str(QUEUES),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "xb",
+            "numrxqueues",
+            str(QUEUES),
+            "numtxqueues",
+            str(QUEUES),
+        )
+        _run("ip", "-n", netns, "link", "set", "xa", "up")
+        _run("ip", "-n", netns, "link", "set", "xb", "up")
+        _run("mount", "-t", "bpf", "bpf", str(bpffs))
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [
+                    "nsenter",
+                    f"--net=/run/netns/{netns}",
+                    sys.executable,
+                    "-m",
+                    "client.cli",
+                    "serve",
+                    "--socket",
+                    str(sock),
+                    "--pin-dir",
+                    str(bpffs / "pins"),
+                    "--state-dir",
+                    str(base / "state"),
+                    "--allow-root",
+                ],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert proc.poll() is None, f"broker exited: {log.read_text()}"
+            assert time.monotonic() < deadline, f"broker did not start: {log.read_text()}"
+            time.sleep(0.02)
+        yield BrokerEnv(str(sock), "xa", netns, log)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        subprocess.run(["umount", str(bpffs)], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def test_fifty_concurrent_requests_from_one_loop(broker: BrokerEnv) -> None:
+    client = AsyncClient(broker.socket_path)
+
+    async def scenario() -> tuple[list, list[str], list[str]]:
+        leases = await asyncio.gather(
+            *(client.request(broker.ifname, 1, q, tag=f"c{q}") for q in range(50))
+        )
+        live = [x["lease_id"] for x in (await client.status())["leases"]]
+        await asyncio.gather(*(client.release(lease.lease_id) for lease in leases))
+        after = [x["lease_id"] for x in (await client.status())["leases"]]
+        return leases, live, after
+
+    leases, live, after = asyncio.run(scenario())
+    try:
+        assert [lease.queue_ids for lease in leases] == [[q] for q in range(50)]
+        for lease in leases:
+            assert len(lease.fds) == 1 and lease.fds[0] > 2
+            assert lease.mode in ("native", "skb")
+            with socket.socket(AF_XDP, socket.SOCK_RAW, 0, os.dup(lease.fds[0])) as sock:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == AF_XDP
+            assert f"start-queue={lease.start_queue}," in lease.netdev_arg()
+        ids = {lease.lease_id for lease in leases}
+        assert len(ids) == 50 and ids <= set(live)
+        assert not ids & set(after)
+    finally:
+        for lease in leases:
+            lease.close()
+
+
+def test_broker_errors_arrive_as_their_types(broker: BrokerEnv) -> None:
+    client = AsyncClient(broker.socket_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+
+    async def outcome(call) -> BaseException | None:
+        try:
+            lease = await call
+        except BrokerError as error:
+            return error
+        lease.close()
+        return None
+
+    async def scenario() -> list:
+        held = await client.request(broker.ifname, 1, 60)
+        try:
+            return await asyncio.gather(
+                outcome(client.request("nosuch0", 1)),
+                outcome(client.request(broker.ifname, 1, QUEUES)),
+                outcome(client.request(broker.ifname, 1, 60)),
+                outcome(client.request("a/b", 1)),
+                outcome(client.request(broker.ifname, 1, 61, consumer_pid=gone.pid)),
+                outcome(client.release("no-such-lease")),
+            )
+        finally:
+            held.close()
+            await client.release(held.lease_id)
+
+    got = asyncio.run(scenario())
+    expected = [NoSuchDevice, BadQueues, QueueBusy, BadRequest, ConsumerGone, NoSuchLease]
+    assert [type(error) for error in got] == expected
+    for error, kind in zip(got, expected, strict=True):
+        assert error.code == kind.code and error.errno and error.message
+
+
+def test_ping_reports_the_broker(broker: BrokerEnv) -> None:
+    reply = asyncio.run(AsyncClient(broker.socket_path).ping())
+    assert reply["ok"] is True and reply["broker"]
+
+
+def test_unreachable_names_path_and_errno(tmp_path: Path) -> None:
+    path = str(tmp_path / "absent.sock")
+    with pytest.raises(BrokerUnreachable) as caught:
+        asyncio.run(AsyncClient(path).ping())
+    assert caught.value.errno == errno.ENOENT
+    assert path in caught.value.message and caught.value.details["path"] == path
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as dead:
+        dead.bind(str(stale))
+    with pytest.raises(BrokerUnreachable) as caught:
+        asyncio.run(AsyncClient(str(stale)).ping())
+    assert caught.value.errno == errno.ECONNREFUSED
+
+
+def test_socket_path_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "env.sock")
+    monkeypatch.setenv("XSK_BROKER_SOCKET", path)
+    assert AsyncClient().socket_path == path
+
+
+def test_silent_peer_times_out(tmp_path: Path) -> None:
+    """A broker that accepts (here: only the kernel's backlog) but never answers."""
+    path = str(tmp_path / "silent.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(path)
+        listener.listen()
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            asyncio.run(AsyncClient(path, timeout=0.2).ping())
+    assert time.monotonic() - started < 2
+
+
+def test_peer_closing_without_reply_is_a_protocol_violation(tmp_path: Path) -> None:
+    path = str(tmp_path / "closing.sock")
+
+    async def scenario() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+            listener.bind(path)
+            listener.listen()
+            listener.setblocking(False)
+            loop = asyncio.get_running_loop()
+            call = asyncio.create_task(AsyncClient(path).status())
+            conn, _ = await loop.sock_accept(listener)
+            conn.close()
+            await call
+
+    with pytest.raises(ProtocolViolation):
+        asyncio.run(scenario())
