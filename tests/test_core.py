@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 import pytest
-from brokerproc import BrokerProcess
-from traffic import Capture, running_probe, send_to_queue
+from brokerproc import REPO, BrokerProcess
+from traffic import Capture, client_env, running_probe, send_to_queue
 
-from broker.netlab import VethLab, run, steer_queue
+from broker.netlab import VethLab, run, run_unprivileged, steer_queue
 
 pytestmark = pytest.mark.kernel
 FRAMES_PER_QUEUE = 8
@@ -51,3 +53,131 @@ def test_unprivileged_consumer_receives_and_sends_on_every_queue(
         assert got["sent"] == FRAMES_PER_QUEUE
     assert len(replies) == FRAMES_PER_QUEUE * queues
     assert all(frame[14:].startswith(b"reply:to-q=") for frame in replies)
+
+
+INSPECT_FDS = r"""
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None)
+fds = [int(f) for f in os.environ["XSK_BROKER_SOCK_FDS"].split(":")]
+families = []
+for fd in fds:  # SO_DOMAIN; Python's socket() cannot wrap AF_XDP (no getsockname)
+    value, size = ctypes.c_int(), ctypes.c_uint(4)
+    libc.getsockopt(fd, 1, 39, ctypes.byref(value), ctypes.byref(size))
+    families.append(value.value)
+with open(sys.argv[1], "w") as out:
+    json.dump({"argv": sys.argv[2:], "fds": fds, "families": families,
+               "netdev": os.environ["XSK_BROKER_NETDEV"], "uid": os.getuid()}, out)
+"""
+
+
+def test_request_execs_command_with_fds_above_stdio_in_queue_order(
+    broker4: BrokerProcess, lab4: VethLab, workdir
+) -> None:
+    """stdin and stdout are closed, so fds would land on 0 and 1 unless moved."""
+    out = workdir / "inspect.json"
+    out.touch(mode=0o666)
+    out.chmod(0o666)
+    argv = [
+        sys.executable, "-m", "client.cli", "request", "--ifname", lab4.ifname_a,
+        "--queues", "3", "--start-queue", "1", "--id", "vnet7", "--",
+        sys.executable, "-c", INSPECT_FDS, str(out), "{sock-fds}", "-netdev", "{netdev}",
+    ]  # fmt: skip
+    shell = 'exec 0<&- 1>&-; exec "$@"'
+    result = run_unprivileged(
+        ["sh", "-c", shell, "sh", *argv], netns=lab4.ns_a, env=client_env(broker4), cwd=str(REPO)
+    )
+    assert result.returncode == 0, result
+    seen = json.loads(out.read_text())
+    fds = seen["fds"]
+    assert len(fds) == 3 and min(fds) > 2, seen
+    assert seen["families"] == [44, 44, 44]
+    assert seen["uid"] != 0
+    sock_fds = ":".join(str(fd) for fd in fds)
+    assert seen["argv"][0] == sock_fds
+    assert (
+        seen["argv"][2]
+        == seen["netdev"]
+        == (
+            f"af-xdp,id=vnet7,ifname={lab4.ifname_a},mode=native,queues=3,start-queue=1,"
+            f"inhibit=on,sock-fds={sock_fds}"
+        )
+    )
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_slots_free_and_stack_gets_traffic_after_consumer_exits(
+    broker4: BrokerProcess, lab4: VethLab
+) -> None:
+    client = broker4.client()
+    with running_probe(broker4, lab4.ifname_a, 4, "--mode", "native") as probe:
+        assert len(client.status()["leases"]) == 1
+        with Capture(lab4.a) as stack:
+            send_to_queue(lab4.b, lab4.a, 1, "held", 4)
+            assert stack.frames(0.5) == [], "frames for a leased queue must not reach the stack"
+        probe.proc.kill()
+        probe.proc.wait()
+    wait_for(lambda: client.status()["leases"] == [])
+    with Capture(lab4.a) as stack:
+        send_to_queue(lab4.b, lab4.a, 1, "free", 4)
+        assert len(stack.frames(3.0, want=4)) == 4
+    with client.request(lab4.ifname_a, 4) as lease:
+        assert lease.queue_ids == [0, 1, 2, 3]
+
+
+BIND_ELSEWHERE = r"""
+import errno, json, os
+from client.sync import request
+from client.consumer import XskSocket
+with request(os.environ["IFNAME"], 2, umem_bytes=1 << 20) as lease:
+    try:
+        XskSocket(lease.fds[0], 1, 0, frames=64)
+        outcome = "bound"
+    except OSError as exc:
+        outcome = errno.errorcode[exc.errno]
+    XskSocket(lease.fds[1], lease.ifindex, 1, frames=64).close()
+print(json.dumps({"loopback": outcome}))
+"""
+
+
+def test_consumer_cannot_bind_a_socket_to_another_interface(
+    broker4: BrokerProcess, lab4: VethLab
+) -> None:
+    env = {**client_env(broker4), "IFNAME": lab4.ifname_a}
+    result = run_unprivileged(
+        [sys.executable, "-c", BIND_ELSEWHERE], netns=lab4.ns_a, env=env, cwd=str(REPO)
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"loopback": "EINVAL"}
+
+
+def test_restart_adopts_pinned_attachment_and_traffic_keeps_flowing(
+    broker4: BrokerProcess, lab4: VethLab
+) -> None:
+    with running_probe(
+        broker4, lab4.ifname_a, 2, "--mode", "native", "--expect", "30", duration=30
+    ) as probe:
+        before = broker4.client().status()
+        broker4.kill()
+        for queue in (0, 1):
+            assert send_to_queue(lab4.b, lab4.a, queue, f"to-q={queue} down", 10) == 10
+        broker4.start()
+        after = broker4.client().status()
+        (old,), (new,) = before["attachments"], after["attachments"]
+        assert new["adopted"] and new["link_id"] == old["link_id"]
+        assert [lease["lease_id"] for lease in after["leases"]] == [
+            lease["lease_id"] for lease in before["leases"]
+        ]
+        assert json.loads(xdp_attachments(lab4))["prog"]["id"] == old["prog_id"]
+        with pytest.raises(Exception, match="QUEUE_BUSY.*leased to pid"):
+            broker4.client().request(lab4.ifname_a, 1, 1)
+        for queue in (0, 1):
+            assert send_to_queue(lab4.b, lab4.a, queue, f"to-q={queue} up", 20) == 20
+        result = probe.result()
+    assert [q["received"] for q in result["queues"]] == [30, 30]
+    wait_for(lambda: broker4.client().status()["leases"] == [])
