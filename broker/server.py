@@ -264,7 +264,9 @@ class Broker:
         attachment = self.loader.ensure(request.ifname, request.mode, queue_ids)
         busy = self.leases.holders(attachment.ifindex, list(queue_ids))
         if busy:
-            raise QueueBusy("; ".join(_held_by(lease, attachment.ifname) for lease in busy))
+            raise QueueBusy(
+                "; ".join(_held_by(lease, attachment.ifname, queue_ids) for lease in busy)
+            )
         consumer_pid, consumer_uid, pidfd = self._consumer(conn, request)
         try:
             start_time = process_start_time(consumer_pid)
@@ -334,10 +336,14 @@ class Broker:
         }
 
 
-def _held_by(lease: Lease, ifname: str) -> str:
+def _held_by(lease: Lease, ifname: str, asked: range) -> str:
+    """'queue 2 of eth0 is leased to pid 4242 (uid 1000, tag vm7, lease ...)'."""
     info = lease.info
+    taken = [q for q in info.queue_ids if q in asked]
+    which = f"queue {taken[0]}" if len(taken) == 1 else f"queues {taken}"
+    verb = "is" if len(taken) == 1 else "are"
     tag = f", tag {info.tag}" if info.tag else ""
     return (
-        f"queue(s) {info.queue_ids} of {ifname} are leased to pid {info.consumer_pid} "
-        f"(uid {info.uid}{tag}, lease {info.lease_id})"
+        f"{which} of {ifname} {verb} leased to pid {info.consumer_pid} "
+        f"(uid {info.extra.get('consumer_uid', info.uid)}{tag}, lease {info.lease_id})"
     )

@@ -11,6 +11,7 @@ from brokerproc import REPO, BrokerProcess
 from traffic import Capture, client_env, running_probe, send_to_queue
 
 from broker.netlab import VethLab, run, run_unprivileged, steer_queue
+from broker.protocol import QueueBusy
 
 pytestmark = pytest.mark.kernel
 FRAMES_PER_QUEUE = 8
@@ -174,7 +175,7 @@ def test_restart_adopts_pinned_attachment_and_traffic_keeps_flowing(
             lease["lease_id"] for lease in before["leases"]
         ]
         assert json.loads(xdp_attachments(lab4))["prog"]["id"] == old["prog_id"]
-        with pytest.raises(Exception, match="QUEUE_BUSY.*leased to pid"):
+        with pytest.raises(QueueBusy, match=r"queue 1 of .* is leased to pid \d+ \(uid 61000"):
             broker4.client().request(lab4.ifname_a, 1, 1)
         for queue in (0, 1):
             assert send_to_queue(lab4.b, lab4.a, queue, f"to-q={queue} up", 20) == 20
