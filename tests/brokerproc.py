@@ -83,6 +83,13 @@ class BrokerProcess:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def settled_fd_count(self, expected: int, timeout: float = 5.0) -> int:
+        """The fd count once it reaches expected (closed peers are reaped in the loop)."""
+        deadline = time.monotonic() + timeout
+        while (count := self.fd_count()) != expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return count
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Stop the process and return its exit status."""
         if self.proc is None or self.proc.poll() is not None:

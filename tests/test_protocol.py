@@ -1,0 +1,76 @@
+"""The wire contract on its own: decoding, errors, and the QEMU arguments built from a lease."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+
+from broker.protocol import (
+    BadQueues,
+    BrokerError,
+    LeaseInfo,
+    QueueBusy,
+    Request,
+    decode_message,
+    decode_reply,
+    encode_error,
+    encode_message,
+    netdev_arg,
+    netdev_qmp,
+    netdev_template,
+)
+
+LEASE = LeaseInfo("abc", "eth,0", 3, [2, 3], "skb")
+
+
+def test_request_round_trips_through_the_wire_format() -> None:
+    request = Request("eth0", 4, 1, "native", "vm7", None, 1 << 20)
+    assert decode_message(encode_message(request)) == request
+
+
+def test_defaults_are_qemu_s() -> None:
+    decoded = decode_message(b'{"version":1,"op":"request","ifname":"eth0","queues":2}')
+    assert decoded == Request("eth0", 2, 0, "auto", None, None, 32 * 1024 * 1024)
+
+
+def test_error_reply_becomes_the_typed_exception_with_errno() -> None:
+    with pytest.raises(QueueBusy) as caught:
+        decode_reply(encode_error(QueueBusy("queue 2 of eth0 is leased to pid 1")))
+    assert caught.value.errno == errno.EBUSY
+    assert str(caught.value) == "QUEUE_BUSY: queue 2 of eth0 is leased to pid 1"
+
+
+def test_unknown_error_code_keeps_its_code() -> None:
+    data = json.dumps({"version": 1, "ok": False, "error": {"code": "NEW", "message": "m"}})
+    with pytest.raises(BrokerError) as caught:
+        decode_reply(data.encode())
+    assert caught.value.code == "NEW"
+
+
+def test_queue_count_beyond_scm_max_fd_is_refused() -> None:
+    with pytest.raises(BadQueues):
+        decode_message(b'{"version":1,"op":"request","ifname":"eth0","queues":254}')
+
+
+def test_netdev_argument_escapes_commas_and_carries_mode() -> None:
+    assert netdev_arg("n0", LEASE, [5, 6]) == (
+        "af-xdp,id=n0,ifname=eth,,0,mode=skb,queues=2,start-queue=2,inhibit=on,sock-fds=5:6"
+    )
+    assert netdev_template(LEASE).endswith("sock-fds={sock-fds}")
+    with pytest.raises(ValueError):
+        netdev_arg("n0", LEASE, [5])
+
+
+def test_netdev_qmp_arguments() -> None:
+    assert netdev_qmp("n0", LEASE, ["x0", "x1"]) == {
+        "type": "af-xdp",
+        "id": "n0",
+        "ifname": "eth,0",
+        "mode": "skb",
+        "queues": 2,
+        "start-queue": 2,
+        "inhibit": True,
+        "sock-fds": "x0:x1",
+    }
