@@ -9,16 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from brokerproc import BrokerProcess, public_tempdir
-
+from broker.labbroker import BrokerProcess, public_tempdir
 from broker.netlab import VethLab, bpffs
 
 STRICT = os.environ.get("XSKT_STRICT") == "1"

@@ -8,9 +8,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from brokerproc import BrokerProcess
 
 from broker import fdpass
+from broker.labbroker import BrokerProcess
 from broker.loader import netns_key
 from broker.netlab import VethLab, in_netns, run
 from broker.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode_reply

@@ -7,9 +7,9 @@ import sys
 import time
 
 import pytest
-from brokerproc import REPO, BrokerProcess
-from traffic import Capture, client_env, running_probe, send_to_queue
 
+from broker.labbroker import REPO, BrokerProcess
+from broker.labtraffic import Capture, client_env, running_probe, send_to_queue
 from broker.netlab import VethLab, run, run_unprivileged, steer_queue
 from broker.protocol import QueueBusy
 

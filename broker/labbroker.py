@@ -1,4 +1,4 @@
-"""A real `xsk-broker serve` process inside a lab namespace, for tests and benchmarks.
+"""A real `xsk-broker serve` process inside a lab namespace, for the demo, tests and bench.
 
 It enters the namespace with setns() and keeps the host's mount namespace, so the pins it
 makes live on a bpffs the test owns and survive the process (restart tests need that).

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from brokerproc import REPO, BrokerProcess
-
+from broker.labbroker import REPO, BrokerProcess
 from broker.netlab import DEFAULT_ENV, Endpoint, QueueSender, in_netns, spawn_unprivileged
 from client.consumer import make_frame
 
