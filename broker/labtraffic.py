@@ -29,6 +29,7 @@ class RunningProbe:
 
     proc: subprocess.Popen
     queues: list[int]
+    mode: str
 
     def result(self, timeout: float = 30.0) -> dict:
         out, err = self.proc.communicate(timeout=timeout)
@@ -59,7 +60,8 @@ def running_probe(
         if not line:
             proc.wait(timeout=10)
             raise AssertionError(f"probe exited before binding: {proc.stderr.read()}")
-        yield RunningProbe(proc, json.loads(line)["queues"])
+        bound = json.loads(line)
+        yield RunningProbe(proc, bound["queues"], bound["mode"])
     finally:
         if proc.poll() is None:
             proc.kill()

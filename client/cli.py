@@ -162,6 +162,12 @@ def cmd_probe(opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(opts: argparse.Namespace) -> int:
+    from client import demo
+
+    return demo.main(opts.queues, opts.mode, opts.json)
+
+
 def cmd_serve(opts: argparse.Namespace) -> int:
     from broker import daemon
 
@@ -212,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--reply", action="store_true", help="answer each frame received")
     prb.add_argument("--events", action="store_true", help="print a JSON line once bound")
     prb.set_defaults(func=cmd_probe)
+
+    dmo = sub.add_parser(
+        "demo", help="the whole product on a private veth pair (root; cleans up after itself)"
+    )
+    _add_json(dmo)
+    dmo.add_argument("--queues", type=int, default=4, help="veth queues (default 4)")
+    dmo.add_argument("--mode", choices=MODES, default="auto", help="XDP mode wish")
+    dmo.set_defaults(func=cmd_demo)
 
     ping = sub.add_parser("ping", help="is the broker up")
     _add_socket(ping)

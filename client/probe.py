@@ -8,7 +8,6 @@ so whatever it proves holds for any unprivileged caller.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -60,7 +59,7 @@ def exercise(
     expect: int = 0,
     reply: bool = False,
     send: int = 0,
-    on_bound: Callable[[list[XskSocket]], None] | None = None,
+    on_bound: Callable[[Lease, list[XskSocket]], None] | None = None,
 ) -> list[QueueReport]:
     """Bind every fd of the lease, send `send` frames per queue, then count what arrives.
 
@@ -71,7 +70,7 @@ def exercise(
         for fd, queue in zip(lease.fds, lease.queue_ids, strict=True):
             sockets.append(XskSocket(fd, lease.ifindex, queue, frames=frames))
         if on_bound is not None:
-            on_bound(sockets)
+            on_bound(lease, sockets)
         reports = [QueueReport(queue) for queue in lease.queue_ids]
         for xsk, report in zip(sockets, reports, strict=True):
             probes = [
@@ -124,7 +123,7 @@ def probe(
         )
 
 
-def announce_bound(sockets: list[XskSocket]) -> None:
+def announce_bound(lease: Lease, sockets: list[XskSocket]) -> None:
     """For a parent process: one JSON line once every socket is bound."""
-    print(json.dumps({"event": "bound", "queues": [s.queue_id for s in sockets]}), flush=True)
-    sys.stdout.flush()
+    event = {"event": "bound", "mode": lease.mode, "queues": [s.queue_id for s in sockets]}
+    print(json.dumps(event), flush=True)
