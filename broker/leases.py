@@ -1,9 +1,10 @@
 """What was handed to whom, until the consumer process exits.
 
 Each lease holds a pidfd on its consumer: it becomes readable when the process exits, and
-unlike a pid it cannot be fooled by pid reuse. The table is written to the runtime directory
-after every change so that a restarted broker can re-open the pidfds (checking each
-process's start time) and keep refusing leased queues.
+unlike a pid it cannot be fooled by pid reuse. Every change is appended to a journal in the
+runtime directory (one write() of one JSON line, before the reply goes out) so that a
+restarted broker can re-open the pidfds, checking each process's start time, and keep
+refusing leased queues. A torn last line from a crash is ignored; restore compacts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from broker.protocol import LeaseInfo
 
-STATE_FILE = "leases.json"
+STATE_FILE = "leases.jsonl"
 
 
 def process_start_time(pid: int) -> int:
@@ -45,12 +46,13 @@ def new_lease_id() -> str:
 
 
 class LeaseTable:
-    """Leases by id and by (ifindex, queue), persisted to state_dir when one is given."""
+    """Leases by id and by (ifindex, queue), journaled to state_dir when one is given."""
 
     def __init__(self, state_dir: Path | None) -> None:
         self.state_path = state_dir / STATE_FILE if state_dir else None
         self.by_id: dict[str, Lease] = {}
         self.by_queue: dict[tuple[int, int], Lease] = {}
+        self._journal: int | None = None
 
     def holder(self, ifindex: int, queue: int) -> Lease | None:
         return self.by_queue.get((ifindex, queue))
@@ -60,10 +62,8 @@ class LeaseTable:
         return list(found.values())
 
     def add(self, lease: Lease) -> None:
-        self.by_id[lease.info.lease_id] = lease
-        for key in lease.key_queues():
-            self.by_queue[key] = lease
-        self.save()
+        self._index(lease)
+        self._append({"add": asdict(lease.info), "start_time": lease.start_time})
 
     def end(self, lease_id: str) -> Lease | None:
         """Forget a lease and close its pidfd; the consumer's sockets are not touched."""
@@ -75,7 +75,7 @@ class LeaseTable:
                 del self.by_queue[key]
         with contextlib.suppress(OSError):
             os.close(lease.pidfd)
-        self.save()
+        self._append({"end": lease_id})
         return lease
 
     def by_pidfd(self, pidfd: int) -> list[Lease]:
@@ -89,50 +89,70 @@ class LeaseTable:
             if lease.info.extra.get("consumer_uid") == consumer_uid
         )
 
-    def save(self) -> None:
-        """Write the table atomically (rename), so a crash never leaves half a file."""
-        if self.state_path is None:
-            return
-        records = [
-            {"info": asdict(lease.info), "start_time": lease.start_time}
-            for lease in self.by_id.values()
-        ]
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(records))
-        os.replace(tmp, self.state_path)
-
     def restore(self) -> list[LeaseInfo]:
-        """Re-open the pidfds of leases recorded by an earlier broker; returns those that ended.
+        """Replay the journal of an earlier broker; returns the leases that ended meanwhile.
 
         A lease whose consumer exited (or whose pid now names another process) is ended.
+        The journal is then rewritten to hold just the live leases.
         """
-        if self.state_path is None or not self.state_path.exists():
-            return []
-        try:
-            records = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            records = []
+        records: dict[str, dict] = {}
+        for entry in self._read_journal():
+            if "add" in entry:
+                records[entry["add"]["lease_id"]] = entry
+            else:
+                records.pop(entry.get("end"), None)
         ended: list[LeaseInfo] = []
-        for record in records:
-            info = LeaseInfo.from_wire(record["info"])
+        for record in records.values():
+            info = LeaseInfo.from_wire(record["add"])
             pidfd = _reopen(info.consumer_pid, record["start_time"])
             if pidfd is None:
                 ended.append(info)
-                continue
-            lease = Lease(info, pidfd, record["start_time"])
-            self.by_id[info.lease_id] = lease
-            for key in lease.key_queues():
-                self.by_queue[key] = lease
-        self.save()
+            else:
+                self._index(Lease(info, pidfd, record["start_time"]))
+        self._compact()
         return ended
 
     def close(self) -> None:
-        """Close the pidfds without ending the leases (the state file keeps them)."""
+        """Close the pidfds without ending the leases (the journal keeps them)."""
         for lease in self.by_id.values():
             with contextlib.suppress(OSError):
                 os.close(lease.pidfd)
         self.by_id.clear()
         self.by_queue.clear()
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+
+    def _index(self, lease: Lease) -> None:
+        self.by_id[lease.info.lease_id] = lease
+        for key in lease.key_queues():
+            self.by_queue[key] = lease
+
+    def _append(self, entry: dict) -> None:
+        if self._journal is not None:
+            os.write(self._journal, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+
+    def _read_journal(self) -> list[dict]:
+        if self.state_path is None or not self.state_path.exists():
+            return []
+        entries = []
+        for line in self.state_path.read_bytes().splitlines():
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+        return entries
+
+    def _compact(self) -> None:
+        """Rewrite the journal with only live leases (atomically), then append to it."""
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_suffix(".tmp")
+        lines = [
+            json.dumps({"add": asdict(lease.info), "start_time": lease.start_time}) + "\n"
+            for lease in self.by_id.values()
+        ]
+        tmp.write_text("".join(lines))
+        os.replace(tmp, self.state_path)
+        self._journal = os.open(self.state_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
 
 def _reopen(pid: int, start_time: int) -> int | None:
