@@ -85,7 +85,7 @@ class Attachment:
         }
 
 
-def _is_bpffs(path: Path) -> bool:
+def is_bpffs(path: Path) -> bool:
     class Statfs(ctypes.Structure):
         _fields_ = (("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112))
 
@@ -97,7 +97,7 @@ def _is_bpffs(path: Path) -> bool:
 def ensure_bpffs(pin_root: Path) -> None:
     """Make pin_root's directory, mounting bpffs at /sys/fs/bpf first if nobody has."""
     anchor = pin_root.parent
-    if not _is_bpffs(anchor) and anchor == DEFAULT_PIN_ROOT.parent:
+    if not is_bpffs(anchor) and anchor == DEFAULT_PIN_ROOT.parent:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.mount(b"bpf", str(anchor).encode(), b"bpf", 0, None) != 0:
             err = ctypes.get_errno()
@@ -106,7 +106,7 @@ def ensure_bpffs(pin_root: Path) -> None:
                 f"({os.strerror(err)}); run: mount -t bpf bpf {anchor}",
                 errno=err,
             )
-    if not _is_bpffs(anchor):
+    if not is_bpffs(anchor):
         raise AttachFailed(
             f"{anchor} is not a bpffs mount; mount one (mount -t bpf bpf {anchor}) "
             "or choose another --pin-dir",
@@ -159,11 +159,17 @@ class Loader:
         """Pick up every pinned attachment after a restart; clean pins of vanished links."""
         if self.ns_dir.is_dir():
             for entry in sorted(self.ns_dir.iterdir()):
-                if entry.name.isdigit() and int(entry.name) not in self.attachments:
-                    found = self._adopt(int(entry.name), None)
-                    if found is not None:
-                        self.attachments[found.ifindex] = found
+                if entry.name.isdigit():
+                    self.adopt_one(int(entry.name))
         return list(self.attachments.values())
+
+    def adopt_one(self, ifindex: int) -> bool:
+        """Adopt ifindex's pins if they hold a live attachment; True if one is now held."""
+        if ifindex not in self.attachments:
+            found = self._adopt(ifindex, None)
+            if found is not None:
+                self.attachments[ifindex] = found
+        return ifindex in self.attachments
 
     def forget(self, ifindex: int) -> None:
         """Drop a dead attachment: close fds and remove its pins."""

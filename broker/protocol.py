@@ -209,8 +209,21 @@ class Release:
         return cls(_field(body, "lease_id", str))
 
 
-Message = Request | StatusQuery | Ping | Release
-OPS: dict[str, type] = {m.op: m for m in (Request, StatusQuery, Ping, Release)}
+@dataclass(frozen=True)
+class Detach:
+    """Remove the program and its pins from an interface (admin only)."""
+
+    op: ClassVar[str] = "detach"
+    ifname: str
+    force: bool = False
+
+    @classmethod
+    def from_body(cls, body: dict) -> Detach:
+        return cls(validate_ifname(_field(body, "ifname", str)), _field(body, "force", bool, False))
+
+
+Message = Request | StatusQuery | Ping | Release | Detach
+OPS: dict[str, type] = {m.op: m for m in (Request, StatusQuery, Ping, Release, Detach)}
 _ENVELOPE = {"version", "op"}
 
 

@@ -17,14 +17,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from broker import fdpass, xsk
+from broker import fdpass, netdev, xsk
 from broker.leases import Lease, LeaseTable, new_lease_id, process_start_time
 from broker.loader import DEFAULT_PIN_ROOT, Loader
 from broker.protocol import (
     BrokerError,
     ConsumerGone,
     Denied,
+    Detach,
     LeaseInfo,
+    LeasesLive,
     Message,
     NoSuchLease,
     Ping,
@@ -236,6 +238,8 @@ class Broker:
             return encode_reply("ping", {"broker": VERSION, "pid": os.getpid()}), []
         if isinstance(message, Release):
             return self._release(conn, message)
+        if isinstance(message, Detach):
+            return self._detach(conn, message)
         raise AssertionError(f"unhandled message {message!r}")
 
     def _consumer(self, conn: Connection, request: Request) -> tuple[int, int, int]:
@@ -312,6 +316,26 @@ class Broker:
             raise Denied(f"lease {message.lease_id} belongs to uid {lease.info.uid}")
         self._end_lease(lease, "released")
         return encode_reply("release", {"lease_id": message.lease_id}), []
+
+    def _detach(self, conn: Connection, message: Detach) -> tuple[bytes, list[int]]:
+        """Take the program off an interface; live leases block it unless forced."""
+        if conn.peer.uid not in (0, os.geteuid()):
+            raise Denied(f"uid {conn.peer.uid} may not detach; only root or the broker's user")
+        ifindex = netdev.ifindex_of(message.ifname)
+        live = [lease for lease in self.leases.by_id.values() if lease.info.ifindex == ifindex]
+        if live and not message.force:
+            raise LeasesLive(
+                f"{message.ifname} has {len(live)} live lease(s) ("
+                + ", ".join(f"{x.info.lease_id} for pid {x.info.consumer_pid}" for x in live)
+                + "); stop their consumers or pass --force"
+            )
+        for lease in live:
+            self._end_lease(lease, f"ended: {message.ifname} detached by uid {conn.peer.uid}")
+        attached = ifindex in self.loader.attachments or self.loader.adopt_one(ifindex)
+        self.loader.detach(ifindex)
+        log.info("detached %s (uid %d)", message.ifname, conn.peer.uid)
+        self._changed()
+        return encode_reply("detach", {"ifname": message.ifname, "was_attached": attached}), []
 
     def _end_lease(self, lease: Lease, reason: str) -> None:
         with contextlib.suppress(KeyError, ValueError):

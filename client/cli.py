@@ -162,6 +162,16 @@ def cmd_probe(opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detach(opts: argparse.Namespace) -> int:
+    reply = Client(opts.socket).detach(opts.ifname, opts.force)
+    if opts.json:
+        print(json.dumps({"ifname": reply["ifname"], "was_attached": reply["was_attached"]}))
+    else:
+        state = "detached" if reply["was_attached"] else "had no program attached"
+        print(f"{reply['ifname']}: {state}")
+    return 0
+
+
 def cmd_demo(opts: argparse.Namespace) -> int:
     from client import demo
 
@@ -218,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--reply", action="store_true", help="answer each frame received")
     prb.add_argument("--events", action="store_true", help="print a JSON line once bound")
     prb.set_defaults(func=cmd_probe)
+
+    det = sub.add_parser("detach", help="remove the program and pins from an interface (admin)")
+    _add_socket(det)
+    _add_json(det)
+    det.add_argument("--ifname", required=True)
+    det.add_argument("--force", action="store_true", help="even with live leases (ends them)")
+    det.set_defaults(func=cmd_detach)
 
     dmo = sub.add_parser(
         "demo", help="the whole product on a private veth pair (root; cleans up after itself)"

@@ -11,6 +11,7 @@ from broker.protocol import (
     QEMU_UMEM_BYTES,
     SOCKET_ENV,
     BrokerUnreachable,
+    Detach,
     LeaseInfo,
     Message,
     Ping,
@@ -116,6 +117,10 @@ class Client:
 
     def release(self, lease_id: str) -> None:
         self.call(Release(lease_id))
+
+    def detach(self, ifname: str, force: bool = False) -> dict:
+        """Take the program off ifname (admin); live leases refuse it unless force."""
+        return self.call(Detach(ifname, force))[0]
 
 
 def request(

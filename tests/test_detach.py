@@ -1,0 +1,88 @@
+"""Taking the program off an interface: only for admins, never under a live lease unasked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.labbroker import REPO, BrokerProcess
+from broker.labtraffic import client_env, running_probe
+from broker.loader import netns_key
+from broker.netlab import VethLab, in_netns, run, run_unprivileged
+from broker.protocol import LeasesLive
+
+pytestmark = pytest.mark.kernel
+
+
+def xdp_of(lab: VethLab) -> dict:
+    (link,) = json.loads(run(["ip", "-n", lab.ns_a, "-j", "-d", "link", "show", lab.ifname_a]))
+    return link.get("xdp", {})
+
+
+def pins_of(lab: VethLab, pin_root: Path) -> list[str]:
+    with in_netns(lab.ns_a):
+        ns_dir = pin_root / netns_key()
+    return sorted(str(p.relative_to(ns_dir)) for p in ns_dir.rglob("*")) if ns_dir.exists() else []
+
+
+def cli(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "client.cli", *args, "--socket", str(broker.socket_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_detach_is_refused_under_a_live_lease_then_forced(
+    broker4: BrokerProcess, lab4: VethLab, pin_root: Path
+) -> None:
+    client = broker4.client()
+    with running_probe(broker4, lab4.ifname_a, 2) as probe:
+        with pytest.raises(LeasesLive, match=f"pid {probe.proc.pid}"):
+            client.detach(lab4.ifname_a)
+        assert xdp_of(lab4) and pins_of(lab4, pin_root)
+
+        denied = run_unprivileged(
+            [sys.executable, "-m", "client.cli", "detach", "--ifname", lab4.ifname_a, "--force"],
+            netns=lab4.ns_a, env=client_env(broker4), cwd=str(REPO),
+        )  # fmt: skip
+        assert denied.returncode == 1
+        assert denied.stderr.startswith("DENIED: uid 61000 may not detach")
+        assert xdp_of(lab4)
+
+        forced = cli(broker4, "detach", "--ifname", lab4.ifname_a, "--force", "--json")
+        assert forced.returncode == 0, forced.stderr
+        assert json.loads(forced.stdout) == {"ifname": lab4.ifname_a, "was_attached": True}
+    assert xdp_of(lab4) == {}
+    assert pins_of(lab4, pin_root) == []
+    assert client.status()["leases"] == []
+    again = cli(broker4, "detach", "--ifname", lab4.ifname_a)
+    assert again.returncode == 0 and "had no program attached" in again.stdout
+    with client.request(lab4.ifname_a, 4, umem_bytes=1 << 20) as lease:
+        assert lease.mode == "native" and xdp_of(lab4)
+
+
+MOUNT_CHECK = r"""
+import json, sys
+from pathlib import Path
+from broker.loader import DEFAULT_PIN_ROOT, is_bpffs, ensure_bpffs
+before = is_bpffs(DEFAULT_PIN_ROOT.parent)
+ensure_bpffs(DEFAULT_PIN_ROOT)
+print(json.dumps({"before": before, "after": is_bpffs(DEFAULT_PIN_ROOT.parent),
+                  "dir": DEFAULT_PIN_ROOT.is_dir()}))
+"""
+
+
+def test_broker_mounts_bpffs_when_none_is_mounted() -> None:
+    """In a private mount namespace with /sys/fs/bpf unmounted, so the host keeps its own."""
+    script = 'umount /sys/fs/bpf 2>/dev/null; exec "$@"'
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         sys.executable, "-c", MOUNT_CHECK],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"before": False, "after": True, "dir": True}
