@@ -56,19 +56,24 @@ def unit_name(name: str) -> str:
     return f"CAP_{name.upper()}"
 
 
-def current(status: Path = Path("/proc/self/status")) -> dict[str, frozenset[str]]:
-    """Each capability set of a process (CapInh, CapPrm, ...) as a set of names.
-
-    Read from /proc rather than libcap so the answer is what the kernel enforces, and so the
-    same function can inspect another process (tests, `doctor`).
-    """
+def parse_status(text: str) -> dict[str, frozenset[str]]:
+    """The capability sets (CapInh, CapPrm, ...) in the text of a /proc/PID/status file."""
     sets = {}
-    for line in status.read_text().splitlines():
+    for line in text.splitlines():
         key, _, value = line.partition(":")
         if key in SETS:
             mask = int(value, 16)
             sets[key] = frozenset(cap_name(n) for n in range(mask.bit_length()) if mask >> n & 1)
     return sets
+
+
+def current(status: Path = Path("/proc/self/status")) -> dict[str, frozenset[str]]:
+    """Each capability set of a process as a set of names.
+
+    Read from /proc rather than libcap so the answer is what the kernel enforces, and so the
+    same function can inspect another process (tests, `doctor`).
+    """
+    return parse_status(status.read_text())
 
 
 def check_required(required: Iterable[str] = REQUIRED) -> None:

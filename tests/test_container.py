@@ -1,0 +1,115 @@
+"""The shipped units under a real systemd (PID 1 in a systemd-nspawn container).
+
+One boot for the whole module; see tests/container.py for the harness.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+
+import pytest
+from container import CLIENT_USER, EXEC_PATH, BootedContainer
+
+from broker import caps
+
+THREE = {"net_admin", "bpf", "net_raw"}
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("systemd-nspawn") is None,
+    reason="needs root and systemd-nspawn",
+)
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[BootedContainer]:
+    with BootedContainer() as booted:
+        print(f"\ncontainer booted and units installed in {booted.boot_seconds:.2f} s")
+        yield booted
+
+
+def test_units_verify_clean_inside(box: BootedContainer) -> None:
+    done = box.exec(["systemd-analyze", "verify", "xsk-broker.socket", "xsk-broker.service"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout + done.stderr == ""
+
+
+def test_socket_unit_listens_with_mode_0660_and_group_xsk_broker(box: BootedContainer) -> None:
+    assert box.show("xsk-broker.socket", "ActiveState") == {"ActiveState": "active"}
+    done = box.exec(["stat", "-c", "%a %U %G %F", "/run/xsk-broker/broker.sock"], check=True)
+    assert done.stdout.split(maxsplit=3) == ["660", "root", "xsk-broker", "socket\n"]
+
+
+def test_first_connection_starts_the_service_as_its_user_with_exactly_three_caps(
+    box: BootedContainer,
+) -> None:
+    assert box.show("xsk-broker.service", "ActiveState")["ActiveState"] == "inactive"
+    client = box.add_user()
+    started = time.monotonic()
+    cold = box.run([EXEC_PATH, "ping"], user=CLIENT_USER)
+    cold_ms = (time.monotonic() - started) * 1000
+    assert cold.returncode == 0, cold.stderr + box.exec(["journalctl", "-u", "xsk-broker"]).stdout
+    started = time.monotonic()
+    assert box.run([EXEC_PATH, "ping"], user=client).returncode == 0
+    warm_ms = (time.monotonic() - started) * 1000
+    print(
+        f"\nping via systemd-run: cold (socket activation) {cold_ms:.0f} ms, warm {warm_ms:.0f} ms"
+    )
+
+    service = box.show("xsk-broker.service", "ActiveState", "MainPID", "StatusText")
+    assert service["ActiveState"] == "active"
+    assert "lease" in service["StatusText"]
+    status = box.exec(["cat", f"/proc/{service['MainPID']}/status"], check=True).stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines())
+    uid = box.exec(["id", "-u", "xsk-broker"], check=True).stdout.strip()
+    assert fields["Uid"].split() == [uid] * 4
+    assert fields["NoNewPrivs"] == "1"
+    sets = caps.parse_status(status)
+    assert sets["CapEff"] == sets["CapPrm"] == sets["CapBnd"] == THREE
+    assert sets["CapAmb"] <= THREE
+    assert sets["CapInh"] <= THREE
+
+
+def test_a_user_outside_group_xsk_broker_cannot_connect(box: BootedContainer) -> None:
+    done = box.run([EXEC_PATH, "ping"], user="nobody")
+    assert done.returncode != 0
+    assert "ermission denied" in done.stderr or "EACCES" in done.stderr, done.stderr
+
+
+def test_the_service_logs_structured_entries_to_the_journal(box: BootedContainer) -> None:
+    entries = box.journal("_SYSTEMD_UNIT=xsk-broker.service", "SYSLOG_IDENTIFIER=xsk-broker")
+    assert entries, box.exec(["journalctl", "-u", "xsk-broker"]).stdout
+    # Set by the JournalHandler only: the lines did not arrive as plain stderr text.
+    assert all("LOGGER" in entry and "CODE_FUNC" in entry for entry in entries)
+
+
+def test_log_event_fields_are_journal_fields(box: BootedContainer) -> None:
+    code = (
+        "import logging; from broker import activation; activation.setup_logging(); "
+        "activation.log_event(logging.getLogger('xsk-broker'), 'granted', "
+        "interface='xskt-a', queues=[0, 1], uid=1000, lease='L1')"
+    )
+    box.exec(
+        [
+            "systemd-run",
+            "--wait",
+            "--quiet",
+            "--collect",
+            "/opt/xsk-broker/bin/python3",
+            "-c",
+            code,
+        ],
+        check=True,
+    )
+    entries = box.journal("INTERFACE=xskt-a")
+    assert len(entries) == 1
+    entry = entries[0]
+    assert (entry["MESSAGE"], entry["QUEUES"], entry["UID"], entry["LEASE"]) == (
+        "granted",
+        "0,1",
+        "1000",
+        "L1",
+    )
+    assert entry["SYSLOG_IDENTIFIER"] == "xsk-broker"
