@@ -104,6 +104,15 @@ def test_send_refuses_frames_that_do_not_fit(lab: VethLab) -> None:
         xsk.send([bytes(2049)])
 
 
+def test_frames_over_the_mtu_complete_but_never_arrive(lab: VethLab) -> None:
+    """Documents a kernel behaviour: completion is not delivery, and no counter moves."""
+    oversize = make_frame(lab.b.mac, lab.a.mac, bytes(2000))
+    with capture(lab.b) as cap, consumer_on(lab.a, 0) as xsk:
+        assert xsk.send([oversize]) == 1
+        assert collect(cap, 1, timeout=0.2) == []
+        assert xsk.stats()["tx_invalid_descs"] == 0
+
+
 def test_bind_to_another_device_than_so_bindtodevice_is_einval(lab: VethLab) -> None:
     with in_netns(lab.ns_a), xdp_socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
