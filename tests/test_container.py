@@ -113,3 +113,22 @@ def test_log_event_fields_are_journal_fields(box: BootedContainer) -> None:
         "L1",
     )
     assert entry["SYSLOG_IDENTIFIER"] == "xsk-broker"
+
+
+def test_the_sandboxed_service_attaches_and_hands_out_sockets_on_a_veth(
+    box: BootedContainer,
+) -> None:
+    """The unit's sandbox (address families, syscall filter, ReadWritePaths for bpffs,
+    ProcSubset=pid) leaves the broker able to do its whole job."""
+    box.add_user()
+    box.add_veth("xskt-sb", "xskt-sbp")
+    done = box.run(
+        [EXEC_PATH, "request", "--ifname", "xskt-sb", "--queues", "1", "--", "echo", "{netdev}"],
+        user=CLIENT_USER,
+        properties=["LimitMEMLOCK=64M"],
+    )
+    assert done.returncode == 0, done.stderr + box.exec(["journalctl", "-u", "xsk-broker"]).stdout
+    assert done.stdout.startswith("af-xdp,id=net0,ifname=xskt-sb,mode=")
+    assert "xskt-sb/" in box.show("xsk-broker.service", "StatusText")["StatusText"]
+    pins = box.exec(["find", "/sys/fs/bpf/xsk-broker", "-type", "f"], check=True).stdout
+    assert pins.strip(), "no pins under the service's bpffs directory"
