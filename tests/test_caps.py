@@ -29,7 +29,8 @@ status = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().split
 print(json.dumps({k: sorted(v) for k, v in caps.current().items()} | {"nnp": status["NoNewPrivs"]}))
 """
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set up credentials")
+# Root sets up the credentials; tests/conftest.py skips kernel tests without it.
+pytestmark = pytest.mark.kernel
 
 
 def run_child(prefix: list[str], *args: str) -> subprocess.CompletedProcess:

@@ -5,8 +5,6 @@ One boot for the whole module; see tests/container.py for the harness.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -17,10 +15,7 @@ from broker import caps
 
 THREE = {"net_admin", "bpf", "net_raw"}
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("systemd-nspawn") is None,
-    reason="needs root and systemd-nspawn",
-)
+pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture(scope="module")
