@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from broker import activation, caps
+from broker.limits import raise_fd_limit
 from broker.loader import DEFAULT_PIN_ROOT, ensure_bpffs
 from broker.protocol import socket_path_from
 from broker.server import Broker, ServeConfig
@@ -27,6 +28,10 @@ def config_from(opts: argparse.Namespace) -> ServeConfig:
         pin_root=opts.pin_dir or DEFAULT_PIN_ROOT,
         state_dir=opts.state_dir or ServeConfig.state_dir,
         idle_exit=opts.idle_exit,
+        max_connections=opts.max_connections,
+        max_connections_per_uid=opts.max_connections_per_uid,
+        rate_per_uid=opts.rate_per_uid,
+        burst_per_uid=2 * opts.rate_per_uid,
     )
 
 
@@ -45,6 +50,7 @@ def main(opts: argparse.Namespace) -> int:
     activation.setup_logging(opts.verbose)
     config = config_from(opts)
     ensure_bpffs(config.pin_root)
+    raise_fd_limit()
     group = int(opts.group) if opts.group and opts.group.isdigit() else opts.group
     listener = activation.listening_socket(config.socket_path, group=group)
     caps.enter_least_privilege(opts.allow_root)

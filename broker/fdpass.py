@@ -75,6 +75,25 @@ def receive_reply(sock: socket.socket, max_fds: int) -> Datagram:
     return datagram
 
 
+def pending(sock: socket.socket, max_fds: int) -> Datagram | None:
+    """A reply already queued, without waiting: after a failed send, the broker may have
+    refused the connection (and closed it) with a reply the client has not read yet."""
+    ancsize = socket.CMSG_SPACE(max(max_fds, 1) * _INT_SIZE)
+    try:
+        data, ancdata, flags, _ = sock.recvmsg(
+            MAX_MESSAGE_BYTES + 1, ancsize, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+        )
+    except OSError:
+        return None
+    datagram = Datagram(
+        data, _collect_fds(ancdata), bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+    )
+    if not data or datagram.truncated:
+        close_all(datagram.fds)
+        return None
+    return datagram
+
+
 def send(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
     """Send one datagram with fds attached (the caller still owns and closes its fds)."""
     if fds:

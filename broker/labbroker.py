@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from broker.netlab import UNPRIVILEGED_GID, enter_netns
@@ -27,6 +28,18 @@ def public_tempdir(prefix: str = "xskt-") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
     return path
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, fail: bool = True) -> bool:
+    """Poll predicate until true; the broker's loop acts asynchronously to its clients."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            if fail:
+                raise AssertionError(f"condition not met within {timeout} s")
+            return False
+        time.sleep(0.02)
+    return True
 
 
 class BrokerProcess:
@@ -85,10 +98,8 @@ class BrokerProcess:
 
     def settled_fd_count(self, expected: int, timeout: float = 5.0) -> int:
         """The fd count once it reaches expected (closed peers are reaped in the loop)."""
-        deadline = time.monotonic() + timeout
-        while (count := self.fd_count()) != expected and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return count
+        wait_until(lambda: self.fd_count() == expected, timeout, fail=False)
+        return self.fd_count()
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Stop the process and return its exit status."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from broker import fdpass, netdev, xsk
 from broker.leases import Lease, LeaseTable, new_lease_id, process_start_time
+from broker.limits import UidLimits
 from broker.loader import DEFAULT_PIN_ROOT, Loader
 from broker.protocol import (
     BrokerError,
@@ -31,6 +32,7 @@ from broker.protocol import (
     NoSuchLease,
     Ping,
     QueueBusy,
+    RateLimited,
     Release,
     Request,
     StatusQuery,
@@ -55,7 +57,10 @@ class ServeConfig:
     pin_root: Path = DEFAULT_PIN_ROOT
     state_dir: Path | None = Path("/run/xsk-broker")
     idle_exit: float | None = None
-    max_connections: int = 512
+    max_connections: int = 1024
+    max_connections_per_uid: int = 128
+    rate_per_uid: float = 200.0
+    burst_per_uid: float = 400.0
     connection_deadline: float = 10.0
 
 
@@ -107,6 +112,11 @@ class Broker:
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
+        self.limits = UidLimits(
+            self.config.max_connections_per_uid,
+            self.config.rate_per_uid,
+            self.config.burst_per_uid,
+        )
         self.loader = Loader(self.config.pin_root)
         self.leases = LeaseTable(self.config.state_dir)
         self.selector = selectors.DefaultSelector()
@@ -165,23 +175,41 @@ class Broker:
         except (BlockingIOError, InterruptedError):
             return
         self.last_activity = time.monotonic()
-        if len(self.connections) >= self.config.max_connections:
-            with sock, contextlib.suppress(OSError):
-                fdpass.send(sock, encode_error(TooManyConnections("the broker is full")))
-            return
         try:
             peer, pidfd = peer_of(sock)
         except OSError:
             sock.close()
             return
+        refusal = self._connection_refusal(peer)
+        if refusal is not None:
+            os.close(pidfd)
+            with sock, contextlib.suppress(OSError):
+                fdpass.send(sock, encode_error(refusal))
+            return
+        self.limits.connected(peer.uid)
         sock.setblocking(False)
         deadline = time.monotonic() + self.config.connection_deadline
         self.connections[sock.fileno()] = Connection(sock, peer, pidfd, deadline)
         self.selector.register(sock, selectors.EVENT_READ, "conn")
 
+    def _connection_refusal(self, peer: Peer) -> BrokerError | None:
+        """Caps on open connections, overall and per uid, so idle hoarders cannot lock
+        everyone else out."""
+        if len(self.connections) >= self.config.max_connections:
+            return TooManyConnections(
+                f"the broker holds {len(self.connections)} connections; retry later"
+            )
+        if not self.limits.may_connect(peer.uid):
+            return TooManyConnections(
+                f"uid {peer.uid} already has {self.config.max_connections_per_uid} "
+                "connections open; close some"
+            )
+        return None
+
     def _drop(self, fd: int) -> None:
         conn = self.connections.pop(fd, None)
         if conn is not None:
+            self.limits.disconnected(conn.peer.uid)
             self.selector.unregister(conn.sock)
             conn.sock.close()
             os.close(conn.pidfd)
@@ -194,6 +222,18 @@ class Broker:
     def _readable(self, fd: int) -> None:
         conn = self.connections[fd]
         self.last_activity = time.monotonic()
+        if not self.limits.may_send(conn.peer.uid):
+            with contextlib.suppress(OSError):
+                fdpass.close_all(fdpass.receive(conn.sock, max_fds=0).fds)
+            limit = self.config.rate_per_uid
+            self._reply(
+                conn,
+                encode_error(
+                    RateLimited(f"uid {conn.peer.uid} sends more than {limit:g} messages a second")
+                ),
+            )
+            self._drop(fd)
+            return
         try:
             data = fdpass.receive_request(conn.sock)
         except BrokerError as error:

@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--group", help="group that may connect to the socket (mode 0660)")
     serve.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
     serve.add_argument("--allow-root", action="store_true", help="run as full root anyway")
+    serve.add_argument("--max-connections", type=int, default=1024, help="open at once")
+    serve.add_argument(
+        "--max-connections-per-uid", type=int, default=128, help="open at once per uid"
+    )
+    serve.add_argument(
+        "--rate-per-uid", type=float, default=200.0, help="messages a second per uid"
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
     serve.set_defaults(func=cmd_serve)
 

@@ -55,6 +55,19 @@ def lease_from_reply(payload: dict, fds: list[int], queues: int) -> Lease:
     return Lease(info, above_stdio(fds))
 
 
+def _refusal_or_raise(sock: socket.socket, max_fds: int, exc: OSError) -> fdpass.Datagram:
+    """The broker refuses some connections at accept (too many open) and closes them. Its
+    reply is then queued although the send or the first read failed: the kernel reports
+    ECONNRESET (our request went unread) before the datagrams still queued."""
+    datagram = fdpass.pending(sock, max_fds)
+    if datagram is None:
+        raise ProtocolViolation(
+            f"the broker closed the connection before the request was sent: {exc.strerror}",
+            errno=exc.errno,
+        ) from None
+    return datagram
+
+
 class Client:
     """Talks to one broker socket; every method is one request and one reply."""
 
@@ -77,9 +90,15 @@ class Client:
                 ) from None
             try:
                 fdpass.send(sock, encode_message(message))
-                datagram = fdpass.receive_reply(sock, max_fds)
-            except TimeoutError:
-                raise Timeout(f"no reply from the broker within {self.timeout} s") from None
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                datagram = _refusal_or_raise(sock, max_fds, exc)
+            else:
+                try:
+                    datagram = fdpass.receive_reply(sock, max_fds)
+                except TimeoutError:
+                    raise Timeout(f"no reply from the broker within {self.timeout} s") from None
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    datagram = _refusal_or_raise(sock, max_fds, exc)
         try:
             return decode_reply(datagram.data), datagram.fds
         except BaseException:

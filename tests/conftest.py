@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +79,19 @@ def broker4(lab4: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProc
     """A broker serving the `a` end of a fresh 4-queue veth lab."""
     with BrokerProcess(lab4.ns_a, pin_root, workdir) as proc:
         yield proc
+
+
+@pytest.fixture
+def broker_factory(
+    lab4: VethLab, pin_root: Path, workdir: Path
+) -> Iterator[Callable[..., tuple[BrokerProcess, VethLab]]]:
+    """Start a broker on lab4 with extra `serve` options; stopped at the end."""
+    started: list[BrokerProcess] = []
+
+    def start(*extra: str) -> tuple[BrokerProcess, VethLab]:
+        started.append(BrokerProcess(lab4.ns_a, pin_root, workdir, *extra).start())
+        return started[-1], lab4
+
+    yield start
+    for broker in started:
+        broker.stop()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import pytest
 
-from broker.labbroker import REPO, BrokerProcess
+from broker.labbroker import REPO, BrokerProcess, wait_until
 from broker.labtraffic import Capture, client_env, running_probe, send_to_queue
 from broker.netlab import VethLab, run, run_unprivileged, steer_queue
 from broker.protocol import QueueBusy
@@ -105,13 +104,6 @@ def test_request_execs_command_with_fds_above_stdio_in_queue_order(
     )
 
 
-def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
 def test_slots_free_and_stack_gets_traffic_after_consumer_exits(
     broker4: BrokerProcess, lab4: VethLab
 ) -> None:
@@ -123,7 +115,7 @@ def test_slots_free_and_stack_gets_traffic_after_consumer_exits(
             assert stack.frames(0.5) == [], "frames for a leased queue must not reach the stack"
         probe.proc.kill()
         probe.proc.wait()
-    wait_for(lambda: client.status()["leases"] == [])
+    wait_until(lambda: client.status()["leases"] == [])
     with Capture(lab4.a) as stack:
         send_to_queue(lab4.b, lab4.a, 1, "free", 4)
         assert len(stack.frames(3.0, want=4)) == 4
@@ -181,4 +173,4 @@ def test_restart_adopts_pinned_attachment_and_traffic_keeps_flowing(
             assert send_to_queue(lab4.b, lab4.a, queue, f"to-q={queue} up", 20) == 20
         result = probe.result()
     assert [q["received"] for q in result["queues"]] == [30, 30]
-    wait_for(lambda: broker4.client().status()["leases"] == [])
+    wait_until(lambda: broker4.client().status()["leases"] == [])

@@ -1,0 +1,180 @@
+"""Hostile clients: the parser never breaks, and one bad caller never hurts the others."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.labbroker import REPO, BrokerProcess, public_tempdir, wait_until
+from broker.labtraffic import client_env
+from broker.netlab import VethLab, run_unprivileged, spawn_unprivileged
+from broker.protocol import BrokerError, decode_message, encode_message
+from broker.protocol import Request as RequestMessage
+
+VALID = encode_message(RequestMessage("eth0", 2, 1, "native", "vm7", None, 1 << 20))
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=12,
+)
+
+
+def parses_or_refuses(data: bytes) -> None:
+    """The parser's whole contract: a typed message, or a BrokerError; nothing else."""
+    try:
+        decode_message(data)
+    except BrokerError as error:
+        assert error.code and error.message
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.binary(max_size=300))
+def test_parser_survives_arbitrary_bytes(data: bytes) -> None:
+    parses_or_refuses(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["version", "op", "ifname", "queues", "start_queue",
+                                        "mode", "tag", "consumer_pid", "umem_bytes", "x"]),
+                       json_values))  # fmt: skip
+def test_parser_survives_arbitrary_fields(body: dict) -> None:
+    parses_or_refuses(json.dumps(body).encode())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=6))
+def test_parser_survives_mutated_valid_messages(flips: list[tuple[int, int]]) -> None:
+    data = bytearray(VALID)
+    for index, value in flips:
+        data[index] = value
+    parses_or_refuses(bytes(data))
+
+
+ATTACKER = r"""
+import array, json, os, random, socket, sys, collections
+path, idle_count, garbage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def connect():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect(path)
+    return s
+idle = [connect() for _ in range(idle_count)]
+print("idle", flush=True)
+rng = random.Random(7)
+r, w = os.pipe()
+kinds = [
+    lambda: (rng.randbytes(rng.randint(1, 200)), []),
+    lambda: (b'{"version":1,"op":"request","ifname":"eth0","queues":', []),
+    lambda: (json.dumps({"version": 1, "op": "request", "ifname": 7, "queues": "x"}).encode(), []),
+    lambda: (json.dumps({"version": 1, "op": rng.choice(["x", "", None, 5])}).encode(), []),
+    lambda: (b"{" * 70000, []),
+    lambda: (b'{"version":1,"op":"ping"}', [r, w]),
+    lambda: (b'{"version":1,"op":"ping"}', [r] * 40),
+]
+codes = collections.Counter()
+conn = connect()
+for i in range(garbage):
+    data, fds = rng.choice(kinds)()
+    try:
+        if fds:
+            conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            conn.send(data)
+        reply = conn.recv(65536)
+    except OSError:
+        reply = b""
+    if not reply:
+        codes["closed"] += 1
+        conn.close()
+        conn = connect()
+        continue
+    body = json.loads(reply)
+    codes[body["error"]["code"] if not body["ok"] else "ok"] += 1
+print(json.dumps(codes), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.kernel
+def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
+    lab4: VethLab, pin_root: Path
+) -> None:
+    """500 idle connections and 10,000 malformed messages from one uid; root still served."""
+    workdir = public_tempdir()
+    limits = ("--max-connections-per-uid", "1000", "--rate-per-uid", "1000000")
+    with BrokerProcess(lab4.ns_a, pin_root, workdir, *limits) as broker:
+        client = broker.client()
+        with client.request(lab4.ifname_a, 4, umem_bytes=1 << 20) as lease:
+            client.release(lease.lease_id)  # the attachment's map and link fds stay
+        baseline = broker.settled_fd_count(broker.fd_count())
+        attacker = spawn_unprivileged(
+            [sys.executable, "-c", ATTACKER, str(broker.socket_path), "500", "10000"],
+            uid=61002, gid=61000, netns=lab4.ns_a, env=client_env(broker), cwd=str(REPO),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert attacker.stdout.readline().strip() == "idle", attacker.stderr.read()
+            wait_until(lambda: broker.fd_count() >= baseline + 1000)  # sockets and pidfds
+            for _ in range(20):
+                with client.request(lab4.ifname_a, 4, umem_bytes=1 << 20) as lease:
+                    assert len(lease.fds) == 4
+                client.release(lease.lease_id)
+            codes = json.loads(attacker.stdout.readline())
+        finally:
+            attacker.communicate("exit\n", timeout=30)
+        assert sum(codes.values()) == 10000
+        assert "closed" not in codes, codes
+        assert {"BAD_MESSAGE", "BAD_REQUEST", "UNKNOWN_OP", "MESSAGE_TOO_LARGE",
+                "FDS_REFUSED"} <= set(codes), codes  # fmt: skip
+        assert broker.settled_fd_count(baseline) == baseline
+        assert broker.proc.poll() is None
+
+
+@pytest.mark.kernel
+def test_connection_cap_per_uid_spares_other_uids(broker_factory) -> None:
+    broker, lab = broker_factory("--max-connections-per-uid", "4")
+    hog = spawn_unprivileged(
+        [sys.executable, "-c", ATTACKER, str(broker.socket_path), "4", "0"],
+        netns=lab.ns_a, env=client_env(broker), cwd=str(REPO),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert hog.stdout.readline().strip() == "idle"
+        refused = run_unprivileged(
+            [sys.executable, "-m", "client.cli", "ping"], netns=lab.ns_a,
+            env=client_env(broker), cwd=str(REPO),
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("TOO_MANY_CONNECTIONS: uid 61000 already has 4")
+        assert broker.client().ping()["broker"]
+    finally:
+        hog.communicate("exit\n", timeout=30)
+
+
+@pytest.mark.kernel
+def test_rate_limit_per_uid_spares_other_uids(broker_factory) -> None:
+    broker, lab = broker_factory("--rate-per-uid", "5")
+    flood = "\n".join(
+        [
+            "from client.sync import Client",
+            "from broker.protocol import RateLimited",
+            "limited = 0",
+            "for _ in range(40):",
+            "    try: Client().ping()",
+            "    except RateLimited: limited += 1",
+            "print(limited)",
+        ]
+    )
+    result = run_unprivileged(
+        [sys.executable, "-c", flood], netns=lab.ns_a, env=client_env(broker), cwd=str(REPO)
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) >= 20
+    assert broker.client().ping()["broker"]
