@@ -245,7 +245,9 @@ def setup_logging(verbose: bool = False) -> logging.Handler:
     for old in root.handlers[:]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.INFO)
+    # Only the broker's own debug lines: pyroute2's would flood the journal.
+    logging.getLogger(SYSLOG_IDENTIFIER).setLevel(logging.DEBUG if verbose else logging.INFO)
     return handler
 
 

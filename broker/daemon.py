@@ -17,7 +17,7 @@ from broker import activation, caps
 from broker.limits import raise_fd_limit
 from broker.loader import DEFAULT_PIN_ROOT, ensure_bpffs
 from broker.protocol import socket_path_from
-from broker.server import Broker, ServeConfig
+from broker.server import FDSTORE_PREFIX, Broker, ServeConfig
 
 log = logging.getLogger("xsk-broker")
 
@@ -35,12 +35,6 @@ def config_from(opts: argparse.Namespace) -> ServeConfig:
     )
 
 
-def status_line(broker: Broker) -> str:
-    """The one line `systemctl status` shows."""
-    attachments = ", ".join(f"{a.ifname}/{a.mode}" for a in broker.loader.attachments.values())
-    return f"{len(broker.leases.by_id)} lease(s); attached: {attachments or 'none'}"
-
-
 def _earliest(*timeouts: float | None) -> float | None:
     known = [t for t in timeouts if t is not None]
     return min(known) if known else None
@@ -52,10 +46,12 @@ def main(opts: argparse.Namespace) -> int:
     ensure_bpffs(config.pin_root)
     raise_fd_limit()
     group = int(opts.group) if opts.group and opts.group.isdigit() else opts.group
-    listener = activation.listening_socket(config.socket_path, group=group)
+    inherited = activation.inherited_fds()
+    listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
     caps.enter_least_privilege(opts.allow_root)
     notifier = activation.Notifier()
-    broker = Broker(config, listener, on_change=lambda b: notifier.status(status_line(b)))
+    stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
+    broker = Broker(config, listener, notifier=notifier, stored_fds=stored)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         broker.running = False

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import select
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,12 +90,15 @@ class LeaseTable:
             if lease.info.extra.get("consumer_uid") == consumer_uid
         )
 
-    def restore(self) -> list[LeaseInfo]:
+    def restore(self, stored_pidfds: dict[str, int] | None = None) -> list[LeaseInfo]:
         """Replay the journal of an earlier broker; returns the leases that ended meanwhile.
 
-        A lease whose consumer exited (or whose pid now names another process) is ended.
-        The journal is then rewritten to hold just the live leases.
+        stored_pidfds (by lease id) are the earlier broker's own pidfds, kept in systemd's
+        fd store: they cannot be fooled by pid reuse. Without one, the pid is re-opened and
+        its start time checked. A lease whose consumer exited is ended. The journal is then
+        rewritten to hold just the live leases.
         """
+        stored = dict(stored_pidfds or {})
         records: dict[str, dict] = {}
         for entry in self._read_journal():
             if "add" in entry:
@@ -104,11 +108,15 @@ class LeaseTable:
         ended: list[LeaseInfo] = []
         for record in records.values():
             info = LeaseInfo.from_wire(record["add"])
-            pidfd = _reopen(info.consumer_pid, record["start_time"])
+            pidfd = _alive(stored.pop(info.lease_id, None))
+            if pidfd is None:
+                pidfd = _reopen(info.consumer_pid, record["start_time"])
             if pidfd is None:
                 ended.append(info)
             else:
                 self._index(Lease(info, pidfd, record["start_time"]))
+        for fd in stored.values():
+            os.close(fd)
         self._compact()
         return ended
 
@@ -153,6 +161,18 @@ class LeaseTable:
         tmp.write_text("".join(lines))
         os.replace(tmp, self.state_path)
         self._journal = os.open(self.state_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+
+def _alive(pidfd: int | None) -> int | None:
+    """pidfd if its process still runs (a pidfd turns readable when the process exits)."""
+    if pidfd is None:
+        return None
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    if poller.poll(0):
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def _reopen(pid: int, start_time: int) -> int | None:

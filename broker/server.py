@@ -13,11 +13,11 @@ import selectors
 import socket
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from broker import fdpass, netdev, xsk
+from broker.activation import Notifier, log_event
 from broker.leases import Lease, LeaseTable, new_lease_id, process_start_time
 from broker.limits import UidLimits
 from broker.loader import DEFAULT_PIN_ROOT, Loader
@@ -44,6 +44,8 @@ from broker.protocol import (
 )
 
 log = logging.getLogger("xsk-broker")
+# Lease pidfds parked in systemd's fd store survive a restart of the service.
+FDSTORE_PREFIX = "lease-"
 SO_PEERGROUPS = 59
 SO_PEERPIDFD = 77
 VERSION = "0.1.0"
@@ -107,9 +109,9 @@ class Broker:
     listener: socket.socket
     loader: Loader = field(init=False)
     leases: LeaseTable = field(init=False)
+    notifier: Notifier = field(default_factory=Notifier)
+    stored_fds: dict[str, int] = field(default_factory=dict)
     connections: dict[int, Connection] = field(default_factory=dict)
-    on_change: Callable[[Broker], None] | None = None
-    started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.limits = UidLimits(
@@ -129,10 +131,17 @@ class Broker:
             self.config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         for attachment in self.loader.adopt_all():
             log.info("adopted %s", attachment.describe())
-        for info in self.leases.restore():
-            log.info("lease %s ended while the broker was down", info.lease_id)
-        for lease in self.leases.by_id.values():
+        pidfds = {n.removeprefix(FDSTORE_PREFIX): fd for n, fd in self.stored_fds.items()}
+        for info in self.leases.restore(pidfds):
+            self._audit("expired", info, "consumer exited while the broker was down")
+        for name in set(self.stored_fds) - {FDSTORE_PREFIX + i for i in self.leases.by_id}:
+            self.notifier.remove_fds(name)
+        for lease in list(self.leases.by_id.values()):
             self.selector.register(lease.pidfd, selectors.EVENT_READ, "pidfd")
+            if lease.info.ifindex not in self.loader.attachments:
+                self._end_lease(
+                    lease, "expired", "its interface vanished while the broker was down"
+                )
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, "listen")
         self._changed()
@@ -259,11 +268,15 @@ class Broker:
             fdpass.close_all(fds or [])
 
     def _handle(self, conn: Connection, data: bytes) -> tuple[bytes, list[int]]:
+        message: Message | None = None
         try:
             message = decode_message(data)
             return self._dispatch(conn, message)
         except BrokerError as error:
-            log.info("refused uid=%d pid=%d: %s", conn.peer.uid, conn.peer.pid, error)
+            if isinstance(message, Request):
+                self._audit_refusal(conn, message, error)
+            else:
+                log.debug("refused uid=%d pid=%d: %s", conn.peer.uid, conn.peer.pid, error)
             return encode_error(error), []
         except Exception as exc:
             log.exception("internal error")
@@ -334,16 +347,8 @@ class Broker:
         )
         self.leases.add(Lease(info, pidfd, start_time))
         self.selector.register(pidfd, selectors.EVENT_READ, "pidfd")
-        log.info(
-            "granted lease %s: %s queues %s (%s) to pid %d uid %d for consumer %d",
-            info.lease_id,
-            info.ifname,
-            info.queue_ids,
-            info.mode,
-            conn.peer.pid,
-            conn.peer.uid,
-            consumer_pid,
-        )
+        self.notifier.store_fds(FDSTORE_PREFIX + info.lease_id, [pidfd])
+        self._audit("granted", info, f"{info.mode} mode")
         self._changed()
         payload = {"lease": asdict(info), "netdev_template": netdev_template(info)}
         return encode_reply("request", payload), fds
@@ -354,7 +359,7 @@ class Broker:
             raise NoSuchLease(f"no live lease has id {message.lease_id!r}")
         if conn.peer.uid not in (0, lease.info.uid):
             raise Denied(f"lease {message.lease_id} belongs to uid {lease.info.uid}")
-        self._end_lease(lease, "released")
+        self._end_lease(lease, "released", f"released by uid {conn.peer.uid}")
         return encode_reply("release", {"lease_id": message.lease_id}), []
 
     def _detach(self, conn: Connection, message: Detach) -> tuple[bytes, list[int]]:
@@ -370,27 +375,72 @@ class Broker:
                 + "); stop their consumers or pass --force"
             )
         for lease in live:
-            self._end_lease(lease, f"ended: {message.ifname} detached by uid {conn.peer.uid}")
+            self._end_lease(lease, "revoked", f"{message.ifname} detached by uid {conn.peer.uid}")
         attached = ifindex in self.loader.attachments or self.loader.adopt_one(ifindex)
         self.loader.detach(ifindex)
-        log.info("detached %s (uid %d)", message.ifname, conn.peer.uid)
+        log_event(
+            log,
+            f"detached {message.ifname}",
+            event="detached",
+            interface=message.ifname,
+            uid=conn.peer.uid,
+            pid=conn.peer.pid,
+        )
         self._changed()
         return encode_reply("detach", {"ifname": message.ifname, "was_attached": attached}), []
 
-    def _end_lease(self, lease: Lease, reason: str) -> None:
+    def _end_lease(self, lease: Lease, event: str, reason: str) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(lease.pidfd)
         self.leases.end(lease.info.lease_id)
-        log.info("lease %s %s", lease.info.lease_id, reason)
+        self.notifier.remove_fds(FDSTORE_PREFIX + lease.info.lease_id)
+        self._audit(event, lease.info, reason)
         self._changed()
 
     def _consumer_exited(self, pidfd: int) -> None:
         for lease in self.leases.by_pidfd(pidfd):
-            self._end_lease(lease, f"expired: consumer pid {lease.info.consumer_pid} exited")
+            self._end_lease(lease, "expired", f"consumer pid {lease.info.consumer_pid} exited")
+
+    def _audit(self, event: str, info: LeaseInfo, reason: str) -> None:
+        """One structured line per decision (journal fields; key=value on stderr)."""
+        log_event(
+            log,
+            f"{event} lease {info.lease_id}: {info.ifname} queues {info.queue_ids} "
+            f"for pid {info.consumer_pid} ({reason})",
+            event=event,
+            lease=info.lease_id,
+            interface=info.ifname,
+            queues=info.queue_ids,
+            uid=info.uid,
+            pid=info.pid,
+            consumer_pid=info.consumer_pid,
+            tag=info.tag or "",
+            reason=reason,
+        )
+
+    def _audit_refusal(self, conn: Connection, request: Request, error: BrokerError) -> None:
+        queues = list(range(request.start_queue, request.start_queue + request.queues))
+        log_event(
+            log,
+            f"denied {request.ifname} queues {queues} to uid {conn.peer.uid}: {error}",
+            event="denied",
+            interface=request.ifname,
+            queues=queues,
+            uid=conn.peer.uid,
+            pid=conn.peer.pid,
+            consumer_pid=request.consumer_pid or conn.peer.pid,
+            tag=request.tag or "",
+            code=error.code,
+            reason=error.message,
+        )
 
     def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self)
+        self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        """The one line `systemctl status` shows."""
+        attachments = ", ".join(f"{a.ifname}/{a.mode}" for a in self.loader.attachments.values())
+        return f"{len(self.leases.by_id)} lease(s); attached: {attachments or 'none'}"
 
     def status(self) -> dict:
         return {

@@ -174,3 +174,20 @@ def test_restart_adopts_pinned_attachment_and_traffic_keeps_flowing(
         result = probe.result()
     assert [q["received"] for q in result["queues"]] == [30, 30]
     wait_until(lambda: broker4.client().status()["leases"] == [])
+
+
+def test_every_decision_is_audited_once_with_fields(broker4: BrokerProcess, lab4: VethLab) -> None:
+    with running_probe(broker4, lab4.ifname_a, 2, "--tag", "vm7") as probe:
+        with pytest.raises(QueueBusy):
+            broker4.client().request(lab4.ifname_a, 1, 1, tag="intruder")
+        probe.proc.kill()
+        probe.proc.wait()
+    wait_until(lambda: "event=expired" in broker4.log())
+    lines = [line for line in broker4.log().splitlines() if " event=" in line]
+    events = [line.split(" event=")[1].split()[0] for line in lines]
+    assert events == ["granted", "denied", "expired"], lines
+    granted, denied, expired = lines
+    for field in (f"interface={lab4.ifname_a}", "queues=0,1", "uid=61000", "tag=vm7"):
+        assert field in granted and field in expired, field
+    assert f"consumer_pid={probe.proc.pid}" in granted
+    assert "code=QUEUE_BUSY" in denied and "queues=1" in denied and "tag=intruder" in denied
