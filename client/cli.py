@@ -24,6 +24,12 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
+class UsageError(BrokerError):
+    """The command line itself is wrong; exit status 2 like argparse's own errors."""
+
+    code = "USAGE"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line with a code like every other error."""
 
@@ -67,7 +73,7 @@ def substitute(args: Sequence[str], lease: Lease, netdev_id: str) -> list[str]:
 def cmd_request(opts: argparse.Namespace) -> int:
     """Get sockets, then become COMMAND with them inherited (so the lease follows it)."""
     if not opts.command:
-        raise BrokerError("give the command to run after --, e.g. -- qemu-system-x86_64 ...")
+        raise UsageError("give the command to run after --, e.g. -- qemu-system-x86_64 ...")
     lease = Client(opts.socket).request(
         opts.ifname, opts.queues, opts.start_queue, opts.mode, opts.tag, None, opts.umem_bytes
     )
@@ -172,6 +178,30 @@ def cmd_detach(opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_units(opts: argparse.Namespace) -> int:
+    """Put units, polkit actions and examples in place; print what makes them live."""
+    from broker import units
+
+    exec_path = opts.exec_path or os.path.abspath(sys.argv[0])
+    try:
+        written = units.install_units(Path(opts.prefix), exec_path)
+    except (OSError, ValueError) as exc:
+        raise BrokerError(f"cannot install units under {opts.prefix}: {exc}") from None
+    if opts.json:
+        print(
+            json.dumps(
+                {
+                    "installed": [str(p) for p in written],
+                    "then": [" ".join(c) for c in units.POST_INSTALL],
+                }
+            )
+        )
+    else:
+        print("\n".join(str(p) for p in written))
+        print("then run:\n  " + "\n  ".join(" ".join(c) for c in units.POST_INSTALL))
+    return 0
+
+
 def cmd_demo(opts: argparse.Namespace) -> int:
     from client import demo
 
@@ -243,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--force", action="store_true", help="even with live leases (ends them)")
     det.set_defaults(func=cmd_detach)
 
+    ins = sub.add_parser(
+        "install-units", help="install the systemd units, polkit actions, examples"
+    )
+    _add_json(ins)
+    ins.add_argument("--prefix", default="/", help="root to install under (default /)")
+    ins.add_argument("--exec-path", help="ExecStart= path (default: this xsk-broker)")
+    ins.set_defaults(func=cmd_install_units)
+
     dmo = sub.add_parser(
         "demo", help="the whole product on a private veth pair (root; cleans up after itself)"
     )
@@ -267,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(opts)
     except BrokerError as error:
         print(f"{error.code}: {error.message}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
     except KeyboardInterrupt:
         print("INTERRUPTED: stopped by the user", file=sys.stderr)
         return 130

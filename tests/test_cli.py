@@ -1,0 +1,64 @@
+"""The command-line contract launch scripts rely on: exit codes, one-line coded errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.labbroker import REPO, BrokerProcess
+
+
+def xsk(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "client.cli", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+
+
+def test_usage_error_is_one_coded_line_with_exit_2() -> None:
+    result = xsk("request", "--queues", "2")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("USAGE: ")
+
+
+@pytest.mark.parametrize("command", [["ping"], ["status", "--json"], ["detach", "--ifname", "x"]])
+def test_unreachable_broker_is_one_coded_line_with_exit_1(tmp_path: Path, command: list) -> None:
+    result = xsk(*command, "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(
+        f"BROKER_UNREACHABLE: cannot connect to the broker at {tmp_path}"
+    )
+
+
+def test_socket_comes_from_the_environment(tmp_path: Path) -> None:
+    env = {**os.environ, "XSK_BROKER_SOCKET": str(tmp_path / "env.sock")}
+    result = xsk("ping", env=env)
+    assert result.returncode == 1 and "env.sock" in result.stderr
+
+
+@pytest.mark.kernel
+def test_status_json_and_request_without_command(broker4: BrokerProcess) -> None:
+    status = xsk("status", "--json", "--socket", str(broker4.socket_path))
+    assert status.returncode == 0
+    assert set(json.loads(status.stdout)) == {"broker", "attachments", "leases"}
+    missing = xsk(
+        "request", "--ifname", "lo", "--queues", "1", "--socket", str(broker4.socket_path)
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("USAGE: give the command")
+
+
+def test_install_units_points_execstart_at_the_given_path(tmp_path: Path) -> None:
+    result = xsk("install-units", "--prefix", str(tmp_path), "--exec-path", "/opt/x/xsk-broker",
+                 "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    installed = json.loads(result.stdout)["installed"]
+    service = tmp_path / "usr/lib/systemd/system/xsk-broker.service"
+    assert str(service) in installed
+    assert "ExecStart=/opt/x/xsk-broker serve" in service.read_text()
