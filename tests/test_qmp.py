@@ -57,6 +57,15 @@ class Qemu:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def quiet_fd_count(self) -> int:
+        """The fd count once it has not changed for 100 ms (a QMP connection just closed)."""
+        count, since = self.fd_count(), time.monotonic()
+        while time.monotonic() - since < 0.1:
+            time.sleep(0.01)
+            if self.fd_count() != count:
+                count, since = self.fd_count(), time.monotonic()
+        return count
+
     def settled_fd_count(self, expected: int) -> int:
         """The fd count once QEMU's main loop has closed a just-ended QMP connection."""
         deadline = time.monotonic() + 2
@@ -100,6 +109,9 @@ def start_qemu(directory: Path, *extra: str) -> Qemu:
 def qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
     vm = start_qemu(tmp_path_factory.mktemp("qemu"))
     try:
+        # One QMP round trip first: QEMU opens more fds until its main loop serves QMP,
+        # and each test compares against a baseline taken after that.
+        asyncio.run(qmp_run(vm.qmp_path, "query-status"))
         yield vm
     finally:
         vm.proc.kill()
@@ -147,7 +159,7 @@ def test_device_spec_becomes_device_add_arguments() -> None:
 
 
 def test_hotplug_sends_each_fd_and_rolls_back_when_netdev_add_fails(qemu: Qemu) -> None:
-    baseline = qemu.fd_count()
+    baseline = qemu.quiet_fd_count()
     lease = xsk_lease([2, 3, 4])
     names = fd_names("hp1", lease.queue_ids)
     with lease, pytest.raises(QmpError) as caught:
@@ -281,7 +293,7 @@ def test_validator_reads_qemus_own_schema_as_qemu_does(
 
 def test_attach_with_a_real_lease_rolls_back_and_ends_it(broker: BrokerEnv, qemu: Qemu) -> None:  # noqa: F811
     """Broker lease for QEMU (pid from SO_PEERCRED), getfd, netdev_add fails, all undone."""
-    baseline = qemu.fd_count()
+    baseline = qemu.quiet_fd_count()
 
     async def scenario() -> tuple[QmpError, list[dict]]:
         with pytest.raises(QmpError) as caught:
