@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.netlab import UNPRIVILEGED_GID, enter_netns
@@ -40,6 +41,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, fail: bool =
             return False
         time.sleep(0.02)
     return True
+
+
+@dataclass(frozen=True)
+class BrokerEnv:
+    """What a test needs to reach a running lab broker."""
+
+    socket_path: str
+    ifname: str
+    netns: str
+    log: Path
 
 
 class BrokerProcess:

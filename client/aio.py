@@ -19,7 +19,6 @@ from broker.protocol import (
     BrokerUnreachable,
     Message,
     Ping,
-    ProtocolViolation,
     Release,
     Request,
     StatusQuery,
@@ -29,7 +28,7 @@ from broker.protocol import (
     socket_path_from,
 )
 from client.lease import Lease
-from client.sync import lease_from_reply
+from client.sync import lease_from_reply, refusal_or_raise
 
 
 async def _readable(sock: socket.socket) -> None:
@@ -64,10 +63,7 @@ class AsyncClient:
             except TimeoutError:
                 raise Timeout(f"no reply from the broker within {self.timeout} s") from None
             except (BrokenPipeError, ConnectionResetError) as exc:
-                raise ProtocolViolation(
-                    f"the broker dropped the connection without replying: {exc.strerror}",
-                    errno=exc.errno,
-                ) from None
+                datagram = refusal_or_raise(sock, max_fds, exc)
         try:
             return decode_reply(datagram.data), datagram.fds
         except BaseException:

@@ -178,6 +178,54 @@ def cmd_detach(opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attach(opts: argparse.Namespace) -> int:
+    """Hot-plug an AF_XDP NIC into a running QEMU over QMP (QEMU becomes the consumer)."""
+    from client import qmp
+
+    result = qmp.attach_nic(
+        opts.qmp,
+        opts.ifname,
+        opts.queues,
+        opts.id,
+        start_queue=opts.start_queue,
+        mode=opts.mode,
+        device=None if opts.device == "none" else opts.device,
+        tag=opts.tag,
+        socket_path=opts.socket,
+    )
+    report = {
+        "netdev_id": result.netdev_id,
+        "device_id": result.device_id,
+        "fd_names": result.fd_names,
+        "netdev_add": result.netdev_args,
+        "lease_id": result.lease.lease_id,
+        "mode": result.lease.mode,
+        "queue_ids": result.lease.queue_ids,
+    }
+    if opts.json:
+        print(json.dumps(report))
+    else:
+        device = f", device {result.device_id}" if result.device_id else ""
+        print(
+            f"attached netdev {result.netdev_id}{device}: {result.lease.ifname} queues "
+            f"{result.lease.queue_ids} ({result.lease.mode}), lease {result.lease.lease_id}"
+        )
+    return 0
+
+
+def cmd_detach_nic(opts: argparse.Namespace) -> int:
+    from client import qmp
+
+    result = qmp.detach_nic(opts.qmp, opts.id)
+    if opts.json:
+        print(json.dumps(result.__dict__))
+    else:
+        released = "released" if result.device_released else "not acknowledged by the guest"
+        device = f"device {released}" if result.device_found else "no device"
+        print(f"{opts.id}: {device}, netdev {'removed' if result.netdev_removed else 'absent'}")
+    return 0
+
+
 def cmd_install_units(opts: argparse.Namespace) -> int:
     """Put units, polkit actions and examples in place; print what makes them live."""
     from broker import units
@@ -272,6 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--ifname", required=True)
     det.add_argument("--force", action="store_true", help="even with live leases (ends them)")
     det.set_defaults(func=cmd_detach)
+
+    att = sub.add_parser("attach", help="hot-plug an AF_XDP NIC into a running QEMU over QMP")
+    _add_socket(att)
+    _add_json(att)
+    _add_lease_args(att)
+    att.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
+    att.add_argument("--id", required=True, help="netdev id (the device gets ID-dev)")
+    att.add_argument(
+        "--device", default="virtio-net-pci", help="device_add driver[,opts], or 'none'"
+    )
+    att.set_defaults(func=cmd_attach)
+
+    dnic = sub.add_parser("detach-nic", help="remove a hot-plugged NIC (device and netdev)")
+    _add_json(dnic)
+    dnic.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
+    dnic.add_argument("--id", required=True, help="netdev id given to attach")
+    dnic.set_defaults(func=cmd_detach_nic)
 
     ins = sub.add_parser(
         "install-units", help="install the systemd units, polkit actions, examples"

@@ -55,7 +55,7 @@ def lease_from_reply(payload: dict, fds: list[int], queues: int) -> Lease:
     return Lease(info, above_stdio(fds))
 
 
-def _refusal_or_raise(sock: socket.socket, max_fds: int, exc: OSError) -> fdpass.Datagram:
+def refusal_or_raise(sock: socket.socket, max_fds: int, exc: OSError) -> fdpass.Datagram:
     """The broker refuses some connections at accept (too many open) and closes them. Its
     reply is then queued although the send or the first read failed: the kernel reports
     ECONNRESET (our request went unread) before the datagrams still queued."""
@@ -91,14 +91,14 @@ class Client:
             try:
                 fdpass.send(sock, encode_message(message))
             except (BrokenPipeError, ConnectionResetError) as exc:
-                datagram = _refusal_or_raise(sock, max_fds, exc)
+                datagram = refusal_or_raise(sock, max_fds, exc)
             else:
                 try:
                     datagram = fdpass.receive_reply(sock, max_fds)
                 except TimeoutError:
                     raise Timeout(f"no reply from the broker within {self.timeout} s") from None
                 except (BrokenPipeError, ConnectionResetError) as exc:
-                    datagram = _refusal_or_raise(sock, max_fds, exc)
+                    datagram = refusal_or_raise(sock, max_fds, exc)
         try:
             return decode_reply(datagram.data), datagram.fds
         except BaseException:
@@ -128,18 +128,24 @@ class Client:
         payload, fds = self.call(message, max_fds=queues)
         return lease_from_reply(payload, fds, queues)
 
+    def call_no_fds(self, message: Message) -> dict:
+        """call() for replies that carry no fds; any the broker sent anyway are closed."""
+        payload, fds = self.call(message)
+        fdpass.close_all(fds)
+        return payload
+
     def status(self) -> dict:
-        return self.call(StatusQuery())[0]
+        return self.call_no_fds(StatusQuery())
 
     def ping(self) -> dict:
-        return self.call(Ping())[0]
+        return self.call_no_fds(Ping())
 
     def release(self, lease_id: str) -> None:
-        self.call(Release(lease_id))
+        self.call_no_fds(Release(lease_id))
 
     def detach(self, ifname: str, force: bool = False) -> dict:
         """Take the program off ifname (admin); live leases refuse it unless force."""
-        return self.call(Detach(ifname, force))[0]
+        return self.call_no_fds(Detach(ifname, force))
 
 
 def request(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.labbroker import BrokerProcess, public_tempdir
+from broker.labbroker import BrokerEnv, BrokerProcess, public_tempdir
 from broker.netlab import VethLab, bpffs
 
 STRICT = os.environ.get("XSKT_STRICT") == "1"
@@ -95,3 +95,17 @@ def broker_factory(
     yield start
     for broker in started:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(bpf_root: Path) -> Iterator[BrokerEnv]:
+    """One broker on a 64-queue veth for the whole session (tests use distinct queues)."""
+    workdir = public_tempdir()
+    try:
+        with (
+            VethLab(queues=64) as lab,
+            BrokerProcess(lab.ns_a, bpf_root / "shared", workdir) as proc,
+        ):
+            yield BrokerEnv(str(proc.socket_path), lab.ifname_a, lab.ns_a, proc.log_path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

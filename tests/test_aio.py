@@ -1,6 +1,6 @@
 """AsyncClient against a real broker (`xsk-broker serve`) on a veth in a private netns.
 
-The `broker` fixture here is also used by test_qmp.py and test_examples.py.
+The `broker` fixture (conftest.py) is one 64-queue broker shared by the session.
 """
 
 from __future__ import annotations
@@ -10,15 +10,12 @@ import errno
 import os
 import socket
 import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from broker.labbroker import BrokerEnv
 from broker.protocol import (
     BadQueues,
     BadRequest,
@@ -33,97 +30,8 @@ from broker.protocol import (
 )
 from client.aio import AsyncClient
 
-REPO = Path(__file__).resolve().parent.parent
 AF_XDP = 44
 QUEUES = 64
-
-
-@dataclass(frozen=True)
-class BrokerEnv:
-    socket_path: str
-    ifname: str
-    netns: str
-    log: Path
-
-
-def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerEnv]:
-    """`xsk-broker serve` in its own netns owning veth xa (64 queues), own bpffs and state."""
-    base = tmp_path_factory.mktemp("broker")
-    netns = f"xskt-{uuid.uuid4().hex[:10]}"
-    bpffs = base / "bpf"
-    bpffs.mkdir()
-    sock = base / "broker.sock"
-    log = base / "serve.log"
-    _run("ip", "netns", "add", netns)
-    proc = None
-    try:
-        _run(
-            "ip",
-            "-n",
-            netns,
-            "link",
-            "add",
-            "xa",
-            "numrxqueues",
-            str(QUEUES),
-            "numtxqueues",
-            str(QUEUES),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "xb",
-            "numrxqueues",
-            str(QUEUES),
-            "numtxqueues",
-            str(QUEUES),
-        )
-        _run("ip", "-n", netns, "link", "set", "xa", "up")
-        _run("ip", "-n", netns, "link", "set", "xb", "up")
-        _run("mount", "-t", "bpf", "bpf", str(bpffs))
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                [
-                    "nsenter",
-                    f"--net=/run/netns/{netns}",
-                    sys.executable,
-                    "-m",
-                    "client.cli",
-                    "serve",
-                    "--socket",
-                    str(sock),
-                    "--pin-dir",
-                    str(bpffs / "pins"),
-                    "--state-dir",
-                    str(base / "state"),
-                    "--allow-root",
-                ],
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert proc.poll() is None, f"broker exited: {log.read_text()}"
-            assert time.monotonic() < deadline, f"broker did not start: {log.read_text()}"
-            time.sleep(0.02)
-        yield BrokerEnv(str(sock), "xa", netns, log)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        subprocess.run(["umount", str(bpffs)], capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
 
 
 def test_fifty_concurrent_requests_from_one_loop(broker: BrokerEnv) -> None:

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_aio import REPO, BrokerEnv, broker  # noqa: F401  (the shared broker fixture)
 
+from broker.labbroker import REPO, BrokerEnv
 from broker.protocol import QEMU_UMEM_BYTES
 from client.sync import Client
 
@@ -29,7 +29,7 @@ NO_AFXDP = "Parameter 'type' does not accept value 'af-xdp'"
 
 
 @pytest.fixture
-def env(tmp_path: Path, broker: BrokerEnv) -> dict[str, str]:  # noqa: F811
+def env(tmp_path: Path, broker: BrokerEnv) -> dict[str, str]:
     """An environment with `xsk-broker` on PATH and the test broker as the default socket."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -49,7 +49,7 @@ def report(env: dict[str, str]) -> dict:
     return json.loads(Path(env["FAKE_QEMU_REPORT"]).read_text())
 
 
-def assert_lease_ends(broker: BrokerEnv, tag: str) -> None:  # noqa: F811
+def assert_lease_ends(broker: BrokerEnv, tag: str) -> None:
     """The consumer has exited, so the broker ends its lease (pidfd readable)."""
     deadline = time.monotonic() + 5
     while any(x["tag"] == tag for x in Client(broker.socket_path).status()["leases"]):
@@ -57,7 +57,7 @@ def assert_lease_ends(broker: BrokerEnv, tag: str) -> None:  # noqa: F811
         time.sleep(0.02)
 
 
-def test_launch_vm_sh(env: dict[str, str], broker: BrokerEnv) -> None:  # noqa: F811
+def test_launch_vm_sh(env: dict[str, str], broker: BrokerEnv) -> None:
     run = subprocess.run(
         [EXAMPLES / "launch-vm.sh", broker.ifname, "2", "-drive", "file=vm.qcow2,if=virtio"],
         env={**env, "QEMU": str(FAKE_QEMU)},
@@ -93,7 +93,7 @@ def exec_start(settings: dict[str, list[str]], instance: str, conf: dict[str, st
     return [re.sub(r"\$\{(\w+)\}", lambda m: variables[m.group(1)], w) for w in words]
 
 
-def test_vm_service_unit(env: dict[str, str], broker: BrokerEnv, tmp_path: Path) -> None:  # noqa: F811
+def test_vm_service_unit(env: dict[str, str], broker: BrokerEnv, tmp_path: Path) -> None:
     unit = EXAMPLES / "vm@.service"
     settings = unit_settings(unit)
     assert settings["SupplementaryGroups"] == ["xsk-broker"]
@@ -128,7 +128,7 @@ def test_vm_service_unit(env: dict[str, str], broker: BrokerEnv, tmp_path: Path)
     assert_lease_ends(broker, "vm-t1")
 
 
-def test_vm_manager_py(env: dict[str, str], broker: BrokerEnv) -> None:  # noqa: F811
+def test_vm_manager_py(env: dict[str, str], broker: BrokerEnv) -> None:
     """First NIC inherited (checked by fake-qemu), second hot-plugged over real QMP."""
     run = subprocess.run(
         [sys.executable, EXAMPLES / "vm_manager.py", broker.ifname, "--qemu", str(FAKE_QEMU), "-S"],

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +21,8 @@ from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
-from test_aio import BrokerEnv, broker  # noqa: F401  (fixture shared with test_examples)
 
+from broker.labbroker import REPO, BrokerEnv
 from broker.protocol import LeaseInfo
 from client.aio import AsyncClient
 from client.lease import Lease
@@ -291,7 +293,7 @@ def test_validator_reads_qemus_own_schema_as_qemu_does(
     assert ours == theirs == accepted
 
 
-def test_attach_with_a_real_lease_rolls_back_and_ends_it(broker: BrokerEnv, qemu: Qemu) -> None:  # noqa: F811
+def test_attach_with_a_real_lease_rolls_back_and_ends_it(broker: BrokerEnv, qemu: Qemu) -> None:
     """Broker lease for QEMU (pid from SO_PEERCRED), getfd, netdev_add fails, all undone."""
     baseline = qemu.quiet_fd_count()
 
@@ -316,7 +318,7 @@ def test_attach_with_a_real_lease_rolls_back_and_ends_it(broker: BrokerEnv, qemu
     assert qemu.settled_fd_count(baseline) == baseline
 
 
-def test_attach_makes_qemu_the_consumer(broker: BrokerEnv, qemu: Qemu) -> None:  # noqa: F811
+def test_attach_makes_qemu_the_consumer(broker: BrokerEnv, qemu: Qemu) -> None:
     """While the hot-plug runs the lease names QEMU's pid, not ours."""
 
     async def scenario() -> dict:
@@ -347,3 +349,24 @@ def test_qmp_client_may_be_shared_with_a_vm_manager(qemu: Qemu) -> None:
             await client.disconnect()
 
     assert asyncio.run(scenario()) == NO_AFXDP
+
+
+def test_cli_attach_reports_qemus_error_verbatim_and_ends_the_lease(
+    broker: BrokerEnv, qemu: Qemu
+) -> None:
+    argv = [sys.executable, "-m", "client.cli", "attach", "--qmp", qemu.qmp_path,
+            "--socket", broker.socket_path, "--ifname", broker.ifname, "--queues", "2",
+            "--start-queue", "20", "--id", "cli1", "--tag", "cli-attach"]  # fmt: skip
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("QMP_ERROR: Parameter 'type' does not accept value 'af-xdp'")
+    assert result.stderr.count("\n") == 1
+    leases = asyncio.run(AsyncClient(broker.socket_path).status())["leases"]
+    assert not [lease for lease in leases if lease["tag"] == "cli-attach"]
+    gone = subprocess.run(
+        [sys.executable, "-m", "client.cli", "detach-nic", "--qmp", qemu.qmp_path, "--id", "cli1",
+         "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert gone.returncode == 1
+    assert gone.stderr == "QMP_ERROR: QEMU has neither a netdev 'cli1' nor a device 'cli1-dev'\n"
