@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 
+from broker.labbroker import REPO
 from broker.linkwatch import LinkEvent, LinkWatch, dump_links
-from broker.netlab import VethLab, in_netns, run
+from broker.netlab import VethLab, in_netns, run, run_unprivileged
 
 pytestmark = pytest.mark.kernel
 
@@ -106,3 +109,16 @@ def test_overflow_is_resynchronised_from_a_dump(lab: VethLab) -> None:
         assert set(replayed.values()) == {"lo", lab.ifname_a} | {
             name for pair in pairs[5:15] for name in pair
         }
+
+
+def test_works_without_any_capability(lab: VethLab) -> None:
+    """Subscribing and dumping need no privilege, so it works after the broker drops its caps."""
+    script = (
+        "import json; from broker.linkwatch import LinkWatch\n"
+        "with LinkWatch() as w: print(json.dumps(sorted(w.links.values())))"
+    )
+    result = run_unprivileged(
+        [sys.executable, "-c", script], netns=lab.ns_a, env={"PYTHONPATH": str(REPO)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == sorted(["lo", lab.ifname_a])
