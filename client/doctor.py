@@ -241,12 +241,18 @@ def check_policy(policy_path: str | None) -> Check:
         return Check(
             "policy", False, exc.message, f"edit it; `xsk-broker policy check {path}` to retry"
         )
-    return Check(
-        "policy",
-        True,
+    counted = (
         f"{path}: {len(policy.allow)} allow, {len(policy.deny)} deny rule(s) "
-        f"in {len(policy.files)} file(s)",
+        f"in {len(policy.files)} file(s)"
     )
+    if not policy.allow:
+        return Check(
+            "policy",
+            False,
+            f"{counted}: nothing is allowed, so every request is denied",
+            "add an [[allow]] rule for the users or groups that run consumers",
+        )
+    return Check("policy", True, counted)
 
 
 def check_memlock(pid: int, queues: int, held_bytes: int = 0) -> Check:

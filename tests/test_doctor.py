@@ -149,3 +149,27 @@ def test_kernels_without_xdp_links_are_named() -> None:
     old = check_xdp_links("5.4.0-150-generic")
     assert not old.ok and old.fix == "upgrade to Linux 5.9 or later"
     assert check_xdp_links("5.9.0").ok
+
+
+@pytest.mark.parametrize(
+    ("text", "ok", "detail"),
+    [
+        ("[[allow]\n", False, ":1: "),
+        ("", False, ": 0 allow, 0 deny rule(s) in 1 file(s): nothing is allowed"),
+        (
+            '[[allow]]\nusers = [61000]\n[[deny]]\ngroups = ["*"]\ninterfaces = ["eth0"]\n',
+            True,
+            ": 1 allow, 1 deny rule(s) in 1 file(s)",
+        ),
+    ],
+    ids=["broken", "empty", "valid"],
+)
+def test_policy_file_is_loaded_as_the_broker_would(
+    workdir: Path, text: str, ok: bool, detail: str
+) -> None:
+    pytest.importorskip("broker.policy", reason="doctor checks policies once broker.policy exists")
+    path = workdir / "policy.toml"
+    path.write_text(text)
+    check = by_name(run_checks(str(workdir / "none.sock"), str(path), None, 1))["policy"]
+    assert check.ok == ok
+    assert check.detail.startswith(str(path)) and detail in check.detail, check.detail
