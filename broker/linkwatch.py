@@ -125,9 +125,8 @@ class LinkWatch:
     `overflows` counts the times events were lost and the links dumped again instead.
     """
 
-    overflows: int = 0
-
     def __init__(self) -> None:
+        self.overflows = 0
         self._sock = _netlink_socket()
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
