@@ -20,6 +20,7 @@ from broker import fdpass, netdev, xsk
 from broker.activation import Notifier, log_event
 from broker.leases import Lease, LeaseTable, new_lease_id, process_start_time
 from broker.limits import UidLimits
+from broker.linkwatch import LinkWatch
 from broker.loader import DEFAULT_PIN_ROOT, Loader
 from broker.protocol import (
     BrokerError,
@@ -124,6 +125,7 @@ class Broker:
         self.selector = selectors.DefaultSelector()
         self.running = True
         self.last_activity = time.monotonic()
+        self.linkwatch: LinkWatch | None = None
 
     def start(self) -> None:
         """Adopt pinned attachments and the previous broker's leases before serving."""
@@ -142,6 +144,8 @@ class Broker:
                 self._end_lease(
                     lease, "expired", "its interface vanished while the broker was down"
                 )
+        self.linkwatch = LinkWatch()
+        self.selector.register(self.linkwatch, selectors.EVENT_READ, "links")
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, "listen")
         self._changed()
@@ -152,6 +156,8 @@ class Broker:
                 self._accept()
             elif key.data == "pidfd":
                 self._consumer_exited(key.fd)
+            elif key.data == "links":
+                self._links_changed()
             else:
                 self._readable(key.fd)
         self._expire_connections()
@@ -162,6 +168,8 @@ class Broker:
         self.leases.close()
         self.loader.close()
         self.selector.close()
+        if self.linkwatch is not None:
+            self.linkwatch.close()
 
     def next_timeout(self) -> float | None:
         now = time.monotonic()
@@ -396,6 +404,26 @@ class Broker:
         self.notifier.remove_fds(FDSTORE_PREFIX + lease.info.lease_id)
         self._audit(event, lease.info, reason)
         self._changed()
+
+    def _links_changed(self) -> None:
+        """An interface went away: its link is already detached by the kernel; end its
+        leases and remove its pins, so that a new interface starts clean."""
+        assert self.linkwatch is not None
+        for event in self.linkwatch.drain():
+            if event.kind != "removed":
+                continue
+            for lease in list(self.leases.by_id.values()):
+                if lease.info.ifindex == event.ifindex:
+                    self._end_lease(lease, "expired", f"interface {event.ifname} was removed")
+            if event.ifindex in self.loader.attachments:
+                log_event(
+                    log,
+                    f"{event.ifname} removed: attachment and pins dropped",
+                    event="detached",
+                    interface=event.ifname,
+                )
+            self.loader.forget(event.ifindex)
+            self._changed()
 
     def _consumer_exited(self, pidfd: int) -> None:
         for lease in self.leases.by_pidfd(pidfd):

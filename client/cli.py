@@ -226,6 +226,12 @@ def cmd_detach_nic(opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(opts: argparse.Namespace) -> int:
+    from client.doctor import doctor_main
+
+    return doctor_main(opts)
+
+
 def cmd_install_units(opts: argparse.Namespace) -> int:
     """Put units, polkit actions and examples in place; print what makes them live."""
     from broker import units
@@ -337,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     dnic.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
     dnic.add_argument("--id", required=True, help="netdev id given to attach")
     dnic.set_defaults(func=cmd_detach_nic)
+
+    doc = sub.add_parser("doctor", help="check kernel, bpffs, broker, socket, policy, memlock")
+    _add_socket(doc)
+    _add_json(doc)
+    doc.add_argument("--policy", help="policy file to check (default the broker's)")
+    doc.add_argument("--pid", type=int, help="consumer pid whose memlock limit to check")
+    doc.add_argument("--queues", type=int, default=1, help="queues that consumer would take")
+    doc.set_defaults(func=cmd_doctor)
 
     ins = sub.add_parser(
         "install-units", help="install the systemd units, polkit actions, examples"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.labbroker import REPO, BrokerProcess
+from broker.labbroker import REPO, BrokerProcess, wait_until
 from broker.labtraffic import client_env, running_probe
 from broker.loader import netns_key
 from broker.netlab import VethLab, in_netns, run, run_unprivileged
@@ -86,3 +86,22 @@ def test_broker_mounts_bpffs_when_none_is_mounted() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"before": False, "after": True, "dir": True}
+
+
+def test_removed_interface_ends_its_leases_and_pins_and_a_new_one_works(
+    broker4: BrokerProcess, lab4: VethLab, pin_root: Path
+) -> None:
+    client = broker4.client()
+    with running_probe(broker4, lab4.ifname_a, 2, "--tag", "doomed"):
+        assert pins_of(lab4, pin_root)
+        run(["ip", "-n", lab4.ns_a, "link", "del", lab4.ifname_a])
+        wait_until(lambda: client.status()["leases"] == [])
+    assert pins_of(lab4, pin_root) == []
+    assert client.status()["attachments"] == []
+    queues = ["numrxqueues", "4", "numtxqueues", "4"]
+    run(["ip", "-n", lab4.ns_a, "link", "add", lab4.ifname_a, *queues, "type", "veth",
+         "peer", "name", lab4.ifname_b, "netns", lab4.ns_b, *queues])  # fmt: skip
+    run(["ip", "-n", lab4.ns_a, "link", "set", lab4.ifname_a, "up"])
+    with client.request(lab4.ifname_a, 4, umem_bytes=1 << 20) as lease:
+        assert lease.queue_ids == [0, 1, 2, 3] and xdp_of(lab4)
+    assert "event=expired" in broker4.log() and "was removed" in broker4.log()
