@@ -15,4 +15,7 @@ lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
 bench: setup
-	.venv/bin/python bench/request_latency.py
+	.venv/bin/python -m bench.request_latency
+	.venv/bin/python -m bench.hostile_load
+	.venv/bin/python -m bench.cold_start
+	.venv/bin/python -m bench.memory

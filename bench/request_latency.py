@@ -43,10 +43,13 @@ def timed(action: Callable[[], None], rounds: int) -> list[float]:
     return samples
 
 
-def warm_request(client: Client, ifname: str, queues: int, rounds: int) -> list[float]:
+def warm_request(
+    client: Client, ifname: str, queues: int, rounds: int, pause: float = 0.0
+) -> list[float]:
     """Request, then close and release outside the timing, so the queues are free again."""
     samples = []
     for _ in range(rounds):
+        time.sleep(pause)
         started = time.perf_counter()
         lease = client.request(ifname, queues, umem_bytes=1 << 20)
         samples.append(time.perf_counter() - started)
@@ -104,7 +107,7 @@ def main() -> int:
     with (
         VethLab(queues=64) as lab,
         bpffs() as pins,
-        BrokerProcess(lab.ns_a, pins / "pins", workdir) as broker,
+        BrokerProcess(lab.ns_a, pins / "pins", workdir, "--rate-per-uid", "1e6") as broker,
     ):
         results["first_request_fresh_interface"] = percentiles(first_request(broker, lab.ns_a, 5))
         client = broker.client()
