@@ -1,0 +1,575 @@
+"""Who may have which AF_XDP sockets: the policy file and its decisions.
+
+A brokered socket is raw access to a network interface, so nothing is allowed unless an
+allow rule says so, and a matching deny rule always wins (as in qemu-bridge-helper's ACL).
+Identity comes from the kernel (SO_PEERCRED, SO_PEERGROUPS), never from the request.
+
+The file is TOML, parsed once into frozen dataclasses. Loading is all-or-nothing: any
+problem in any included file raises PolicyError naming the file, line and reason, so the
+server can keep the policy it has. Decisions are pure functions of the loaded policy and
+what the server tells them; every denial names the rule outcome.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import glob
+import grp
+import os
+import pwd
+import re
+import stat
+import sys
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from broker.protocol import MAX_QUEUES_PER_LEASE, BadRequest, BrokerError, Denied, Request
+
+DEFAULT_POLICY_PATH = Path("/etc/xsk-broker/policy.toml")
+REQUEST_ACTION = "org.xsk-broker.request"
+ADMIN_ACTION = "org.xsk-broker.admin"
+ADMIN_OPS = ("revoke", "detach")
+RULE_MODES = ("native", "skb")
+EVERYONE = "*"
+
+
+class PolicyError(BrokerError):
+    """The policy file cannot be used; file and line say where, reason says why."""
+
+    code: ClassVar[str] = "BAD_POLICY"
+    default_errno: ClassVar[int] = errno.EINVAL
+
+    def __init__(self, file: Path, line: int | None, reason: str) -> None:
+        where = f"{file}:{line}" if line else str(file)
+        super().__init__(f"{where}: {reason}", details={"file": str(file), "line": line})
+        self.file = file
+        self.line = line
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The process asking, as the kernel reports it (SO_PEERCRED and SO_PEERGROUPS)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    pid: int
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an allow rule granted, and what the server must still do before acting on it.
+
+    modes: the XDP modes the program may be attached in for this lease (a request for
+    "auto" may use any of them). polkit_action: when set, the server must ask polkit for
+    this action and refuse unless it says yes. raise_memlock: the server may raise the
+    consumer's RLIMIT_MEMLOCK (memlock.ensure(..., may_raise=True)).
+    """
+
+    rule: str
+    modes: tuple[str, ...]
+    polkit_action: str | None
+    raise_memlock: bool
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One [[allow]] or [[deny]] table; deny rules use only the identity and interfaces."""
+
+    kind: str
+    name: str
+    file: Path
+    line: int | None
+    users: frozenset[int]
+    groups: frozenset[int]
+    everyone: bool
+    interfaces: tuple[str, ...] = (EVERYONE,)
+    queues: tuple[tuple[int, int], ...] = ((0, sys.maxsize),)
+    max_queues_per_lease: int = MAX_QUEUES_PER_LEASE
+    max_queues_per_uid: int | None = None
+    modes: tuple[str, ...] = RULE_MODES
+    other_consumers: bool = False
+    polkit: bool = False
+    admin: bool = False
+    raise_memlock: bool = False
+
+    @property
+    def label(self) -> str:
+        where = f"{self.file.name}:{self.line}" if self.line else self.file.name
+        return f"{self.kind} rule {self.name} ({where})"
+
+    def identity_match(self, caller: Caller) -> str | None:
+        """What about the caller this rule matches ("uid 1000", "group 27"), or None."""
+        if self.everyone:
+            return "everyone"
+        if caller.uid in self.users:
+            return f"uid {caller.uid}"
+        for gid in (caller.gid, *caller.groups):
+            if gid in self.groups:
+                return f"group {gid}"
+        return None
+
+    def covers(self, ifname: str | None) -> bool:
+        """Whether the rule speaks about ifname (None: an operation on no one interface)."""
+        if ifname is None:
+            return EVERYONE in self.interfaces
+        return any(fnmatch.fnmatchcase(ifname, pattern) for pattern in self.interfaces)
+
+    def refusal(
+        self, request: Request, caller: Caller, queues_held_by_uid: int, consumer_uid: int
+    ) -> str | None:
+        """Why this (identity-matching) allow rule does not grant request, or None."""
+        first, last = request.start_queue, request.start_queue + request.queues - 1
+        if not self.covers(request.ifname):
+            return f"interface {request.ifname} is not in {', '.join(self.interfaces)}"
+        if not any(lo <= first and last <= hi for lo, hi in self.queues):
+            return f"queues {first}-{last} are not within {_ranges(self.queues)}"
+        if request.queues > self.max_queues_per_lease:
+            return f"{request.queues} queues exceed its {self.max_queues_per_lease} per lease"
+        if (
+            self.max_queues_per_uid is not None
+            and queues_held_by_uid + request.queues > self.max_queues_per_uid
+        ):
+            return (
+                f"uid {caller.uid} holds {queues_held_by_uid} queues; {request.queues} more "
+                f"exceed its {self.max_queues_per_uid} per uid"
+            )
+        if request.mode != "auto" and request.mode not in self.modes:
+            return f"mode {request.mode} is not in {', '.join(self.modes)}"
+        if consumer_uid != caller.uid and not self.other_consumers:
+            return (
+                f"the consumer runs as uid {consumer_uid}, not as the caller's uid "
+                f"{caller.uid}, and the rule has no other_consumers = true"
+            )
+        return None
+
+    def grant(self, modes: tuple[str, ...], action: str) -> Grant:
+        return Grant(self.label, modes, action if self.polkit else None, self.raise_memlock)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded policy: the top file, every file it drew in, and the rules in file order."""
+
+    path: Path
+    files: tuple[Path, ...]
+    deny: tuple[Rule, ...]
+    allow: tuple[Rule, ...]
+
+    @classmethod
+    def load(cls, path: Path | str = DEFAULT_POLICY_PATH) -> Policy:
+        """Parse path and its includes; PolicyError on any problem, and then nothing is used."""
+        loader = _Loader()
+        top = Path(path).absolute()
+        loader.load(top, ())
+        return cls(top, tuple(loader.files), tuple(loader.deny), tuple(loader.allow))
+
+    def authorize(
+        self, caller: Caller, request: Request, *, queues_held_by_uid: int, consumer_uid: int
+    ) -> Grant:
+        """Grant request or raise Denied naming the rule outcome.
+
+        queues_held_by_uid: queues in the live leases the caller's uid requested.
+        consumer_uid: the real uid of the process the sockets are for (caller's if the same).
+        The first allow rule (in file order, includes after the including file) that
+        permits the whole request decides the Grant.
+        """
+        self._check_deny(caller, request.ifname)
+        reasons = []
+        for rule in self._allowing(caller):
+            why = rule.refusal(request, caller, queues_held_by_uid, consumer_uid)
+            if why is None:
+                modes = rule.modes if request.mode == "auto" else (request.mode,)
+                return rule.grant(modes, REQUEST_ACTION)
+            reasons.append(f"{rule.label}: {why}")
+        raise Denied(f"{describe(caller)}: " + "; ".join(reasons))
+
+    def authorize_admin(self, caller: Caller, op: str, *, ifname: str | None = None) -> Grant:
+        """Grant an admin op (revoke, detach) on ifname, or raise Denied naming the outcome."""
+        if op not in ADMIN_OPS:
+            raise BadRequest(f"admin op {op!r} is not one of {', '.join(ADMIN_OPS)}")
+        self._check_deny(caller, ifname)
+        for rule in self._allowing(caller):
+            if rule.admin and rule.covers(ifname):
+                return rule.grant((), ADMIN_ACTION)
+        target = f" on {ifname}" if ifname else ""
+        raise Denied(f"{describe(caller)} matches no allow rule with admin = true for {op}{target}")
+
+    def _check_deny(self, caller: Caller, ifname: str | None) -> None:
+        for rule in self.deny:
+            matched = rule.identity_match(caller)
+            if matched and (ifname is None or rule.covers(ifname)):
+                raise Denied(f"{rule.label} matches {matched}", details={"rule": rule.label})
+
+    def _allowing(self, caller: Caller) -> list[Rule]:
+        rules = [rule for rule in self.allow if rule.identity_match(caller)]
+        if not rules:
+            raise Denied(f"{describe(caller)} matches no allow rule in {self.path}")
+        return rules
+
+
+def describe(caller: Caller) -> str:
+    """'uid 1000 (alice)': the number is the truth, the name helps the reader."""
+    try:
+        return f"uid {caller.uid} ({pwd.getpwuid(caller.uid).pw_name})"
+    except KeyError:
+        return f"uid {caller.uid}"
+
+
+def _group(gid: int) -> str:
+    try:
+        return f"{gid} ({grp.getgrgid(gid).gr_name})"
+    except KeyError:
+        return str(gid)
+
+
+def _ranges(ranges: Iterable[tuple[int, int]]) -> str:
+    return ", ".join(
+        f"{lo}" if lo == hi else f"{lo}-" if hi == sys.maxsize else f"{lo}-{hi}"
+        for lo, hi in ranges
+    )
+
+
+class _Source:
+    """One policy file's text, to point errors at the line of a table or key."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def error(self, reason: str, line: int | None = None) -> PolicyError:
+        return PolicyError(self.path, line, reason)
+
+    def table_line(self, kind: str, index: int) -> int | None:
+        """Line of the index-th [[kind]] header."""
+        header = re.compile(rf"^\s*\[\[\s*{kind}\s*\]\]")
+        seen = -1
+        for number, line in enumerate(self.lines, 1):
+            if header.match(line):
+                seen += 1
+                if seen == index:
+                    return number
+        return None
+
+    def key_line(self, key: str, after: int | None = None) -> int | None:
+        """Line of `key =` at top level (after=None) or in the table starting at line after."""
+        assignment = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+        for number in range(after or 1, len(self.lines) + 1):
+            line = self.lines[number - 1]
+            if number != after and line.lstrip().startswith("["):
+                break
+            if assignment.match(line):
+                return number
+        return after
+
+
+class _Loader:
+    """Reads a policy file and its includes depth-first, each file once."""
+
+    def __init__(self) -> None:
+        self.files: list[Path] = []
+        self.deny: list[Rule] = []
+        self.allow: list[Rule] = []
+
+    def load(self, path: Path, stack: tuple[Path, ...]) -> None:
+        real = path.resolve()
+        if real in stack:
+            chain = " -> ".join(str(p) for p in (*stack, real))
+            raise PolicyError(stack[-1], None, f"include loop: {chain}")
+        if real in self.files:
+            return
+        source = _Source(path, _read(path))
+        try:
+            body = tomllib.loads("\n".join(source.lines))
+        except tomllib.TOMLDecodeError as exc:
+            found = re.search(r"at line (\d+)", str(exc))
+            line = int(found.group(1)) if found else len(source.lines) or None
+            raise source.error(str(exc), line) from None
+        self.files.append(real)
+        for key in body:
+            if key not in ("include", "allow", "deny"):
+                raise source.error(
+                    f"unknown key {key!r} (known: include, allow, deny)", source.key_line(key)
+                )
+        for kind in ("deny", "allow"):
+            tables = body.get(kind, [])
+            if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+                raise source.error(f"{kind} must be [[{kind}]] tables", source.key_line(kind))
+            rules = self.deny if kind == "deny" else self.allow
+            rules.extend(_Rule(source, kind, i, table).build() for i, table in enumerate(tables))
+        for included in _includes(source, body.get("include", [])):
+            self.load(included, (*stack, real))
+
+
+def _read(path: Path) -> str:
+    """The file's text, refusing files that others than root or the broker could change."""
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            data = f.read()
+    except OSError as exc:
+        raise PolicyError(path, None, f"cannot read: {exc.strerror}") from None
+    if info.st_uid not in (0, os.geteuid()):
+        raise PolicyError(path, None, f"is owned by uid {info.st_uid}, not by root")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PolicyError(path, None, "is writable by group or others")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PolicyError(path, line, f"is not UTF-8: {exc.reason}") from None
+
+
+def _includes(source: _Source, value: Any) -> list[Path]:
+    """include = ["file.toml", "dir/*.toml"], relative to the including file's directory."""
+    line = source.key_line("include")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise source.error("include must be a list of file names or glob patterns", line)
+    found = []
+    for entry in value:
+        pattern = source.path.parent / entry
+        if glob.has_magic(entry):
+            found.extend(sorted(Path(p) for p in glob.glob(str(pattern))))
+        elif pattern.exists():
+            found.append(pattern)
+        else:
+            raise source.error(f"included file {pattern} does not exist", line)
+    return found
+
+
+class _Rule:
+    """Turns one [[allow]]/[[deny]] table into a Rule, pointing errors at the right line."""
+
+    ALLOW_KEYS = frozenset(
+        (
+            "name",
+            "users",
+            "groups",
+            "interfaces",
+            "queues",
+            "max_queues_per_lease",
+            "max_queues_per_uid",
+            "modes",
+            "other_consumers",
+            "polkit",
+            "admin",
+            "raise_memlock",
+        )
+    )
+    DENY_KEYS = frozenset(("name", "users", "groups", "interfaces"))
+
+    def __init__(self, source: _Source, kind: str, index: int, table: dict) -> None:
+        self.source = source
+        self.kind = kind
+        self.table = table
+        self.line = source.table_line(kind, index)
+        self.index = index
+
+    def fail(self, key: str, reason: str) -> PolicyError:
+        return self.source.error(
+            f"{self.kind} rule: {key}: {reason}", self.source.key_line(key, self.line)
+        )
+
+    def build(self) -> Rule:
+        known = self.ALLOW_KEYS if self.kind == "allow" else self.DENY_KEYS
+        for key in self.table:
+            if key not in known:
+                raise self.fail(
+                    key, f"unknown key (known in [[{self.kind}]]: {', '.join(sorted(known))})"
+                )
+        users, everyone_u = self.ids("users", _uid_of)
+        groups, everyone_g = self.ids("groups", _gid_of)
+        if not (users or groups or everyone_u or everyone_g):
+            raise self.source.error(
+                f'{self.kind} rule matches nobody: give users or groups ("*" for everyone)',
+                self.line,
+            )
+        name = self.table.get("name", f"#{self.index + 1}")
+        if not isinstance(name, str) or not name:
+            raise self.fail("name", "must be a non-empty string")
+        common = dict(
+            kind=self.kind,
+            name=repr(name) if "name" in self.table else name,
+            file=self.source.path,
+            line=self.line,
+            users=frozenset(users),
+            groups=frozenset(groups),
+            everyone=everyone_u or everyone_g,
+            interfaces=self.strings("interfaces", (EVERYONE,), _check_pattern),
+        )
+        if self.kind == "deny":
+            return Rule(**common)
+        return Rule(
+            **common,
+            queues=self.queue_ranges(),
+            max_queues_per_lease=self.count("max_queues_per_lease", MAX_QUEUES_PER_LEASE),
+            max_queues_per_uid=self.count("max_queues_per_uid", None),
+            modes=self.strings("modes", RULE_MODES, _check_mode),
+            other_consumers=self.flag("other_consumers"),
+            polkit=self.flag("polkit"),
+            admin=self.flag("admin"),
+            raise_memlock=self.flag("raise_memlock"),
+        )
+
+    def ids(self, key: str, resolve: Any) -> tuple[set[int], bool]:
+        """Numeric ids and names resolved now: a name that does not exist is an error."""
+        values = self.table.get(key, [])
+        if not isinstance(values, list):
+            raise self.fail(key, 'must be a list of names, numbers or "*"')
+        ids, everyone = set(), False
+        for value in values:
+            if value == EVERYONE:
+                everyone = True
+            elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
+                ids.add(value)
+            elif isinstance(value, str) and value:
+                try:
+                    ids.add(resolve(value))
+                except KeyError:
+                    raise self.fail(key, f"{value!r} does not exist") from None
+            else:
+                raise self.fail(key, f'{value!r} is not a name, a number or "*"')
+        return ids, everyone
+
+    def strings(self, key: str, default: tuple[str, ...], check: Any) -> tuple[str, ...]:
+        values = self.table.get(key, list(default))
+        if not isinstance(values, list) or not values:
+            raise self.fail(key, "must be a non-empty list of strings")
+        for value in values:
+            reason = check(value)
+            if reason:
+                raise self.fail(key, reason)
+        return tuple(values)
+
+    def queue_ranges(self) -> tuple[tuple[int, int], ...]:
+        """queues = [0, "4-7", "8-"]: single queues and inclusive ranges; default all."""
+        values = self.table.get("queues", ["0-"])
+        if not isinstance(values, list) or not values:
+            raise self.fail("queues", 'must be a non-empty list like [0, "2-5", "8-"]')
+        ranges = []
+        for value in values:
+            parsed = _queue_range(value)
+            if parsed is None:
+                raise self.fail("queues", f'{value!r} is not a queue number or range like "2-5"')
+            ranges.append(parsed)
+        return tuple(ranges)
+
+    def count(self, key: str, default: int | None) -> int | None:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise self.fail(key, f"must be a positive whole number, got {value!r}")
+        if key == "max_queues_per_lease" and value > MAX_QUEUES_PER_LEASE:
+            raise self.fail(key, f"must be at most {MAX_QUEUES_PER_LEASE}, got {value}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self.table.get(key, False)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+
+def _uid_of(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid_of(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
+
+
+def _check_pattern(value: Any) -> str | None:
+    if not isinstance(value, str) or not value or len(value) > 64:
+        return f"{value!r} is not an interface name pattern"
+    return None
+
+
+def _check_mode(value: Any) -> str | None:
+    if value not in RULE_MODES:
+        return f"{value!r} is not one of {', '.join(RULE_MODES)}"
+    return None
+
+
+def _queue_range(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value) if value >= 0 else None
+    found = re.fullmatch(r"\s*(\d+)\s*-\s*(\d*)\s*", value) if isinstance(value, str) else None
+    if not found:
+        return None
+    lo, hi = int(found.group(1)), int(found.group(2)) if found.group(2) else sys.maxsize
+    return (lo, hi) if lo <= hi else None
+
+
+def explain(policy: Policy, caller: Caller) -> str:
+    """What caller may do under policy, rule by rule, for `xsk-broker policy check --as`."""
+    gids = ", ".join(_group(gid) for gid in dict.fromkeys((caller.gid, *caller.groups)))
+    lines = [
+        f"policy {policy.path} ({len(policy.files)} file(s), {len(policy.allow)} allow and "
+        f"{len(policy.deny)} deny rule(s))",
+        f"caller {describe(caller)}, groups {gids}",
+    ]
+    for rule in policy.deny:
+        matched = rule.identity_match(caller)
+        if matched:
+            lines.append(
+                f"DENIED by {rule.label} (matches {matched}) on interfaces "
+                f"{', '.join(rule.interfaces)}; deny rules win over any allow rule"
+            )
+    allowing = [rule for rule in policy.allow if rule.identity_match(caller)]
+    if not allowing:
+        lines.append("no allow rule matches: everything is denied (deny by default)")
+    for rule in allowing:
+        per_uid = rule.max_queues_per_uid or "unlimited"
+        lines += [
+            f"{rule.label} matches {rule.identity_match(caller)}:",
+            f"  interfaces {', '.join(rule.interfaces)}; queues {_ranges(rule.queues)}",
+            f"  at most {rule.max_queues_per_lease} queue(s) per lease, {per_uid} per uid",
+            f"  modes {', '.join(rule.modes)}",
+            "  consumers of any uid" if rule.other_consumers else "  consumers of its own uid only",
+            f"  polkit must also agree ({REQUEST_ACTION})" if rule.polkit else "  polkit not asked",
+            f"  admin ops ({', '.join(ADMIN_OPS)}): {'yes' if rule.admin else 'no'}",
+            f"  broker may raise RLIMIT_MEMLOCK: {'yes' if rule.raise_memlock else 'no'}",
+        ]
+    if allowing:
+        lines.append("the first of these that permits a whole request decides it")
+    return "\n".join(lines)
+
+
+def caller_for_user(user: str) -> Caller:
+    """A Caller as the kernel would report a process of user (name or uid) started by login."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if not user.isdigit():
+            raise
+        return Caller(int(user), int(user), (), 0)
+    groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    return Caller(entry.pw_uid, entry.pw_gid, tuple(g for g in groups if g != entry.pw_gid), 0)
+
+
+def policy_check_main(path: Path | str | None, as_user: str | None) -> int:
+    """`xsk-broker policy check [FILE] [--as USER]`: 0 valid, 1 broken file, 2 unknown user."""
+    try:
+        policy = Policy.load(path or DEFAULT_POLICY_PATH)
+    except PolicyError as exc:
+        print(f"xsk-broker: policy is broken: {exc.message}", file=sys.stderr)
+        return 1
+    if as_user is None:
+        files = ", ".join(str(f) for f in policy.files)
+        print(
+            f"policy OK: {len(policy.allow)} allow and {len(policy.deny)} deny rule(s) in {files}"
+        )
+        return 0
+    try:
+        caller = caller_for_user(as_user)
+    except KeyError:
+        print(f"xsk-broker: no such user: {as_user}", file=sys.stderr)
+        return 2
+    print(explain(policy, caller))
+    return 0
