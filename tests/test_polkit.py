@@ -1,0 +1,144 @@
+"""polkit delegation against a real dbus-daemon and a real polkitd (tests/polkit_env.py).
+
+polkitd runs the project's example rules: group xsk-users may request veth*/xdp-* queues,
+xsk-admins may use admin ops, everyone else gets nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+
+import pytest
+from polkit_env import USERS, PolkitEnv, gid_of, missing_prerequisites, polkit_env
+
+from broker import polkit
+from broker.policy import ADMIN_ACTION, REQUEST_ACTION, Caller, Policy
+from broker.protocol import ConsumerGone, Denied, Request
+
+pytestmark = pytest.mark.skipif(
+    missing_prerequisites() is not None, reason=str(missing_prerequisites())
+)
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[PolkitEnv]:
+    with polkit_env() as running:
+        yield running
+
+
+@pytest.fixture
+def process_of() -> Iterator[Callable[[str], subprocess.Popen]]:
+    """Real processes running as a test user with that user's primary gid."""
+    children: list[subprocess.Popen] = []
+
+    def start(user: str) -> subprocess.Popen:
+        uid = USERS[user][0]
+        child = subprocess.Popen(["sleep", "60"], user=uid, group=gid_of(user), extra_groups=[])
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+        child.wait()
+
+
+def _check(env: PolkitEnv, child: subprocess.Popen, user: str, action: str, details: dict):
+    subject = polkit.subject_of(child.pid, USERS[user][0])
+    return polkit.check(subject, action, details, bus_address=env.bus_address)
+
+
+def _details(ifname: str, queues: int = 2) -> dict[str, str]:
+    return polkit.request_details(Request(ifname, queues), 4242, 61001)
+
+
+def test_granted_group_is_granted(env, process_of) -> None:
+    child = process_of("xsktest-user")
+    granted = _check(env, child, "xsktest-user", REQUEST_ACTION, _details("veth0"))
+    assert granted.action_id == REQUEST_ACTION
+
+
+def test_other_group_is_denied(env, process_of) -> None:
+    child = process_of("xsktest-other")
+    with pytest.raises(Denied, match=rf"polkit denies {REQUEST_ACTION} to pid {child.pid}"):
+        _check(env, child, "xsktest-other", REQUEST_ACTION, _details("veth0"))
+
+
+def test_rules_see_the_details(env, process_of) -> None:
+    """The example rule allows only veth*/xdp-* and at most 4 queues."""
+    child = process_of("xsktest-user")
+    for details in (_details("eth0"), _details("veth0", queues=5)):
+        with pytest.raises(Denied, match="polkit denies"):
+            _check(env, child, "xsktest-user", REQUEST_ACTION, details)
+
+
+def test_admin_action(env, process_of) -> None:
+    admin, user = process_of("xsktest-admin"), process_of("xsktest-user")
+    details = {"op": "revoke", "lease_id": "l-1", "interface": "veth0"}
+    _check(env, admin, "xsktest-admin", ADMIN_ACTION, details)
+    with pytest.raises(Denied):
+        _check(env, user, "xsktest-user", ADMIN_ACTION, details)
+
+
+def test_recycled_pid_is_refused(env, process_of) -> None:
+    """A start time that does not match the process under that pid is what pid reuse
+    looks like to polkitd; it refuses rather than judging the new process."""
+    child = process_of("xsktest-user")
+    subject = polkit.subject_of(child.pid, USERS["xsktest-user"][0])
+    stale = polkit.Subject(subject.pid, subject.start_time + 1, subject.uid)
+    with pytest.raises(Denied, match="has been replaced"):
+        polkit.check(stale, REQUEST_ACTION, _details("veth0"), bus_address=env.bus_address)
+
+
+def test_subject_read_through_a_dead_pidfd_is_refused(process_of) -> None:
+    child = process_of("xsktest-user")
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.kill()
+        child.wait()
+        with pytest.raises(ConsumerGone):
+            polkit.subject_of(os.getpid(), 0, pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def test_policy_delegates_and_polkit_decides(env, process_of, tmp_path) -> None:
+    """The server's path: the policy grant names the polkit action, polkit answers it."""
+    path = tmp_path / "policy.toml"
+    path.write_text("[[allow]]\ngroups = [61001, 61002]\npolkit = true\n")
+    policy = Policy.load(path)
+    for user, allowed in (("xsktest-user", True), ("xsktest-other", False)):
+        child = process_of(user)
+        uid = USERS[user][0]
+        caller = Caller(uid, gid_of(user), (), child.pid)
+        request = Request("veth0", 2)
+        grant = policy.authorize(caller, request, queues_held_by_uid=0, consumer_uid=uid)
+        assert grant.polkit_action == REQUEST_ACTION
+        subject = polkit.subject_of(caller.pid, caller.uid)
+        details = polkit.request_details(request, child.pid, uid)
+        if allowed:
+            polkit.check(subject, grant.polkit_action, details, bus_address=env.bus_address)
+        else:
+            with pytest.raises(Denied):
+                polkit.check(subject, grant.polkit_action, details, bus_address=env.bus_address)
+
+
+def test_stopped_polkitd_means_denied_with_reason(env, process_of) -> None:
+    child = process_of("xsktest-user")
+    env.stop_polkitd()
+    try:
+        with pytest.raises(Denied, match=r"polkit is unreachable: .*ServiceUnknown"):
+            _check(env, child, "xsktest-user", REQUEST_ACTION, _details("veth0"))
+    finally:
+        env.start_polkitd()
+    _check(env, child, "xsktest-user", REQUEST_ACTION, _details("veth0"))
+
+
+def test_missing_bus_means_denied_with_reason(tmp_path, monkeypatch) -> None:
+    """The address also comes from DBUS_SYSTEM_BUS_ADDRESS, as for every system-bus client."""
+    monkeypatch.setenv(polkit.BUS_ENV, f"unix:path={tmp_path}/no-bus")
+    subject = polkit.subject_of(os.getpid(), 0)
+    with pytest.raises(Denied, match=r"polkit is unreachable: system bus .*no-bus"):
+        polkit.check(subject, REQUEST_ACTION, {}, timeout=1)
