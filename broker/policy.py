@@ -22,7 +22,7 @@ import re
 import stat
 import sys
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -101,7 +101,8 @@ class Rule:
     @property
     def label(self) -> str:
         where = f"{self.file.name}:{self.line}" if self.line else self.file.name
-        return f"{self.kind} rule {self.name} ({where})"
+        name = self.name if self.name.startswith("#") else repr(self.name)
+        return f"{self.kind} rule {name} ({where})"
 
     def identity_match(self, caller: Caller) -> str | None:
         """What about the caller this rule matches ("uid 1000", "group 27"), or None."""
@@ -394,7 +395,7 @@ class _Rule:
             raise self.fail("name", "must be a non-empty string")
         common = dict(
             kind=self.kind,
-            name=repr(name) if "name" in self.table else name,
+            name=name,
             file=self.source.path,
             line=self.line,
             users=frozenset(users),
@@ -416,7 +417,7 @@ class _Rule:
             raise_memlock=self.flag("raise_memlock"),
         )
 
-    def ids(self, key: str, resolve: Any) -> tuple[set[int], bool]:
+    def ids(self, key: str, resolve: Callable[[str], int]) -> tuple[set[int], bool]:
         """Numeric ids and names resolved now: a name that does not exist is an error."""
         values = self.table.get(key, [])
         if not isinstance(values, list):
@@ -436,7 +437,9 @@ class _Rule:
                 raise self.fail(key, f'{value!r} is not a name, a number or "*"')
         return ids, everyone
 
-    def strings(self, key: str, default: tuple[str, ...], check: Any) -> tuple[str, ...]:
+    def strings(
+        self, key: str, default: tuple[str, ...], check: Callable[[Any], str | None]
+    ) -> tuple[str, ...]:
         values = self.table.get(key, list(default))
         if not isinstance(values, list) or not values:
             raise self.fail(key, "must be a non-empty list of strings")
