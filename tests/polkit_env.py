@@ -6,7 +6,8 @@ through the user database. Rather than install files there and hope teardown run
 polkitd runs in a private mount namespace where those directories, /etc/passwd and
 /etc/group are bind mounts of test-owned copies. The namespace dies with polkitd, so even
 a killed test run leaves no trace in /etc or /usr/share. The bus is a dbus-daemon of type
-"system" with a test-owned config and socket that includes polkit's own bus policy.
+"system" with a test-owned config and socket that includes polkit's own bus policy; it sees
+the test users too, since it refuses connections from uids it cannot look up.
 """
 
 from __future__ import annotations
@@ -30,12 +31,19 @@ ACTIONS = REPO / "polkit" / "org.xsk-broker.policy"
 EXAMPLE_RULES = REPO / "polkit" / "50-xsk-broker.rules.example"
 
 # name -> (uid, primary group name, supplementary group names); groups get the ids below.
-GROUPS = {"xsk-users": 61001, "xsktest-other": 61002, "xsk-admins": 61003, "xsk-quarantine": 61004}
+GROUPS = {
+    "xsk-users": 61001,
+    "xsktest-other": 61002,
+    "xsk-admins": 61003,
+    "xsk-quarantine": 61004,
+    "xsk-broker": 61005,
+}
 USERS = {
     "xsktest-user": (61001, "xsk-users", ()),
     "xsktest-other": (61002, "xsktest-other", ()),
     "xsktest-admin": (61003, "xsk-admins", ()),
     "xsktest-quarantined": (61004, "xsk-users", ("xsk-quarantine",)),
+    "xsk-broker": (61005, "xsk-broker", ()),  # the broker's own user, an action owner
 }
 
 _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -185,8 +193,11 @@ def polkit_env(rules: Path = EXAMPLE_RULES, actions: Path = ACTIONS) -> Iterator
         socket_path = directory / "bus"
         config = directory / "bus.conf"
         config.write_text(_BUS_CONFIG.format(socket=socket_path))
-        dbus = subprocess.Popen(
-            ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
+        ids = Identities.write(directory)
+        dbus = subprocess.Popen(  # it must know the test users too, or it drops their connections
+            ids.namespaced(
+                ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"]
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -194,7 +205,7 @@ def polkit_env(rules: Path = EXAMPLE_RULES, actions: Path = ACTIONS) -> Iterator
         address = dbus.stdout.readline().strip()  # printed once the socket listens
         if not address:
             raise RuntimeError("dbus-daemon exited before listening")
-        env = PolkitEnv(directory, Identities.write(directory), f"unix:path={socket_path}", dbus)
+        env = PolkitEnv(directory, ids, f"unix:path={socket_path}", dbus)
         env.start_polkitd()
         yield env
     finally:

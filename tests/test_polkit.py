@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-from polkit_env import USERS, PolkitEnv, gid_of, missing_prerequisites, polkit_env
+from polkit_env import REPO, USERS, PolkitEnv, gid_of, missing_prerequisites, polkit_env
 
 from broker import polkit
 from broker.policy import ADMIN_ACTION, REQUEST_ACTION, Caller, Policy
@@ -142,3 +143,32 @@ def test_missing_bus_means_denied_with_reason(tmp_path, monkeypatch) -> None:
     subject = polkit.subject_of(os.getpid(), 0)
     with pytest.raises(Denied, match=r"polkit is unreachable: system bus .*no-bus"):
         polkit.check(subject, REQUEST_ACTION, {}, timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("checker", "outcome"),
+    [("xsk-broker", "granted"), ("xsktest-other", "Only trusted callers")],
+)
+def test_only_the_broker_user_may_ask_about_others(env, process_of, checker, outcome) -> None:
+    """The broker runs as user xsk-broker: the action file names it as the actions' owner,
+    which is what lets polkitd answer it about another process (root is always allowed)."""
+    child = process_of("xsktest-user")
+    code = (
+        "import sys; from broker import polkit; from broker.protocol import Denied\n"
+        "subject = polkit.subject_of(int(sys.argv[1]), 61001)\n"
+        "try: polkit.check(subject, 'org.xsk-broker.request', {'interface': 'veth0',"
+        " 'queues': '1'}, bus_address=sys.argv[2]); print('granted')\n"
+        "except Denied as exc: print(exc)\n"
+    )
+    uid = USERS[checker][0]
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(child.pid), env.bus_address],
+        user=uid,
+        group=gid_of(checker),
+        extra_groups=[],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert outcome in done.stdout, done.stdout + done.stderr
