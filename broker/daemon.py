@@ -16,6 +16,7 @@ from types import FrameType
 from broker import activation, caps
 from broker.limits import raise_fd_limit
 from broker.loader import DEFAULT_PIN_ROOT, ensure_bpffs
+from broker.policy import DEFAULT_POLICY_PATH
 from broker.protocol import socket_path_from
 from broker.server import FDSTORE_PREFIX, Broker, ServeConfig
 
@@ -32,6 +33,7 @@ def config_from(opts: argparse.Namespace) -> ServeConfig:
         max_connections_per_uid=opts.max_connections_per_uid,
         rate_per_uid=opts.rate_per_uid,
         burst_per_uid=2 * opts.rate_per_uid,
+        policy_path=opts.policy or DEFAULT_POLICY_PATH,
     )
 
 
@@ -59,6 +61,7 @@ def main(opts: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: broker.reload_policy())
     try:
         broker.start()
         notifier.ready()

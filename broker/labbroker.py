@@ -53,16 +53,39 @@ class BrokerEnv:
     log: Path
 
 
+# The lab's policy: anyone who can reach the socket may ask; only root administers.
+LAB_POLICY = """
+[[allow]]
+name = "lab"
+users = ["*"]
+
+[[allow]]
+name = "lab-admin"
+users = [0]
+admin = true
+"""
+
+
 class BrokerProcess:
     """Start, stop, kill and restart one broker; its log is kept for failure messages."""
 
     def __init__(
-        self, netns: str, pin_root: Path, workdir: Path, *extra: str, group: int = UNPRIVILEGED_GID
+        self,
+        netns: str,
+        pin_root: Path,
+        workdir: Path,
+        *extra: str,
+        group: int = UNPRIVILEGED_GID,
+        policy: str = LAB_POLICY,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.netns = netns
         self.socket_path = workdir / "broker.sock"
         self.state_dir = workdir / "state"
         self.log_path = workdir / "broker.log"
+        self.policy_path = workdir / "policy.toml"
+        self.policy_path.write_text(policy)
+        self.env = env
         self.argv = [
             sys.executable, "-m", "client.cli", "serve",
             "--socket", str(self.socket_path),
@@ -70,6 +93,7 @@ class BrokerProcess:
             "--state-dir", str(self.state_dir),
             "--group", str(group),
             "--allow-root",
+            "--policy", str(self.policy_path),
             *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen | None = None
@@ -87,6 +111,7 @@ class BrokerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                env=self.env,
                 preexec_fn=lambda: enter_netns(self.netns),
             )
         deadline = time.monotonic() + timeout
@@ -106,6 +131,16 @@ class BrokerProcess:
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def quiet_fd_count(self) -> int:
+        """The fd count once it has held still for 100 ms: a baseline with no connection
+        (such as start()'s own ping) still being reaped."""
+        count, since = self.fd_count(), time.monotonic()
+        while time.monotonic() - since < 0.1:
+            time.sleep(0.01)
+            if (now := self.fd_count()) != count:
+                count, since = now, time.monotonic()
+        return count
 
     def settled_fd_count(self, expected: int, timeout: float = 5.0) -> int:
         """The fd count once it reaches expected (closed peers are reaped in the loop)."""

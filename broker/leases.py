@@ -13,21 +13,13 @@ import contextlib
 import json
 import os
 import secrets
-import select
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from broker.protocol import LeaseInfo
+from broker import procinfo
+from broker.protocol import BrokerError, LeaseInfo
 
 STATE_FILE = "leases.jsonl"
-
-
-def process_start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat, in clock ticks since boot; (pid, start) names a process."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        text = stat.read()
-    # The command name may contain spaces and parentheses; fields resume after the last ')'.
-    return int(text[text.rindex(b")") + 2 :].split()[19])
 
 
 @dataclass
@@ -81,6 +73,12 @@ class LeaseTable:
 
     def by_pidfd(self, pidfd: int) -> list[Lease]:
         return [lease for lease in self.by_id.values() if lease.pidfd == pidfd]
+
+    def queues_held_by(self, uid: int) -> int:
+        """Queues in live leases that uid asked for (the policy's per-uid limit)."""
+        return sum(
+            len(lease.info.queue_ids) for lease in self.by_id.values() if lease.info.uid == uid
+        )
 
     def held_bytes(self, consumer_uid: int) -> int:
         """UMEM bytes the uid may already have locked through live leases."""
@@ -164,15 +162,11 @@ class LeaseTable:
 
 
 def _alive(pidfd: int | None) -> int | None:
-    """pidfd if its process still runs (a pidfd turns readable when the process exits)."""
-    if pidfd is None:
-        return None
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    if poller.poll(0):
-        os.close(pidfd)
-        return None
-    return pidfd
+    """pidfd if its process still runs."""
+    if pidfd is None or not procinfo.pidfd_exited(pidfd):
+        return pidfd
+    os.close(pidfd)
+    return None
 
 
 def _reopen(pid: int, start_time: int) -> int | None:
@@ -181,8 +175,8 @@ def _reopen(pid: int, start_time: int) -> int | None:
     except OSError:
         return None
     try:
-        same = process_start_time(pid) == start_time
-    except (OSError, ValueError):
+        same = procinfo.start_time(pid, pidfd) == start_time
+    except (BrokerError, OSError, ValueError):
         same = False
     if not same:
         os.close(pidfd)

@@ -210,6 +210,18 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Revoke:
+    """Admin: end someone's lease now and empty its slots (traffic back to the stack)."""
+
+    op: ClassVar[str] = "revoke"
+    lease_id: str
+
+    @classmethod
+    def from_body(cls, body: dict) -> Revoke:
+        return cls(_field(body, "lease_id", str))
+
+
+@dataclass(frozen=True)
 class Detach:
     """Remove the program and its pins from an interface (admin only)."""
 
@@ -222,8 +234,8 @@ class Detach:
         return cls(validate_ifname(_field(body, "ifname", str)), _field(body, "force", bool, False))
 
 
-Message = Request | StatusQuery | Ping | Release | Detach
-OPS: dict[str, type] = {m.op: m for m in (Request, StatusQuery, Ping, Release, Detach)}
+Message = Request | StatusQuery | Ping | Release | Revoke | Detach
+OPS: dict[str, type] = {m.op: m for m in (Request, StatusQuery, Ping, Release, Revoke, Detach)}
 _ENVELOPE = {"version", "op"}
 
 

@@ -13,15 +13,18 @@ import selectors
 import socket
 import struct
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from broker import fdpass, netdev, xsk
+from broker import fdpass, memlock, netdev, polkit, procinfo, xsk
 from broker.activation import Notifier, log_event
-from broker.leases import Lease, LeaseTable, new_lease_id, process_start_time
+from broker.leases import Lease, LeaseTable, new_lease_id
 from broker.limits import UidLimits
 from broker.linkwatch import LinkWatch
 from broker.loader import DEFAULT_PIN_ROOT, Loader
+from broker.policy import DEFAULT_POLICY_PATH, Caller, Grant, Policy, PolicyError
 from broker.protocol import (
     BrokerError,
     ConsumerGone,
@@ -36,6 +39,7 @@ from broker.protocol import (
     RateLimited,
     Release,
     Request,
+    Revoke,
     StatusQuery,
     TooManyConnections,
     decode_message,
@@ -65,41 +69,59 @@ class ServeConfig:
     rate_per_uid: float = 200.0
     burst_per_uid: float = 400.0
     connection_deadline: float = 10.0
+    policy_path: Path = DEFAULT_POLICY_PATH
+    polkit_timeout: float = 5.0
 
 
-@dataclass(frozen=True)
-class Peer:
-    """Who is on the other end, as the kernel says: never taken from the message."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-
-def peer_of(conn: socket.socket) -> tuple[Peer, int]:
-    """The peer's credentials and a pidfd on it (SO_PEERPIDFD, Linux 6.5+)."""
+def peer_of(conn: socket.socket) -> tuple[Caller, int]:
+    """Who is on the other end, as the kernel says (never the message), and a pidfd on it
+    (SO_PEERPIDFD, Linux 6.5+)."""
     pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
     groups = struct.unpack(f"{len(raw) // 4}I", raw)
     pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    return Peer(pid, uid, gid, groups), pidfd
+    return Caller(uid, gid, groups, pid), pidfd
 
 
-def _status_uid(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/{pid}/status has no Uid line")
+def load_policy(path: Path) -> Policy:
+    """The policy at path; a missing file is a policy with no rules (deny by default), and a
+    broken one raises PolicyError."""
+    if not path.exists():
+        log.warning("no policy file at %s: every request will be denied", path)
+        return Policy(path, (), (), ())
+    return Policy.load(path)
 
 
 @dataclass
 class Connection:
     sock: socket.socket
-    peer: Peer
+    peer: Caller
     pidfd: int
     deadline: float
+    parked: bool = False
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """The process the sockets are for: its lease ends when it exits."""
+
+    pid: int
+    uid: int
+    pidfd: int
+
+
+Reply = tuple[bytes, list[int]]
+
+
+@dataclass
+class Pending:
+    """A decision waiting for polkit in a worker thread, its connection parked meanwhile."""
+
+    conn: Connection
+    message: Message
+    future: Future
+    then: Callable[[], Reply]
+    cleanup: Callable[[], None]
 
 
 @dataclass
@@ -115,6 +137,10 @@ class Broker:
     connections: dict[int, Connection] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.policy = load_policy(self.config.policy_path)
+        self.pending: list[Pending] = []
+        self.executor: ThreadPoolExecutor | None = None
+        self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.limits = UidLimits(
             self.config.max_connections_per_uid,
             self.config.rate_per_uid,
@@ -146,6 +172,7 @@ class Broker:
                 )
         self.linkwatch = LinkWatch()
         self.selector.register(self.linkwatch, selectors.EVENT_READ, "links")
+        self.selector.register(self.wakeup, selectors.EVENT_READ, "pending")
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, "listen")
         self._changed()
@@ -158,6 +185,8 @@ class Broker:
                 self._consumer_exited(key.fd)
             elif key.data == "links":
                 self._links_changed()
+            elif key.data == "pending":
+                self._decided()
             else:
                 self._readable(key.fd)
         self._expire_connections()
@@ -170,6 +199,32 @@ class Broker:
         self.selector.close()
         if self.linkwatch is not None:
             self.linkwatch.close()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        for pending in self.pending:
+            pending.cleanup()
+        os.close(self.wakeup)
+
+    def reload_policy(self) -> None:
+        """SIGHUP: use the new policy only if it loads whole; leases are never touched."""
+        try:
+            policy = load_policy(self.config.policy_path)
+        except PolicyError as error:
+            log_event(
+                log,
+                f"policy reload refused, the old policy stays: {error.message}",
+                logging.ERROR,
+                event="policy",
+                reason=error.message,
+            )
+            return
+        self.policy = policy
+        log_event(
+            log,
+            f"policy reloaded from {policy.path}",
+            event="policy",
+            reason=f"{len(policy.allow)} allow, {len(policy.deny)} deny rule(s)",
+        )
 
     def next_timeout(self) -> float | None:
         now = time.monotonic()
@@ -209,7 +264,7 @@ class Broker:
         self.connections[sock.fileno()] = Connection(sock, peer, pidfd, deadline)
         self.selector.register(sock, selectors.EVENT_READ, "conn")
 
-    def _connection_refusal(self, peer: Peer) -> BrokerError | None:
+    def _connection_refusal(self, peer: Caller) -> BrokerError | None:
         """Caps on open connections, overall and per uid, so idle hoarders cannot lock
         everyone else out."""
         if len(self.connections) >= self.config.max_connections:
@@ -227,7 +282,8 @@ class Broker:
         conn = self.connections.pop(fd, None)
         if conn is not None:
             self.limits.disconnected(conn.peer.uid)
-            self.selector.unregister(conn.sock)
+            if not conn.parked:
+                self.selector.unregister(conn.sock)
             conn.sock.close()
             os.close(conn.pidfd)
 
@@ -264,8 +320,9 @@ class Broker:
         if not data:
             self._drop(fd)
             return
-        reply, fds = self._handle(conn, data)
-        self._reply(conn, reply, fds)
+        result = self._handle(conn, data)
+        if result is not None:
+            self._reply(conn, *result)
 
     def _reply(self, conn: Connection, reply: bytes, fds: list[int] | None = None) -> None:
         try:
@@ -275,69 +332,171 @@ class Broker:
         finally:
             fdpass.close_all(fds or [])
 
-    def _handle(self, conn: Connection, data: bytes) -> tuple[bytes, list[int]]:
-        message: Message | None = None
+    def _handle(self, conn: Connection, data: bytes) -> Reply | None:
+        """The reply, or None while a decision waits for polkit (see _decided)."""
         try:
             message = decode_message(data)
-            return self._dispatch(conn, message)
+        except BrokerError as error:
+            log.debug("refused uid=%d pid=%d: %s", conn.peer.uid, conn.peer.pid, error)
+            return encode_error(error), []
+        return self._guarded(conn, message, lambda: self._dispatch(conn, message))
+
+    def _guarded(
+        self, conn: Connection, message: Message, step: Callable[[], Reply | None]
+    ) -> Reply | None:
+        """Run one step of handling message; any failure becomes the reply (and is audited)."""
+        try:
+            return step()
         except BrokerError as error:
             if isinstance(message, Request):
                 self._audit_refusal(conn, message, error)
             else:
-                log.debug("refused uid=%d pid=%d: %s", conn.peer.uid, conn.peer.pid, error)
+                log.info("refused %s from uid %d: %s", message.op, conn.peer.uid, error)
             return encode_error(error), []
         except Exception as exc:
             log.exception("internal error")
             return encode_error(BrokerError(f"internal error: {exc}")), []
 
-    def _dispatch(self, conn: Connection, message: Message) -> tuple[bytes, list[int]]:
+    def _dispatch(self, conn: Connection, message: Message) -> Reply | None:
         if isinstance(message, Request):
-            return self._grant(conn, message)
+            return self._request(conn, message)
         if isinstance(message, StatusQuery):
             return encode_reply("status", self.status()), []
         if isinstance(message, Ping):
             return encode_reply("ping", {"broker": VERSION, "pid": os.getpid()}), []
         if isinstance(message, Release):
             return self._release(conn, message)
+        if isinstance(message, Revoke):
+            return self._revoke(conn, message)
         if isinstance(message, Detach):
             return self._detach(conn, message)
         raise AssertionError(f"unhandled message {message!r}")
 
-    def _consumer(self, conn: Connection, request: Request) -> tuple[int, int, int]:
-        """(pid, uid, pidfd) of the process the sockets are for."""
+    def _admit(
+        self,
+        conn: Connection,
+        message: Message,
+        grant: Grant,
+        details: dict[str, str],
+        then: Callable[[], Reply],
+        cleanup: Callable[[], None] = lambda: None,
+    ) -> Reply | None:
+        """Go on with then() now, or once polkit agrees when the policy delegates to it.
+
+        polkit is a D-Bus round trip that may take seconds, so it runs in a worker thread
+        while the loop serves everyone else; the connection reads nothing meanwhile.
+        """
+        if grant.polkit_action is None:
+            return then()
+        subject = polkit.subject_of(conn.peer.pid, conn.peer.uid, conn.pidfd)
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="polkit")
+        future = self.executor.submit(
+            polkit.check, subject, grant.polkit_action, details,
+            timeout=self.config.polkit_timeout,
+        )  # fmt: skip
+        self.selector.unregister(conn.sock)
+        conn.parked = True
+        self.pending.append(Pending(conn, message, future, then, cleanup))
+        future.add_done_callback(lambda _: os.eventfd_write(self.wakeup, 1))
+        return None
+
+    def _decided(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.wakeup)
+        for pending in [p for p in self.pending if p.future.done()]:
+            self.pending.remove(pending)
+            conn = pending.conn
+            if self.connections.get(conn.sock.fileno()) is not conn:
+                pending.cleanup()  # the client went away meanwhile
+                continue
+            conn.parked = False
+            self.selector.register(conn.sock, selectors.EVENT_READ, "conn")
+            error = pending.future.exception()
+            if error is not None:
+                pending.cleanup()
+                result = self._guarded(conn, pending.message, lambda e=error: _raise(e))
+            else:
+                result = self._guarded(conn, pending.message, pending.then)
+            if result is not None:
+                self._reply(conn, *result)
+
+    def _authorize(self, conn: Connection, decide: Callable[[Policy], Grant]) -> Grant:
+        if not self.policy.files:
+            raise Denied(
+                f"there is no policy file at {self.policy.path}, so nothing is allowed; "
+                "install one (see examples/policy.toml) and reload (SIGHUP)"
+            )
+        return decide(self.policy)
+
+    def _consumer(self, conn: Connection, request: Request) -> Consumer:
         if request.consumer_pid is None or request.consumer_pid == conn.peer.pid:
-            return conn.peer.pid, conn.peer.uid, os.dup(conn.pidfd)
+            return Consumer(conn.peer.pid, conn.peer.uid, os.dup(conn.pidfd))
         try:
             pidfd = os.pidfd_open(request.consumer_pid)
         except OSError:
             raise ConsumerGone(f"consumer pid {request.consumer_pid} does not exist") from None
         try:
-            uid = _status_uid(request.consumer_pid)
-        except OSError:
-            os.close(pidfd)
-            raise ConsumerGone(f"consumer pid {request.consumer_pid} exited") from None
-        if conn.peer.uid not in (0, uid):
-            os.close(pidfd)
-            raise Denied(
-                f"consumer pid {request.consumer_pid} belongs to uid {uid}, not to the "
-                f"caller's uid {conn.peer.uid}"
-            )
-        return request.consumer_pid, uid, pidfd
-
-    def _grant(self, conn: Connection, request: Request) -> tuple[bytes, list[int]]:
-        queue_ids = range(request.start_queue, request.start_queue + request.queues)
-        attachment = self.loader.ensure(request.ifname, request.mode, queue_ids)
-        busy = self.leases.holders(attachment.ifindex, list(queue_ids))
-        if busy:
-            raise QueueBusy(
-                "; ".join(_held_by(lease, attachment.ifname, queue_ids) for lease in busy)
-            )
-        consumer_pid, consumer_uid, pidfd = self._consumer(conn, request)
-        try:
-            start_time = process_start_time(consumer_pid)
-            fds = xsk.create_sockets(attachment, list(queue_ids))
+            uid = procinfo.read_status(request.consumer_pid, pidfd).uid
         except BaseException:
             os.close(pidfd)
+            raise
+        return Consumer(request.consumer_pid, uid, pidfd)
+
+    def _request(self, conn: Connection, request: Request) -> Reply | None:
+        """Policy first (who may have what), then polkit where delegated, then the kernel."""
+        consumer = self._consumer(conn, request)
+        try:
+            grant = self._authorize(
+                conn,
+                lambda policy: policy.authorize(
+                    conn.peer,
+                    request,
+                    queues_held_by_uid=self.leases.queues_held_by(conn.peer.uid),
+                    consumer_uid=consumer.uid,
+                ),
+            )
+        except BaseException:
+            os.close(consumer.pidfd)
+            raise
+        details = polkit.request_details(request, consumer.pid, consumer.uid)
+        return self._admit(
+            conn, request, grant, details,
+            lambda: self._hand_out(conn, request, grant, consumer),
+            lambda: os.close(consumer.pidfd),
+        )  # fmt: skip
+
+    def _hand_out(
+        self, conn: Connection, request: Request, grant: Grant, consumer: Consumer
+    ) -> Reply:
+        """Busy queues, memory budget, attachment, sockets, lease: every refusal comes
+        before any socket, and all but the mode check before anything is attached."""
+        queue_ids = range(request.start_queue, request.start_queue + request.queues)
+        try:
+            busy = self.leases.holders(netdev.ifindex_of(request.ifname), list(queue_ids))
+            if busy:
+                raise QueueBusy(
+                    "; ".join(_held_by(lease, request.ifname, queue_ids) for lease in busy)
+                )
+            memlock.ensure(
+                consumer.pid,
+                memlock.needed_bytes(request.queues, request.umem_bytes),
+                self.leases.held_bytes(consumer.uid),
+                may_raise=grant.raise_memlock,
+                pidfd=consumer.pidfd,
+            )
+            single = grant.modes[0] if len(grant.modes) == 1 else "auto"
+            wish = request.mode if request.mode != "auto" else single
+            attachment = self.loader.ensure(request.ifname, wish, queue_ids)
+            if attachment.mode not in grant.modes:
+                raise Denied(
+                    f"{attachment.ifname} carries the program in {attachment.mode} mode, which "
+                    f"rule {grant.rule} does not allow (it allows {', '.join(grant.modes)})"
+                )
+            start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
+            fds = xsk.create_sockets(attachment, list(queue_ids))
+        except BaseException:
+            os.close(consumer.pidfd)
             raise
         info = LeaseInfo(
             lease_id=new_lease_id(),
@@ -347,33 +506,65 @@ class Broker:
             mode=attachment.mode,
             uid=conn.peer.uid,
             pid=conn.peer.pid,
-            consumer_pid=consumer_pid,
+            consumer_pid=consumer.pid,
             tag=request.tag,
             umem_bytes=request.umem_bytes,
             created=time.time(),
-            extra={"consumer_uid": consumer_uid},
+            extra={"consumer_uid": consumer.uid, "rule": grant.rule},
         )
-        self.leases.add(Lease(info, pidfd, start_time))
-        self.selector.register(pidfd, selectors.EVENT_READ, "pidfd")
-        self.notifier.store_fds(FDSTORE_PREFIX + info.lease_id, [pidfd])
-        self._audit("granted", info, f"{info.mode} mode")
+        self.leases.add(Lease(info, consumer.pidfd, start_time))
+        self.selector.register(consumer.pidfd, selectors.EVENT_READ, "pidfd")
+        self.notifier.store_fds(FDSTORE_PREFIX + info.lease_id, [consumer.pidfd])
+        self._audit("granted", info, f"{info.mode} mode, rule {grant.rule}")
         self._changed()
         payload = {"lease": asdict(info), "netdev_template": netdev_template(info)}
         return encode_reply("request", payload), fds
 
-    def _release(self, conn: Connection, message: Release) -> tuple[bytes, list[int]]:
-        lease = self.leases.by_id.get(message.lease_id)
+    def _lease(self, lease_id: str) -> Lease:
+        lease = self.leases.by_id.get(lease_id)
         if lease is None:
-            raise NoSuchLease(f"no live lease has id {message.lease_id!r}")
-        if conn.peer.uid not in (0, lease.info.uid):
-            raise Denied(f"lease {message.lease_id} belongs to uid {lease.info.uid}")
+            raise NoSuchLease(f"no live lease has id {lease_id!r}")
+        return lease
+
+    def _release(self, conn: Connection, message: Release) -> Reply:
+        lease = self._lease(message.lease_id)
+        if conn.peer.uid != lease.info.uid:
+            raise Denied(
+                f"lease {message.lease_id} belongs to uid {lease.info.uid}; "
+                "an admin may revoke it instead"
+            )
         self._end_lease(lease, "released", f"released by uid {conn.peer.uid}")
         return encode_reply("release", {"lease_id": message.lease_id}), []
 
-    def _detach(self, conn: Connection, message: Detach) -> tuple[bytes, list[int]]:
-        """Take the program off an interface; live leases block it unless forced."""
-        if conn.peer.uid not in (0, os.geteuid()):
-            raise Denied(f"uid {conn.peer.uid} may not detach; only root or the broker's user")
+    def _revoke(self, conn: Connection, message: Revoke) -> Reply | None:
+        """Admin: empty a lease's slots now, so its queues' traffic returns to the stack."""
+        lease = self._lease(message.lease_id)
+        ifname = lease.info.ifname
+        grant = self._authorize(
+            conn, lambda policy: policy.authorize_admin(conn.peer, "revoke", ifname=ifname)
+        )
+        details = {"op": "revoke", "lease_id": message.lease_id, "interface": ifname}
+        return self._admit(conn, message, grant, details, lambda: self._do_revoke(conn, message))
+
+    def _do_revoke(self, conn: Connection, message: Revoke) -> Reply:
+        lease = self._lease(message.lease_id)
+        attachment = self.loader.attachments.get(lease.info.ifindex)
+        if attachment is not None:
+            xsk.release_slots(attachment, lease.info.queue_ids)
+        self._end_lease(lease, "revoked", f"revoked by uid {conn.peer.uid}")
+        payload = {"lease_id": message.lease_id, "queue_ids": lease.info.queue_ids}
+        return encode_reply("revoke", payload), []
+
+    def _detach(self, conn: Connection, message: Detach) -> Reply | None:
+        """Admin: take the program off an interface; live leases block it unless forced."""
+        grant = self._authorize(
+            conn,
+            lambda policy: policy.authorize_admin(conn.peer, "detach", ifname=message.ifname),
+        )
+        details = {"op": "detach", "interface": message.ifname, "force": str(message.force)}
+        return self._admit(conn, message, grant, details, lambda: self._do_detach(conn, message))
+
+    def _do_detach(self, conn: Connection, message: Detach) -> Reply:
         ifindex = netdev.ifindex_of(message.ifname)
         live = [lease for lease in self.leases.by_id.values() if lease.info.ifindex == ifindex]
         if live and not message.force:
@@ -472,10 +663,14 @@ class Broker:
 
     def status(self) -> dict:
         return {
-            "broker": {"version": VERSION, "pid": os.getpid()},
+            "broker": {"version": VERSION, "pid": os.getpid(), "policy": str(self.policy.path)},
             "attachments": [a.describe() for a in self.loader.attachments.values()],
             "leases": [asdict(lease.info) for lease in self.leases.by_id.values()],
         }
+
+
+def _raise(error: BaseException) -> Reply:
+    raise error
 
 
 def _held_by(lease: Lease, ifname: str, asked: range) -> str:

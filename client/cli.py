@@ -226,6 +226,21 @@ def cmd_detach_nic(opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revoke(opts: argparse.Namespace) -> int:
+    reply = Client(opts.socket).revoke(opts.lease_id)
+    if opts.json:
+        print(json.dumps({"lease_id": reply["lease_id"], "queue_ids": reply["queue_ids"]}))
+    else:
+        print(f"revoked lease {reply['lease_id']}: queues {reply['queue_ids']} back to the stack")
+    return 0
+
+
+def cmd_policy_check(opts: argparse.Namespace) -> int:
+    from broker.policy import policy_check_main
+
+    return policy_check_main(opts.file, opts.as_user)
+
+
 def cmd_doctor(opts: argparse.Namespace) -> int:
     from client.doctor import doctor_main
 
@@ -279,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--group", help="group that may connect to the socket (mode 0660)")
     serve.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
     serve.add_argument("--allow-root", action="store_true", help="run as full root anyway")
+    serve.add_argument(
+        "--policy", type=Path, help="policy file (default /etc/xsk-broker/policy.toml)"
+    )
     serve.add_argument("--max-connections", type=int, default=1024, help="open at once")
     serve.add_argument(
         "--max-connections-per-uid", type=int, default=128, help="open at once per uid"
@@ -343,6 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     dnic.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
     dnic.add_argument("--id", required=True, help="netdev id given to attach")
     dnic.set_defaults(func=cmd_detach_nic)
+
+    rev = sub.add_parser("revoke", help="end a lease now and empty its slots (admin)")
+    _add_socket(rev)
+    _add_json(rev)
+    rev.add_argument("lease_id", metavar="LEASE")
+    rev.set_defaults(func=cmd_revoke)
+
+    pol = sub.add_parser("policy", help="policy file tools")
+    pol_sub = pol.add_subparsers(dest="policy_cmd", required=True, parser_class=_Parser)
+    chk = pol_sub.add_parser("check", help="validate a policy file and explain it for a user")
+    chk.add_argument("file", nargs="?", help="policy file (default /etc/xsk-broker/policy.toml)")
+    chk.add_argument("--as", dest="as_user", metavar="USER", help="explain what USER may have")
+    chk.set_defaults(func=cmd_policy_check)
 
     doc = sub.add_parser("doctor", help="check kernel, bpffs, broker, socket, policy, memlock")
     _add_socket(doc)

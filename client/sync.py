@@ -18,6 +18,7 @@ from broker.protocol import (
     ProtocolViolation,
     Release,
     Request,
+    Revoke,
     StatusQuery,
     Timeout,
     decode_reply,
@@ -142,6 +143,10 @@ class Client:
 
     def release(self, lease_id: str) -> None:
         self.call_no_fds(Release(lease_id))
+
+    def revoke(self, lease_id: str) -> dict:
+        """Admin: end someone's lease and empty its slots (traffic back to the stack)."""
+        return self.call_no_fds(Revoke(lease_id))
 
     def detach(self, ifname: str, force: bool = False) -> dict:
         """Take the program off ifname (admin); live leases refuse it unless force."""

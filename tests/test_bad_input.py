@@ -76,7 +76,7 @@ def bad_requests(ifname: str) -> list[tuple[str, bytes, str]]:
 def test_every_bad_request_is_refused_and_changes_nothing(
     broker4: BrokerProcess, lab4: VethLab, pin_root: Path
 ) -> None:
-    baseline = broker4.fd_count()
+    baseline = broker4.quiet_fd_count()
     for name, data, code in bad_requests(lab4.ifname_a):
         error = ask(broker4, data)
         assert error["code"] == code, (name, error)
@@ -89,7 +89,7 @@ def test_every_bad_request_is_refused_and_changes_nothing(
 def test_fds_sent_by_a_client_are_refused_and_closed(
     broker4: BrokerProcess, lab4: VethLab, pin_root: Path
 ) -> None:
-    baseline = broker4.fd_count()
+    baseline = broker4.quiet_fd_count()
     read_end, write_end = os.pipe()
     try:
         error = ask(broker4, body(ifname=lab4.ifname_a, queues=1), [read_end, write_end])
@@ -109,7 +109,7 @@ def test_mode_conflicting_with_the_attachment_is_refused_without_change(
     with client.request(lab4.ifname_a, 1, mode="native", umem_bytes=1 << 20):
         pass
     before = client.status()["attachments"]
-    error = ask(broker4, body(ifname=lab4.ifname_a, queues=1, mode="skb"))
+    error = ask(broker4, body(ifname=lab4.ifname_a, queues=1, start_queue=1, mode="skb"))
     assert error["code"] == "MODE_UNSUPPORTED"
     assert "native mode" in error["message"]
     assert client.status()["attachments"] == before

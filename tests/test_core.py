@@ -79,7 +79,7 @@ def test_request_execs_command_with_fds_above_stdio_in_queue_order(
     out.chmod(0o666)
     argv = [
         sys.executable, "-m", "client.cli", "request", "--ifname", lab4.ifname_a,
-        "--queues", "3", "--start-queue", "1", "--id", "vnet7", "--",
+        "--queues", "3", "--start-queue", "1", "--id", "vnet7", "--umem-bytes", "1048576", "--",
         sys.executable, "-c", INSPECT_FDS, str(out), "{sock-fds}", "-netdev", "{netdev}",
     ]  # fmt: skip
     shell = 'exec 0<&- 1>&-; exec "$@"'

@@ -48,11 +48,9 @@ def test_interrupted_demo_removes_what_it_made() -> None:
     proc = demo()
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("lab: veth")
-    broker_line = proc.stdout.readline()
-    assert broker_line.startswith("broker: pid "), broker_line
-    broker_pid = int(broker_line.split()[2].rstrip(","))
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # while the broker is still starting (~200 ms)
     proc.communicate(timeout=30)
-    assert proc.returncode != 0
+    assert proc.returncode == 130
     assert lab_state() == before
-    assert not Path(f"/proc/{broker_pid}").exists()
+    brokers = subprocess.run(["pgrep", "-f", "xskt-demo-"], capture_output=True, text=True)
+    assert brokers.stdout == "", "a demo broker survived the interrupt"

@@ -113,7 +113,7 @@ def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
         client = broker.client()
         with client.request(lab4.ifname_a, 4, umem_bytes=1 << 20) as lease:
             client.release(lease.lease_id)  # the attachment's map and link fds stay
-        baseline = broker.settled_fd_count(broker.fd_count())
+        baseline = broker.quiet_fd_count()
         attacker = spawn_unprivileged(
             [sys.executable, "-c", ATTACKER, str(broker.socket_path), "500", "10000"],
             uid=61002, gid=61000, netns=lab4.ns_a, env=client_env(broker), cwd=str(REPO),
