@@ -7,12 +7,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from broker.labbroker import REPO, BrokerProcess
-from broker.netlab import DEFAULT_ENV, Endpoint, QueueSender, in_netns, spawn_unprivileged
+from broker.netlab import (
+    DEFAULT_ENV,
+    UNPRIVILEGED_UID,
+    Endpoint,
+    QueueSender,
+    in_netns,
+    spawn_unprivileged,
+)
 from client.consumer import make_frame
 
 ETH_P_ALL = 0x0003
@@ -39,7 +46,13 @@ class RunningProbe:
 
 @contextmanager
 def running_probe(
-    broker: BrokerProcess, ifname: str, queues: int, *args: str, duration: float = 20.0
+    broker: BrokerProcess,
+    ifname: str,
+    queues: int,
+    *args: str,
+    duration: float = 20.0,
+    uid: int = UNPRIVILEGED_UID,
+    extra_groups: Sequence[int] = (),
 ) -> Iterator[RunningProbe]:
     """Start a probe as another uid with no capabilities and wait until it is bound."""
     argv = [
@@ -48,6 +61,8 @@ def running_probe(
     ]  # fmt: skip
     proc = spawn_unprivileged(
         argv,
+        uid,
+        extra_groups=extra_groups,
         netns=broker.netns,
         env=client_env(broker),
         cwd=str(REPO),

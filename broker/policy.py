@@ -561,7 +561,7 @@ def policy_check_main(path: Path | str | None, as_user: str | None) -> int:
     try:
         policy = Policy.load(path or DEFAULT_POLICY_PATH)
     except PolicyError as exc:
-        print(f"xsk-broker: policy is broken: {exc.message}", file=sys.stderr)
+        print(f"{exc.code}: {exc.message}", file=sys.stderr)
         return 1
     if as_user is None:
         files = ", ".join(str(f) for f in policy.files)
@@ -572,7 +572,7 @@ def policy_check_main(path: Path | str | None, as_user: str | None) -> int:
     try:
         caller = caller_for_user(as_user)
     except KeyError:
-        print(f"xsk-broker: no such user: {as_user}", file=sys.stderr)
+        print(f"USAGE: no such user: {as_user}", file=sys.stderr)
         return 2
     print(explain(policy, caller))
     return 0

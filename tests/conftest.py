@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,11 +86,12 @@ def broker4(lab4: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProc
 def broker_factory(
     lab4: VethLab, pin_root: Path, workdir: Path
 ) -> Iterator[Callable[..., tuple[BrokerProcess, VethLab]]]:
-    """Start a broker on lab4 with extra `serve` options; stopped at the end."""
+    """Start a broker on lab4 with extra `serve` options (and BrokerProcess options such as
+    policy= or env=); stopped at the end."""
     started: list[BrokerProcess] = []
 
-    def start(*extra: str) -> tuple[BrokerProcess, VethLab]:
-        started.append(BrokerProcess(lab4.ns_a, pin_root, workdir, *extra).start())
+    def start(*extra: str, **options: Any) -> tuple[BrokerProcess, VethLab]:
+        started.append(BrokerProcess(lab4.ns_a, pin_root, workdir, *extra, **options).start())
         return started[-1], lab4
 
     yield start
