@@ -204,7 +204,11 @@ class BootedContainer:
             subprocess.run(["umount", "--lazy", str(path)], check=True)
 
     def path(self, inner: str) -> Path:
-        """The host's view of a path inside the (overlay) root; writes land in the overlay."""
+        """The host's view of a path inside the (overlay) root; writes land in the overlay.
+
+        Not for /proc/sys/net: those files act on the network namespace of whoever opens
+        them, which from here is the host's; write them through exec().
+        """
         return Path(f"/proc/{self.leader}/root") / inner.lstrip("/")
 
     def exec(
@@ -217,16 +221,7 @@ class BootedContainer:
     ) -> subprocess.CompletedProcess:
         """argv as root in all of the container's namespaces, outside any unit."""
         return subprocess.run(
-            [
-                "nsenter",
-                "-t",
-                str(self.leader),
-                "-a",
-                "env",
-                "-i",
-                *(f"{k}={v}" for k, v in INNER_ENV.items()),
-                *argv,
-            ],
+            self._nsenter(argv),
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,
@@ -249,11 +244,34 @@ class BootedContainer:
         properties are extra unit settings ("SupplementaryGroups=...", "LimitMEMLOCK=...").
         The exit status is argv's; stdout and stderr are argv's too.
         """
-        command = ["systemd-run", "--wait", "--pipe", "--quiet", "--collect"]
-        if user is not None:
-            command.append(f"--property=User={user}")
-        command += [f"--property={prop}" for prop in properties]
-        return self.exec([*command, "--", *argv], check=check, timeout=timeout)
+        return self.exec(_systemd_run(argv, user, properties), check=check, timeout=timeout)
+
+    def popen(self, argv: Sequence[str]) -> subprocess.Popen:
+        """Like exec(), but running alongside the caller, with text pipes on stdin, stdout
+        and stderr: for helpers a test talks to while other things happen."""
+        return subprocess.Popen(
+            self._nsenter(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def start(
+        self,
+        argv: Sequence[str],
+        user: str | None = None,
+        *,
+        unit: str,
+        properties: Sequence[str] = (),
+    ) -> subprocess.Popen:
+        """Like run(), but in the background as the named transient unit: read its stdout
+        while it runs, `systemctl stop UNIT` to end it early, wait() for its exit status."""
+        return self.popen(_systemd_run(argv, user, properties, unit))
+
+    def _nsenter(self, argv: Sequence[str]) -> list[str]:
+        env = [f"{k}={v}" for k, v in INNER_ENV.items()]
+        return ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *env, *argv]
 
     def add_user(self, name: str = CLIENT_USER, groups: Sequence[str] = ("xsk-broker",)) -> str:
         """A system user (via sysusers.d syntax, as docs tell operators) in groups."""
@@ -305,3 +323,19 @@ class BootedContainer:
         )
         for ifname in (name, peer):
             self.exec(["ip", "link", "set", ifname, "up"], check=True)
+
+
+def _systemd_run(
+    argv: Sequence[str],
+    user: str | None,
+    properties: Sequence[str],
+    unit: str | None = None,
+) -> list[str]:
+    """systemd-run waiting for argv's transient service, with argv's stdio and exit status."""
+    command = ["systemd-run", "--wait", "--pipe", "--quiet", "--collect"]
+    if unit is not None:
+        command.append(f"--unit={unit}")
+    if user is not None:
+        command.append(f"--property=User={user}")
+    command += [f"--property={prop}" for prop in properties]
+    return [*command, "--", *argv]
