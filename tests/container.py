@@ -85,6 +85,19 @@ def console_script() -> str:
     )
 
 
+# Whoever may open the socket (group xsk-broker) may ask; root administers.
+CONTAINER_POLICY = """
+[[allow]]
+name = "socket-group"
+groups = ["xsk-broker"]
+
+[[allow]]
+name = "root"
+users = [0]
+admin = true
+"""
+
+
 class BootedContainer:
     """A booted container with the units installed and the socket listening.
 
@@ -184,6 +197,9 @@ class BootedContainer:
         script.write_text(console_script())
         script.chmod(0o755)
         units.install_units(self.path("/"), EXEC_PATH)
+        policy = self.path("/etc/xsk-broker/policy.toml")
+        policy.parent.mkdir(exist_ok=True)
+        policy.write_text(CONTAINER_POLICY)
         for command in units.POST_INSTALL:
             self.exec(list(command), check=True)
 
