@@ -246,8 +246,10 @@ def setup_logging(verbose: bool = False) -> logging.Handler:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    # Only the broker's own debug lines: pyroute2's would flood the journal.
+    # Only the broker's own debug lines: pyroute2's would flood the journal, and its
+    # warnings about /proc/net (hidden by the unit's ProcSubset=pid) concern tc, unused here.
     logging.getLogger(SYSLOG_IDENTIFIER).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("pyroute2").setLevel(logging.ERROR)
     return handler
 
 

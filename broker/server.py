@@ -166,6 +166,9 @@ class Broker:
             self.notifier.remove_fds(name)
         for lease in list(self.leases.by_id.values()):
             self.selector.register(lease.pidfd, selectors.EVENT_READ, "pidfd")
+            name = FDSTORE_PREFIX + lease.info.lease_id
+            if name not in self.stored_fds:  # found again by pid: park the new pidfd too
+                self.notifier.store_fds(name, [lease.pidfd])
             if lease.info.ifindex not in self.loader.attachments:
                 self._end_lease(
                     lease, "expired", "its interface vanished while the broker was down"

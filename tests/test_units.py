@@ -40,7 +40,7 @@ def test_install_puts_every_file_in_its_vendor_directory(tmp_path: Path) -> None
         units.TMPFILES[1],
     } <= relative
     service = (tmp_path / units.UNIT_DIR / "xsk-broker.service").read_text()
-    assert "\nExecStart=/opt/xsk-broker/bin/xsk-broker serve\n" in service
+    assert "\nExecStart=/opt/xsk-broker/bin/xsk-broker serve --idle-exit 600\n" in service
     assert all(path.stat().st_mode & 0o777 == 0o644 for path in written)
 
 
