@@ -50,7 +50,8 @@ def test_detach_is_refused_under_a_live_lease_then_forced(
             netns=lab4.ns_a, env=client_env(broker4), cwd=str(REPO),
         )  # fmt: skip
         assert denied.returncode == 1
-        assert denied.stderr.startswith("DENIED: uid 61000") and "admin = true for detach" in denied.stderr
+        assert denied.stderr.startswith("DENIED: uid 61000")
+        assert "admin = true for detach" in denied.stderr
         assert xdp_of(lab4)
 
         forced = cli(broker4, "detach", "--ifname", lab4.ifname_a, "--force", "--json")
