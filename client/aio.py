@@ -1,10 +1,10 @@
 """The broker client for asyncio programs (VM managers), one connection per call.
 
 asyncio has no recvmsg-with-fds helper, so the reply is read with broker.fdpass on a
-non-blocking socket once the loop reports it readable. Parsing is the sync client's, so both
-clients accept and refuse exactly the same replies. Error replies are raised as their typed
-BrokerError subclasses; a failed connect is BrokerUnreachable (path and errno); no reply
-within the timeout is protocol.Timeout.
+non-blocking socket once the loop reports it readable. Parsing is shared with the sync
+client (client/transport.py), so both accept and refuse exactly the same replies. Error
+replies are raised as their typed BrokerError subclasses; a failed connect is
+BrokerUnreachable (path and errno); no reply within the timeout is protocol.Timeout.
 """
 
 from __future__ import annotations
@@ -15,20 +15,17 @@ import socket
 
 from broker import fdpass
 from broker.protocol import (
-    SOCKET_ENV,
-    BrokerUnreachable,
     Message,
     Ping,
     Release,
     Request,
     StatusQuery,
     Timeout,
-    decode_reply,
     encode_message,
     socket_path_from,
 )
 from client.lease import Lease
-from client.sync import lease_from_reply, refusal_or_raise
+from client.transport import decoded, lease_from_reply, refusal_or_raise, unreachable
 
 
 async def _readable(sock: socket.socket) -> None:
@@ -64,11 +61,7 @@ class AsyncClient:
                 raise Timeout(f"no reply from the broker within {self.timeout} s") from None
             except (BrokenPipeError, ConnectionResetError) as exc:
                 datagram = refusal_or_raise(sock, max_fds, exc)
-        try:
-            return decode_reply(datagram.data), datagram.fds
-        except BaseException:
-            fdpass.close_all(datagram.fds)
-            raise
+        return decoded(datagram)
 
     async def _connect(self, sock: socket.socket) -> None:
         """Connect, waiting while the broker's backlog is full.
@@ -84,13 +77,7 @@ class AsyncClient:
             except BlockingIOError:
                 await asyncio.sleep(0.005)
             except OSError as exc:
-                raise BrokerUnreachable(
-                    f"cannot connect to the broker at {self.socket_path}: {exc.strerror}; "
-                    f"is it running, and may this user open the socket? (${SOCKET_ENV} picks "
-                    "another)",
-                    errno=exc.errno,
-                    details={"path": self.socket_path},
-                ) from None
+                raise unreachable(self.socket_path, exc) from None
 
     @staticmethod
     async def _receive(sock: socket.socket, max_fds: int) -> fdpass.Datagram:

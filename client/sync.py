@@ -2,71 +2,26 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
+from typing import Any
 
 from broker import fdpass
 from broker.protocol import (
     QEMU_UMEM_BYTES,
-    SOCKET_ENV,
-    BrokerUnreachable,
     Detach,
-    LeaseInfo,
     Message,
     Ping,
-    ProtocolViolation,
     Release,
     Request,
     Revoke,
     StatusQuery,
     Timeout,
-    decode_reply,
     encode_message,
     socket_path_from,
 )
 from client.lease import Lease
-
-
-def above_stdio(fds: list[int]) -> list[int]:
-    """Move any fd that landed on 0-2 (a caller with closed stdio) above them.
-
-    QEMU and libxdp treat fd 0 as "no fd given", and a child's stdio would clobber them.
-    """
-    moved = []
-    for fd in fds:
-        if fd <= 2:
-            new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-            os.close(fd)
-            fd = new
-        moved.append(fd)
-    return moved
-
-
-def lease_from_reply(payload: dict, fds: list[int], queues: int) -> Lease:
-    """Check the reply carries exactly one fd per queue before trusting it."""
-    try:
-        info = LeaseInfo.from_wire(payload["lease"])
-    except (KeyError, TypeError) as exc:
-        fdpass.close_all(fds)
-        raise ProtocolViolation(f"request reply has no valid lease: {exc}") from None
-    if len(fds) != queues or len(info.queue_ids) != queues:
-        fdpass.close_all(fds)
-        raise ProtocolViolation(f"asked for {queues} queue(s), got {len(fds)} fd(s)")
-    return Lease(info, above_stdio(fds))
-
-
-def refusal_or_raise(sock: socket.socket, max_fds: int, exc: OSError) -> fdpass.Datagram:
-    """The broker refuses some connections at accept (too many open) and closes them. Its
-    reply is then queued although the send or the first read failed: the kernel reports
-    ECONNRESET (our request went unread) before the datagrams still queued."""
-    datagram = fdpass.pending(sock, max_fds)
-    if datagram is None:
-        raise ProtocolViolation(
-            f"the broker closed the connection before the request was sent: {exc.strerror}",
-            errno=exc.errno,
-        ) from None
-    return datagram
+from client.transport import decoded, lease_from_reply, refusal_or_raise, unreachable
 
 
 class Client:
@@ -83,28 +38,15 @@ class Client:
             try:
                 sock.connect(self.socket_path)
             except OSError as exc:
-                raise BrokerUnreachable(
-                    f"cannot connect to the broker at {self.socket_path}: {exc.strerror}; "
-                    f"is it running, and may this user open the socket? (--socket or "
-                    f"${SOCKET_ENV} picks another)",
-                    errno=exc.errno,
-                ) from None
+                raise unreachable(self.socket_path, exc) from None
             try:
                 fdpass.send(sock, encode_message(message))
+                datagram = fdpass.receive_reply(sock, max_fds)
+            except TimeoutError:
+                raise Timeout(f"no reply from the broker within {self.timeout} s") from None
             except (BrokenPipeError, ConnectionResetError) as exc:
                 datagram = refusal_or_raise(sock, max_fds, exc)
-            else:
-                try:
-                    datagram = fdpass.receive_reply(sock, max_fds)
-                except TimeoutError:
-                    raise Timeout(f"no reply from the broker within {self.timeout} s") from None
-                except (BrokenPipeError, ConnectionResetError) as exc:
-                    datagram = refusal_or_raise(sock, max_fds, exc)
-        try:
-            return decode_reply(datagram.data), datagram.fds
-        except BaseException:
-            fdpass.close_all(datagram.fds)
-            raise
+        return decoded(datagram)
 
     def request(
         self,
@@ -154,16 +96,7 @@ class Client:
 
 
 def request(
-    ifname: str,
-    queues: int,
-    start_queue: int = 0,
-    mode: str = "auto",
-    tag: str | None = None,
-    consumer_pid: int | None = None,
-    umem_bytes: int | None = None,
-    socket_path: str | os.PathLike | None = None,
+    ifname: str, queues: int, *, socket_path: str | os.PathLike | None = None, **options: Any
 ) -> Lease:
-    """One-shot `Client(socket_path).request(...)`."""
-    return Client(socket_path).request(
-        ifname, queues, start_queue, mode, tag, consumer_pid, umem_bytes
-    )
+    """One-shot `Client(socket_path).request(ifname, queues, **options)`."""
+    return Client(socket_path).request(ifname, queues, **options)
