@@ -54,7 +54,7 @@ def run_demo(
         with VethLab(queues) as lab, bpffs() as bpf:
             say(
                 f"lab: veth {lab.ifname_a} <-> {lab.ifname_b}, {queues} queues, "
-                f"namespaces {lab.ns_a} and {lab.ns_b}"
+                f"namespaces {lab.ns_a} and {lab.ns_b}, bpffs {bpf}"
             )
             with BrokerProcess(lab.ns_a, bpf / "pins", workdir) as broker:
                 caps = _cap_eff(broker.pid)

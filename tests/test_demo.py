@@ -15,12 +15,17 @@ from broker.labbroker import REPO
 pytestmark = pytest.mark.kernel
 
 
-def lab_state() -> set[str]:
-    return (
-        {p.name for p in Path("/run/netns").glob("xskt-*")}
-        if Path("/run/netns").exists()
-        else set()
-    )
+def made_by(lab_line: str) -> list[str]:
+    """The namespaces and the bpffs mount the demo names in its first line of output."""
+    assert lab_line.startswith("lab: veth"), lab_line
+    spaces = lab_line.split("namespaces ")[1].split(",")[0].split(" and ")
+    bpffs = lab_line.rsplit("bpffs ", 1)[1].strip()
+    return [f"/run/netns/{ns}" for ns in spaces] + [bpffs]
+
+
+def leftovers(lab_line: str) -> list[str]:
+    mounts = {line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()}
+    return [path for path in made_by(lab_line) if Path(path).exists() or path in mounts]
 
 
 def demo(*args: str, **kwargs: object) -> subprocess.Popen:
@@ -31,7 +36,6 @@ def demo(*args: str, **kwargs: object) -> subprocess.Popen:
 
 
 def test_demo_moves_frames_on_every_queue_and_cleans_up() -> None:
-    before = lab_state()
     proc = demo("--json")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -40,17 +44,17 @@ def test_demo_moves_frames_on_every_queue_and_cleans_up() -> None:
     assert [q["received"] for q in result["per_queue"]] == [16, 16, 16, 16]
     assert result["replies_seen"] == 64
     assert result["broker_caps"] == "0000008000003000"
-    assert lab_state() == before
+    assert leftovers(err.splitlines()[0]) == []
 
 
 def test_interrupted_demo_removes_what_it_made() -> None:
-    before = lab_state()
     proc = demo()
     assert proc.stdout is not None
-    assert proc.stdout.readline().startswith("lab: veth")
+    lab_line = proc.stdout.readline()
+    assert all(Path(path).exists() for path in made_by(lab_line)), lab_line
     proc.send_signal(signal.SIGINT)  # while the broker is still starting (~200 ms)
     proc.communicate(timeout=30)
     assert proc.returncode == 130
-    assert lab_state() == before
+    assert leftovers(lab_line) == []
     brokers = subprocess.run(["pgrep", "-f", "xskt-demo-"], capture_output=True, text=True)
     assert brokers.stdout == "", "a demo broker survived the interrupt"
