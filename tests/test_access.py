@@ -114,7 +114,7 @@ def test_per_uid_queue_limit_counts_live_leases(guarded: tuple[BrokerProcess, Ve
         assert one["ok"], one
 
 
-def test_broken_reload_keeps_the_old_policy_and_a_good_one_takes_over(
+def test_broken_reload_keeps_the_old_policy_and_a_good_one_takes_over_without_ending_leases(
     guarded: tuple[BrokerProcess, VethLab],
 ) -> None:
     broker, lab = guarded
@@ -124,10 +124,15 @@ def test_broken_reload_keeps_the_old_policy_and_a_good_one_takes_over(
     wait_until(lambda: "policy reload refused" in broker.log())
     assert "policy.toml:" in broker.log().split("policy reload refused")[1].splitlines()[0]
     assert ask_as(broker, 61001, [TENANTS], **small)["ok"]
-    broker.policy_path.write_text(POLICY.replace(f"groups = [{TENANTS}]", "groups = [61999]"))
-    broker.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: "policy reloaded" in broker.log())
-    assert ask_as(broker, 61001, [TENANTS], **small)["code"] == "DENIED"
+    with running_probe(broker, lab.ifname_a, 1, "--tag", "kept", uid=61001,
+                       extra_groups=[TENANTS]):  # fmt: skip
+        broker.policy_path.write_text(POLICY.replace(f"groups = [{TENANTS}]", "groups = [61999]"))
+        broker.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "policy reloaded" in broker.log())
+        small["start_queue"] = 1
+        assert ask_as(broker, 61001, [TENANTS], **small)["code"] == "DENIED"
+        (kept,) = broker.client().status()["leases"]
+        assert kept["tag"] == "kept", "a reload must never end a lease"
 
 
 def test_memlock_budget_is_checked_before_anything_is_made(
