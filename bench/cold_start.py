@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from broker.labbroker import public_tempdir, wait_until
+from broker.labbroker import LAB_POLICY, public_tempdir, wait_until
 from broker.netlab import VethLab, bpffs, enter_netns
 from client.sync import Client
 
@@ -53,11 +53,13 @@ def activated_broker(netns: str, pin_dir: Path, workdir: Path) -> Iterator[Path]
     the next round is a cold start again.
     """
     sock = workdir / "broker.sock"
+    policy = workdir / "policy.toml"
+    policy.write_text(LAB_POLICY)
     argv = [
         "systemd-socket-activate", "--seqpacket", "-l", str(sock),
         str(VENV_BIN / "xsk-broker"), "serve", "--socket", str(sock),
         "--pin-dir", str(pin_dir), "--state-dir", str(workdir / "state"),
-        "--allow-root", "--idle-exit", "1",
+        "--policy", str(policy), "--allow-root", "--idle-exit", "1",
     ]  # fmt: skip
     with open(workdir / "broker.log", "ab") as log:
         proc = subprocess.Popen(
