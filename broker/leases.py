@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker import procinfo
@@ -56,7 +56,7 @@ class LeaseTable:
 
     def add(self, lease: Lease) -> None:
         self._index(lease)
-        self._append({"add": asdict(lease.info), "start_time": lease.start_time})
+        self._append({"add": lease.info.to_wire(), "start_time": lease.start_time})
 
     def end(self, lease_id: str) -> Lease | None:
         """Forget a lease and close its pidfd; the consumer's sockets are not touched."""
@@ -153,7 +153,7 @@ class LeaseTable:
             return
         tmp = self.state_path.with_suffix(".tmp")
         lines = [
-            json.dumps({"add": asdict(lease.info), "start_time": lease.start_time}) + "\n"
+            json.dumps({"add": lease.info.to_wire(), "start_time": lease.start_time}) + "\n"
             for lease in self.by_id.values()
         ]
         tmp.write_text("".join(lines))

@@ -58,11 +58,12 @@ def check(
     in its effective set always passes, as in the kernel. With the consumer's pidfd, a
     recycled pid is noticed (ConsumerGone) instead of checking a stranger.
     """
-    status = procinfo.read_status(consumer_pid, pidfd)
-    if status.has_cap(procinfo.CAP_IPC_LOCK):
-        return
     soft = procinfo.memlock_limit(consumer_pid, pidfd).soft
     if soft is None or _pages(needed_bytes) + _pages(held_bytes_for_uid) <= soft // PAGE_SIZE:
+        return
+    # Only a shortfall needs the (costlier) status: CAP_IPC_LOCK, and the uid to name.
+    status = procinfo.read_status(consumer_pid, pidfd)
+    if status.has_cap(procinfo.CAP_IPC_LOCK):
         return
     held = f" and uid {status.uid} already holds {mib(held_bytes_for_uid)} through other leases"
     raise MemlockExceeded(

@@ -15,7 +15,7 @@ import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker import fdpass, memlock, netdev, polkit, procinfo, xsk
@@ -520,7 +520,7 @@ class Broker:
         self.notifier.store_fds(FDSTORE_PREFIX + info.lease_id, [consumer.pidfd])
         self._audit("granted", info, f"{info.mode} mode, rule {grant.rule}")
         self._changed()
-        payload = {"lease": asdict(info), "netdev_template": netdev_template(info)}
+        payload = {"lease": info.to_wire(), "netdev_template": netdev_template(info)}
         return encode_reply("request", payload), fds
 
     def _lease(self, lease_id: str) -> Lease:
@@ -668,7 +668,7 @@ class Broker:
         return {
             "broker": {"version": VERSION, "pid": os.getpid(), "policy": str(self.policy.path)},
             "attachments": [a.describe() for a in self.loader.attachments.values()],
-            "leases": [asdict(lease.info) for lease in self.leases.by_id.values()],
+            "leases": [lease.info.to_wire() for lease in self.leases.by_id.values()],
         }
 
 
