@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 from pathlib import Path
-from types import FrameType
 
 from broker import activation, caps
 from broker.limits import raise_fd_limit
@@ -55,13 +53,7 @@ def main(opts: argparse.Namespace) -> int:
     stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
     broker = Broker(config, listener, notifier=notifier, stored_fds=stored)
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        broker.running = False
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: broker.reload_policy())
+    broker.catch_signals()
     try:
         broker.start()
         notifier.ready()

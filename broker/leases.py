@@ -46,6 +46,7 @@ class LeaseTable:
         self.by_id: dict[str, Lease] = {}
         self.by_queue: dict[tuple[int, int], Lease] = {}
         self._journal: int | None = None
+        self._journal_lines = 0
 
     def holder(self, ifindex: int, queue: int) -> Lease | None:
         return self.by_queue.get((ifindex, queue))
@@ -135,8 +136,14 @@ class LeaseTable:
             self.by_queue[key] = lease
 
     def _append(self, entry: dict) -> None:
-        if self._journal is not None:
-            os.write(self._journal, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        """One line per change; rewritten to the live leases once mostly history, so a busy
+        broker's journal (in RAM, on /run) stays in proportion to its leases."""
+        if self._journal is None:
+            return
+        os.write(self._journal, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        self._journal_lines += 1
+        if self._journal_lines > 2 * len(self.by_id) + 64:
+            self._compact()
 
     def _read_journal(self) -> list[dict]:
         if self.state_path is None or not self.state_path.exists():
@@ -158,7 +165,10 @@ class LeaseTable:
         ]
         tmp.write_text("".join(lines))
         os.replace(tmp, self.state_path)
+        if self._journal is not None:
+            os.close(self._journal)
         self._journal = os.open(self.state_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._journal_lines = len(lines)
 
 
 def _alive(pidfd: int | None) -> int | None:

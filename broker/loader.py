@@ -205,13 +205,20 @@ class Loader:
             map_fd = bpf.get_pinned(str(pin_dir / "map"))
             info = bpf.link_info(link_fd)
             queue_count = bpf.map_info(map_fd).max_entries
-        except OSError:
-            info = None
-        if info is None or info.ifindex != ifindex:
+        except OSError as exc:
             for fd in (link_fd, map_fd):
                 if fd >= 0:
                     os.close(fd)
-            shutil.rmtree(pin_dir, ignore_errors=True)
+            if exc.errno != errno.ENOENT:  # EMFILE, ENOMEM...: the link may well be alive
+                raise AttachFailed(
+                    f"cannot open the pins in {pin_dir}: {exc.strerror}", errno=exc.errno
+                ) from None
+            info = None
+        if info is None or info.ifindex != ifindex:
+            if info is not None:
+                os.close(link_fd)
+                os.close(map_fd)
+            shutil.rmtree(pin_dir, ignore_errors=True)  # a half-pinned or dead attachment
             return None
         if ifname is None:
             try:

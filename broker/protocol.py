@@ -24,6 +24,8 @@ QEMU_UMEM_BYTES = 32 * 1024 * 1024
 MODES = ("auto", "native", "skb")
 MAX_TAG_CHARS = 64
 IFNAMSIZ = 16
+PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
+LEASE_ID_CHARS = 12
 
 
 def socket_path_from(path: str | os.PathLike | None) -> str:
@@ -133,9 +135,17 @@ def validate_ifname(ifname: str) -> str:
     """Apply the kernel's dev_valid_name() rules, so nothing odd reaches a QEMU argument."""
     if not ifname or len(ifname.encode()) >= IFNAMSIZ or ifname in (".", ".."):
         raise BadRequest(f"ifname {ifname!r} is not a valid interface name (1-15 bytes)")
-    if any(c in "/:" or c.isspace() or not c.isprintable() for c in ifname):
+    if any(c in "/:" or c.isspace() or not c.isprintable() or 0xD800 <= ord(c) < 0xE000
+           for c in ifname):  # fmt: skip
         raise BadRequest(f"ifname {ifname!r} contains '/', ':', white space or control characters")
     return ifname
+
+
+def validate_lease_id(lease_id: str) -> str:
+    """Lease ids are 12 hex digits; anything else is refused before it is echoed or logged."""
+    if len(lease_id) != LEASE_ID_CHARS or any(c not in "0123456789abcdef" for c in lease_id):
+        raise BadRequest(f"lease_id must be {LEASE_ID_CHARS} lower-case hex digits")
+    return lease_id
 
 
 @dataclass(frozen=True)
@@ -167,8 +177,8 @@ class Request:
         if tag is not None and (len(tag) > MAX_TAG_CHARS or not tag.isprintable()):
             raise BadRequest(f"tag must be at most {MAX_TAG_CHARS} printable characters")
         pid = _field(body, "consumer_pid", int, None, nullable=True)
-        if pid is not None and pid <= 0:
-            raise BadRequest(f"consumer_pid must be positive, got {pid}")
+        if pid is not None and not 0 < pid <= PID_MAX_LIMIT:
+            raise BadRequest(f"consumer_pid must be 1..{PID_MAX_LIMIT}, got {pid}")
         umem = _field(body, "umem_bytes", int, QEMU_UMEM_BYTES)
         if not 4096 <= umem <= 1 << 40:
             raise BadRequest(f"umem_bytes must be 4096..2^40, got {umem}")
@@ -206,7 +216,7 @@ class Release:
 
     @classmethod
     def from_body(cls, body: dict) -> Release:
-        return cls(_field(body, "lease_id", str))
+        return cls(validate_lease_id(_field(body, "lease_id", str)))
 
 
 @dataclass(frozen=True)
@@ -218,7 +228,7 @@ class Revoke:
 
     @classmethod
     def from_body(cls, body: dict) -> Revoke:
-        return cls(_field(body, "lease_id", str))
+        return cls(validate_lease_id(_field(body, "lease_id", str)))
 
 
 @dataclass(frozen=True)
@@ -247,6 +257,8 @@ def decode_message(data: bytes) -> Message:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadMessage(f"message is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise BadMessage("message nests JSON too deeply") from None
     if not isinstance(body, dict):
         raise BadMessage(f"message must be a JSON object, got {type(body).__name__}")
     version = body.get("version")
@@ -260,7 +272,10 @@ def decode_message(data: bytes) -> Message:
     unknown = sorted(set(body) - known)
     if unknown:
         raise BadRequest(f"unknown field(s) for op '{op}': {', '.join(unknown)}")
-    return kind.from_body(body)
+    try:
+        return kind.from_body(body)
+    except (UnicodeError, ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"a field of op '{op}' cannot be used: {exc}") from None
 
 
 def encode_message(message: Message) -> bytes:

@@ -7,23 +7,26 @@ all, so a slow or hostile client can never stall another; each gets a deadline.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import selectors
+import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from broker import fdpass, memlock, netdev, polkit, procinfo, xsk
 from broker.activation import Notifier, log_event
 from broker.leases import Lease, LeaseTable, new_lease_id
 from broker.limits import UidLimits
 from broker.linkwatch import LinkWatch
-from broker.loader import DEFAULT_PIN_ROOT, Loader
+from broker.loader import DEFAULT_PIN_ROOT, Attachment, Loader
 from broker.policy import DEFAULT_POLICY_PATH, Caller, Grant, Policy, PolicyError
 from broker.protocol import (
     BrokerError,
@@ -69,6 +72,9 @@ class ServeConfig:
     rate_per_uid: float = 200.0
     burst_per_uid: float = 400.0
     connection_deadline: float = 10.0
+    max_polkit_checks_per_uid: int = 2
+    max_polkit_checks: int = 32
+    max_status_leases: int = 200
     policy_path: Path = DEFAULT_POLICY_PATH
     polkit_timeout: float = 5.0
 
@@ -77,7 +83,12 @@ def peer_of(conn: socket.socket) -> tuple[Caller, int]:
     """Who is on the other end, as the kernel says (never the message), and a pidfd on it
     (SO_PEERPIDFD, Linux 6.5+)."""
     pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+    except OSError as exc:  # ERANGE: more than 256 groups; NGROUPS_MAX is 65536
+        if exc.errno != errno.ERANGE:
+            raise
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 65536)
     groups = struct.unpack(f"{len(raw) // 4}I", raw)
     pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     return Caller(uid, gid, groups, pid), pidfd
@@ -110,7 +121,13 @@ class Consumer:
     pidfd: int
 
 
-Reply = tuple[bytes, list[int]]
+class Reply(NamedTuple):
+    """What goes back on a connection; lease_id names a lease whose fds these are, to be
+    ended if they cannot be delivered."""
+
+    data: bytes
+    fds: Sequence[int] = ()
+    lease_id: str | None = None
 
 
 @dataclass
@@ -141,6 +158,9 @@ class Broker:
         self.pending: list[Pending] = []
         self.executor: ThreadPoolExecutor | None = None
         self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.signals, self.signals_w = socket.socketpair()
+        for end in (self.signals, self.signals_w):
+            end.setblocking(False)
         self.limits = UidLimits(
             self.config.max_connections_per_uid,
             self.config.rate_per_uid,
@@ -161,6 +181,7 @@ class Broker:
             log.info("adopted %s", attachment.describe())
         pidfds = {n.removeprefix(FDSTORE_PREFIX): fd for n, fd in self.stored_fds.items()}
         for info in self.leases.restore(pidfds):
+            self._release_slots(info)
             self._audit("expired", info, "consumer exited while the broker was down")
         for name in set(self.stored_fds) - {FDSTORE_PREFIX + i for i in self.leases.by_id}:
             self.notifier.remove_fds(name)
@@ -176,23 +197,51 @@ class Broker:
         self.linkwatch = LinkWatch()
         self.selector.register(self.linkwatch, selectors.EVENT_READ, "links")
         self.selector.register(self.wakeup, selectors.EVENT_READ, "pending")
+        self.selector.register(self.signals, selectors.EVENT_READ, "signal")
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, "listen")
         self._changed()
 
+    def catch_signals(self) -> None:
+        """SIGTERM/SIGINT stop and SIGHUP reloads, acted on by the loop between events (a
+        handler could interrupt a lease half-recorded); the wakeup fd wakes the selector."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda _signum, _frame: None)
+        signal.set_wakeup_fd(self.signals_w.fileno(), warn_on_full_buffer=False)
+
     def step(self, timeout: float | None) -> None:
+        """One round of the loop; no single event, whatever it raises, ends the broker."""
         for key, _ in self.selector.select(timeout):
-            if key.data == "listen":
-                self._accept()
-            elif key.data == "pidfd":
-                self._consumer_exited(key.fd)
-            elif key.data == "links":
-                self._links_changed()
-            elif key.data == "pending":
-                self._decided()
-            else:
-                self._readable(key.fd)
+            try:
+                self._event(key)
+            except Exception:
+                log.exception("handling a %s event failed", key.data)
+                if key.data == "conn":
+                    self._drop(key.fd)
         self._expire_connections()
+
+    def _event(self, key: selectors.SelectorKey) -> None:
+        if key.data == "listen":
+            self._accept()
+        elif key.data == "pidfd":
+            self._consumer_exited(key.fd)
+        elif key.data == "links":
+            self._links_changed()
+        elif key.data == "pending":
+            self._decided()
+        elif key.data == "signal":
+            self._signalled()
+        else:
+            self._readable(key.fd)
+
+    def _signalled(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            for signum in self.signals.recv(512):
+                if signum == signal.SIGHUP:
+                    self.reload_policy()
+                else:
+                    log.info("signal %d: stopping", signum)
+                    self.running = False
 
     def close(self) -> None:
         for fd in list(self.connections):
@@ -202,11 +251,13 @@ class Broker:
         self.selector.close()
         if self.linkwatch is not None:
             self.linkwatch.close()
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.executor is not None:  # a running check ends within polkit_timeout
+            self.executor.shutdown(wait=True, cancel_futures=True)
         for pending in self.pending:
             pending.cleanup()
         os.close(self.wakeup)
+        self.signals.close()
+        self.signals_w.close()
 
     def reload_policy(self) -> None:
         """SIGHUP: use the new policy only if it loads whole; leases are never touched."""
@@ -302,18 +353,14 @@ class Broker:
             with contextlib.suppress(OSError):
                 fdpass.close_all(fdpass.receive(conn.sock, max_fds=0).fds)
             limit = self.config.rate_per_uid
-            self._reply(
-                conn,
-                encode_error(
-                    RateLimited(f"uid {conn.peer.uid} sends more than {limit:g} messages a second")
-                ),
-            )
+            error = RateLimited(f"uid {conn.peer.uid} sends more than {limit:g} messages a second")
+            self._reply(conn, Reply(encode_error(error)))
             self._drop(fd)
             return
         try:
             data = fdpass.receive_request(conn.sock)
         except BrokerError as error:
-            self._reply(conn, encode_error(error))
+            self._reply(conn, Reply(encode_error(error)))
             return
         except (BlockingIOError, InterruptedError):
             return
@@ -325,15 +372,19 @@ class Broker:
             return
         result = self._handle(conn, data)
         if result is not None:
-            self._reply(conn, *result)
+            self._reply(conn, result)
 
-    def _reply(self, conn: Connection, reply: bytes, fds: list[int] | None = None) -> None:
+    def _reply(self, conn: Connection, reply: Reply) -> None:
+        """Send, then close the broker's copies; a lease whose fds never arrived ends."""
         try:
-            fdpass.send(conn.sock, reply, fds or [])
+            fdpass.send(conn.sock, reply.data, reply.fds)
         except OSError:
             self._drop(conn.sock.fileno())
+            lease = self.leases.by_id.get(reply.lease_id or "")
+            if lease is not None:
+                self._end_lease(lease, "released", "the reply could not be delivered")
         finally:
-            fdpass.close_all(fds or [])
+            fdpass.close_all(list(reply.fds))
 
     def _handle(self, conn: Connection, data: bytes) -> Reply | None:
         """The reply, or None while a decision waits for polkit (see _decided)."""
@@ -341,7 +392,7 @@ class Broker:
             message = decode_message(data)
         except BrokerError as error:
             log.debug("refused uid=%d pid=%d: %s", conn.peer.uid, conn.peer.pid, error)
-            return encode_error(error), []
+            return Reply(encode_error(error))
         return self._guarded(conn, message, lambda: self._dispatch(conn, message))
 
     def _guarded(
@@ -355,18 +406,18 @@ class Broker:
                 self._audit_refusal(conn, message, error)
             else:
                 log.info("refused %s from uid %d: %s", message.op, conn.peer.uid, error)
-            return encode_error(error), []
+            return Reply(encode_error(error))
         except Exception as exc:
             log.exception("internal error")
-            return encode_error(BrokerError(f"internal error: {exc}")), []
+            return Reply(encode_error(BrokerError(f"internal error: {exc}")))
 
     def _dispatch(self, conn: Connection, message: Message) -> Reply | None:
         if isinstance(message, Request):
             return self._request(conn, message)
         if isinstance(message, StatusQuery):
-            return encode_reply("status", self.status()), []
+            return Reply(encode_reply("status", self.status()))
         if isinstance(message, Ping):
-            return encode_reply("ping", {"broker": VERSION, "pid": os.getpid()}), []
+            return Reply(encode_reply("ping", {"broker": VERSION, "pid": os.getpid()}))
         if isinstance(message, Release):
             return self._release(conn, message)
         if isinstance(message, Revoke):
@@ -391,7 +442,12 @@ class Broker:
         """
         if grant.polkit_action is None:
             return then()
-        subject = polkit.subject_of(conn.peer.pid, conn.peer.uid, conn.pidfd)
+        try:
+            self._may_park(conn)
+            subject = polkit.subject_of(conn.peer.pid, conn.peer.uid, conn.pidfd)
+        except BaseException:
+            cleanup()
+            raise
         if self.executor is None:
             self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="polkit")
         future = self.executor.submit(
@@ -403,6 +459,15 @@ class Broker:
         self.pending.append(Pending(conn, message, future, then, cleanup))
         future.add_done_callback(lambda _: os.eventfd_write(self.wakeup, 1))
         return None
+
+    def _may_park(self, conn: Connection) -> None:
+        """Bound the checks waiting for polkit, per uid and overall, so one uid cannot make
+        everyone else's checks wait out their deadlines."""
+        mine = sum(1 for p in self.pending if p.conn.peer.uid == conn.peer.uid)
+        if mine >= self.config.max_polkit_checks_per_uid:
+            raise RateLimited(f"uid {conn.peer.uid} already has {mine} polkit checks waiting")
+        if len(self.pending) >= self.config.max_polkit_checks:
+            raise RateLimited(f"{len(self.pending)} polkit checks are waiting; retry later")
 
     def _decided(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -422,7 +487,7 @@ class Broker:
             else:
                 result = self._guarded(conn, pending.message, pending.then)
             if result is not None:
-                self._reply(conn, *result)
+                self._reply(conn, result)
 
     def _authorize(self, conn: Connection, decide: Callable[[Policy], Grant]) -> Grant:
         if not self.policy.files:
@@ -446,36 +511,42 @@ class Broker:
             raise
         return Consumer(request.consumer_pid, uid, pidfd)
 
+    def _grant_for(self, conn: Connection, request: Request, consumer: Consumer) -> Grant:
+        return self._authorize(
+            conn,
+            lambda policy: policy.authorize(
+                conn.peer,
+                request,
+                queues_held_by_uid=self.leases.queues_held_by(conn.peer.uid),
+                consumer_uid=consumer.uid,
+            ),
+        )
+
     def _request(self, conn: Connection, request: Request) -> Reply | None:
         """Policy first (who may have what), then polkit where delegated, then the kernel."""
         consumer = self._consumer(conn, request)
         try:
-            grant = self._authorize(
-                conn,
-                lambda policy: policy.authorize(
-                    conn.peer,
-                    request,
-                    queues_held_by_uid=self.leases.queues_held_by(conn.peer.uid),
-                    consumer_uid=consumer.uid,
-                ),
-            )
+            grant = self._grant_for(conn, request, consumer)
         except BaseException:
             os.close(consumer.pidfd)
             raise
         details = polkit.request_details(request, consumer.pid, consumer.uid)
         return self._admit(
             conn, request, grant, details,
-            lambda: self._hand_out(conn, request, grant, consumer),
+            lambda: self._hand_out(conn, request, consumer),
             lambda: os.close(consumer.pidfd),
         )  # fmt: skip
 
-    def _hand_out(
-        self, conn: Connection, request: Request, grant: Grant, consumer: Consumer
-    ) -> Reply:
-        """Busy queues, memory budget, attachment, sockets, lease: every refusal comes
-        before any socket, and all but the mode check before anything is attached."""
+    def _hand_out(self, conn: Connection, request: Request, consumer: Consumer) -> Reply:
+        """Busy queues, memory budget, attachment, sockets, lease: every refusal comes before
+        any socket, and all of them before anything is attached.
+
+        The policy is asked again here: after a polkit check, the quota and the policy
+        (reloaded meanwhile, perhaps) must still allow the request.
+        """
         queue_ids = range(request.start_queue, request.start_queue + request.queues)
         try:
+            grant = self._grant_for(conn, request, consumer)
             busy = self.leases.holders(netdev.ifindex_of(request.ifname), list(queue_ids))
             if busy:
                 raise QueueBusy(
@@ -488,24 +559,39 @@ class Broker:
                 may_raise=grant.raise_memlock,
                 pidfd=consumer.pidfd,
             )
+            start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
             single = grant.modes[0] if len(grant.modes) == 1 else "auto"
             wish = request.mode if request.mode != "auto" else single
             attachment = self.loader.ensure(request.ifname, wish, queue_ids)
-            if attachment.mode not in grant.modes:
-                raise Denied(
-                    f"{attachment.ifname} carries the program in {attachment.mode} mode, which "
-                    f"rule {grant.rule} does not allow (it allows {', '.join(grant.modes)})"
-                )
-            start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
             fds = xsk.create_sockets(attachment, list(queue_ids))
         except BaseException:
             os.close(consumer.pidfd)
             raise
+        try:
+            info = self._record(conn, request, grant, consumer, attachment, start_time)
+        except BaseException:
+            xsk.release_slots(attachment, list(queue_ids))
+            fdpass.close_all(fds)
+            os.close(consumer.pidfd)
+            raise
+        payload = {"lease": info.to_wire(), "netdev_template": netdev_template(info)}
+        return Reply(encode_reply("request", payload), fds, info.lease_id)
+
+    def _record(
+        self,
+        conn: Connection,
+        request: Request,
+        grant: Grant,
+        consumer: Consumer,
+        attachment: Attachment,
+        start_time: int,
+    ) -> LeaseInfo:
+        """The lease in the table, the journal and the fd store; the pidfd now belongs to it."""
         info = LeaseInfo(
             lease_id=new_lease_id(),
             ifname=attachment.ifname,
             ifindex=attachment.ifindex,
-            queue_ids=list(queue_ids),
+            queue_ids=[*range(request.start_queue, request.start_queue + request.queues)],
             mode=attachment.mode,
             uid=conn.peer.uid,
             pid=conn.peer.pid,
@@ -520,8 +606,7 @@ class Broker:
         self.notifier.store_fds(FDSTORE_PREFIX + info.lease_id, [consumer.pidfd])
         self._audit("granted", info, f"{info.mode} mode, rule {grant.rule}")
         self._changed()
-        payload = {"lease": info.to_wire(), "netdev_template": netdev_template(info)}
-        return encode_reply("request", payload), fds
+        return info
 
     def _lease(self, lease_id: str) -> Lease:
         lease = self.leases.by_id.get(lease_id)
@@ -537,7 +622,7 @@ class Broker:
                 "an admin may revoke it instead"
             )
         self._end_lease(lease, "released", f"released by uid {conn.peer.uid}")
-        return encode_reply("release", {"lease_id": message.lease_id}), []
+        return Reply(encode_reply("release", {"lease_id": message.lease_id}))
 
     def _revoke(self, conn: Connection, message: Revoke) -> Reply | None:
         """Admin: empty a lease's slots now, so its queues' traffic returns to the stack."""
@@ -551,12 +636,9 @@ class Broker:
 
     def _do_revoke(self, conn: Connection, message: Revoke) -> Reply:
         lease = self._lease(message.lease_id)
-        attachment = self.loader.attachments.get(lease.info.ifindex)
-        if attachment is not None:
-            xsk.release_slots(attachment, lease.info.queue_ids)
         self._end_lease(lease, "revoked", f"revoked by uid {conn.peer.uid}")
         payload = {"lease_id": message.lease_id, "queue_ids": lease.info.queue_ids}
-        return encode_reply("revoke", payload), []
+        return Reply(encode_reply("revoke", payload))
 
     def _detach(self, conn: Connection, message: Detach) -> Reply | None:
         """Admin: take the program off an interface; live leases block it unless forced."""
@@ -589,9 +671,12 @@ class Broker:
             pid=conn.peer.pid,
         )
         self._changed()
-        return encode_reply("detach", {"ifname": message.ifname, "was_attached": attached}), []
+        return Reply(encode_reply("detach", {"ifname": message.ifname, "was_attached": attached}))
 
     def _end_lease(self, lease: Lease, event: str, reason: str) -> None:
+        """Forget the lease and empty its slots: sockets its consumer (or a child) may still
+        hold no longer receive, so nobody keeps queues the quota no longer counts."""
+        self._release_slots(lease.info)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(lease.pidfd)
         self.leases.end(lease.info.lease_id)
@@ -618,6 +703,11 @@ class Broker:
                 )
             self.loader.forget(event.ifindex)
             self._changed()
+
+    def _release_slots(self, info: LeaseInfo) -> None:
+        attachment = self.loader.attachments.get(info.ifindex)
+        if attachment is not None:
+            xsk.release_slots(attachment, info.queue_ids)
 
     def _consumer_exited(self, pidfd: int) -> None:
         for lease in self.leases.by_pidfd(pidfd):
@@ -665,10 +755,14 @@ class Broker:
         return f"{len(self.leases.by_id)} lease(s); attached: {attachments or 'none'}"
 
     def status(self) -> dict:
+        """Attachments and leases; at most max_status_leases leases, so the reply always
+        fits one datagram (lease_count says how many there are)."""
+        shown = list(self.leases.by_id.values())[: self.config.max_status_leases]
         return {
             "broker": {"version": VERSION, "pid": os.getpid(), "policy": str(self.policy.path)},
             "attachments": [a.describe() for a in self.loader.attachments.values()],
-            "leases": [lease.info.to_wire() for lease in self.leases.by_id.values()],
+            "leases": [lease.info.to_wire() for lease in shown],
+            "lease_count": len(self.leases.by_id),
         }
 
 

@@ -85,7 +85,7 @@ def test_broker_errors_arrive_as_their_types(broker: BrokerEnv) -> None:
                 outcome(client.request(broker.ifname, 1, 60)),
                 outcome(client.request("a/b", 1)),
                 outcome(client.request(broker.ifname, 1, 61, consumer_pid=gone.pid)),
-                outcome(client.release("no-such-lease")),
+                outcome(client.release("0123456789ab")),
             )
         finally:
             held.close()

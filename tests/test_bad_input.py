@@ -70,6 +70,23 @@ def bad_requests(ifname: str) -> list[tuple[str, bytes, str]]:
         ("wrong version", json.dumps({"version": 2, "op": "ping"}).encode(), "BAD_VERSION"),
         ("unknown op", json.dumps({"version": 1, "op": "give_me_root"}).encode(), "UNKNOWN_OP"),
         ("oversized", b" " * (MAX_MESSAGE_BYTES + 10), "MESSAGE_TOO_LARGE"),
+        ("deeply nested", b"[" * 60000, "BAD_MESSAGE"),
+        ("lone surrogate in ifname", body(ifname="\ud800", queues=1), "BAD_REQUEST"),
+        (
+            "consumer pid beyond any pid",
+            body(ifname=ifname, queues=1, consumer_pid=2**64),
+            "BAD_REQUEST",
+        ),
+        (
+            "lease id not hex",
+            json.dumps({"version": 1, "op": "release", "lease_id": "x" * 999}).encode(),
+            "BAD_REQUEST",
+        ),
+        (
+            "detach with lone surrogate",
+            json.dumps({"version": 1, "op": "detach", "ifname": "\ud800"}).encode(),
+            "BAD_REQUEST",
+        ),
     ]
 
 
@@ -84,6 +101,7 @@ def test_every_bad_request_is_refused_and_changes_nothing(
     nothing_attached(lab4, pin_root)
     assert broker4.settled_fd_count(baseline) == baseline
     assert Client(broker4.socket_path).status()["leases"] == []
+    assert broker4.stop() == 0, "SIGTERM must end the broker cleanly"
 
 
 def test_fds_sent_by_a_client_are_refused_and_closed(

@@ -191,3 +191,18 @@ def test_every_decision_is_audited_once_with_fields(broker4: BrokerProcess, lab4
         assert field in granted and field in expired, field
     assert f"consumer_pid={probe.proc.pid}" in granted
     assert "code=QUEUE_BUSY" in denied and "queues=1" in denied and "tag=intruder" in denied
+
+
+def test_release_empties_the_slots_so_released_queues_cannot_be_kept(
+    broker4: BrokerProcess, lab4: VethLab
+) -> None:
+    """A released lease's sockets leave the map, even while their holder keeps them open:
+    otherwise release-and-ask-again would hold queues beyond any per-uid quota."""
+    client = broker4.client()
+    kept = client.request(lab4.ifname_a, 2, umem_bytes=1 << 20)
+    try:
+        client.release(kept.lease_id)
+        with client.request(lab4.ifname_a, 2, umem_bytes=1 << 20) as again:
+            assert again.queue_ids == [0, 1]
+    finally:
+        kept.close()
