@@ -69,7 +69,9 @@ def install_units(prefix: Path, exec_path: str = DEFAULT_EXEC_PATH) -> list[Path
     polkit = SOURCE / "polkit"
     for action in sorted(polkit.glob("*.policy")):
         _copy(action, prefix / POLKIT_ACTIONS / action.name, installed)
-    examples = sorted(polkit.glob("*.rules")) + sorted((SOURCE / "examples").glob("policy*"))
+    examples = sorted(polkit.glob("*.rules.example")) + sorted(
+        (SOURCE / "examples").glob("policy*")
+    )
     for example in examples:
         _copy(example, prefix / EXAMPLES / example.name, installed)
     return installed
