@@ -12,6 +12,7 @@ import pytest
 from container import CLIENT_USER, EXEC_PATH, BootedContainer
 
 from broker import caps
+from broker.labbroker import wait_until
 
 THREE = {"net_admin", "bpf", "net_raw"}
 
@@ -128,3 +129,14 @@ def test_the_sandboxed_service_attaches_and_hands_out_sockets_on_a_veth(
     assert "xskt-sb/" in box.show("xsk-broker.service", "StatusText")["StatusText"]
     pins = box.exec(["find", "/sys/fs/bpf/xsk-broker", "-type", "f"], check=True).stdout
     assert pins.strip(), "no pins under the service's bpffs directory"
+
+
+def test_systemctl_reload_rereads_the_policy(box: BootedContainer) -> None:
+    box.add_user()
+    assert box.run([EXEC_PATH, "ping"], user=CLIENT_USER).returncode == 0
+    box.exec(["systemctl", "reload", "xsk-broker.service"], check=True)
+    wait_until(
+        lambda: (
+            "policy reloaded" in box.exec(["journalctl", "-u", "xsk-broker", "-o", "cat"]).stdout
+        )
+    )
