@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import prctl
+
 from broker.netlab import UNPRIVILEGED_GID, enter_netns
 from broker.protocol import BrokerError
 from client.sync import Client
@@ -112,16 +114,26 @@ class BrokerProcess:
                 stdout=log,
                 stderr=log,
                 env=self.env,
-                preexec_fn=lambda: enter_netns(self.netns),
+                preexec_fn=self._preexec,
             )
         deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(BrokerError):
-                Client(self.socket_path, timeout=2).ping()
-                return self
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"broker did not come up; log:\n{self.log()}")
-            time.sleep(0.02)
+        try:
+            while True:
+                with contextlib.suppress(BrokerError):
+                    Client(self.socket_path, timeout=2).ping()
+                    return self
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"broker did not come up; log:\n{self.log()}")
+                time.sleep(0.02)
+        except BaseException:  # also ^C: `with` does not call __exit__ when __enter__ fails
+            self.stop()
+            raise
+
+    def _preexec(self) -> None:
+        """In the child: the lab namespace, and SIGTERM should the parent die without
+        stopping it (a ^C can land between fork and Popen's return, out of reach)."""
+        prctl.set_pdeathsig(signal.SIGTERM)
+        enter_netns(self.netns)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.labbroker import REPO
+from broker.labbroker import REPO, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -47,14 +47,27 @@ def test_demo_moves_frames_on_every_queue_and_cleans_up() -> None:
     assert leftovers(err.splitlines()[0]) == []
 
 
-def test_interrupted_demo_removes_what_it_made() -> None:
+def interrupt_demo() -> tuple[int, str, str]:
+    """Start the demo, ^C it while its broker starts; (exit status, stderr, its lab line)."""
     proc = demo()
     assert proc.stdout is not None
     lab_line = proc.stdout.readline()
     assert all(Path(path).exists() for path in made_by(lab_line)), lab_line
-    proc.send_signal(signal.SIGINT)  # while the broker is still starting (~200 ms)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 130
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    return proc.returncode, err, lab_line
+
+
+def test_interrupted_demo_removes_what_it_made() -> None:
+    # A SIGINT landing in an at-fork hook is dropped by CPython ("Exception ignored") and the
+    # demo simply runs to its end; only then is the interrupt tried again.
+    for _ in range(3):
+        status, err, lab_line = interrupt_demo()
+        if not (status == 0 and "Exception ignored" in err):
+            break
+    assert status == 130, err
+    assert err.strip().endswith("INTERRUPTED: stopped by the user")
     assert leftovers(lab_line) == []
-    brokers = subprocess.run(["pgrep", "-f", "xskt-demo-"], capture_output=True, text=True)
-    assert brokers.stdout == "", "a demo broker survived the interrupt"
+    wait_until(  # a broker caught mid-start is ended by its parent-death signal
+        lambda: subprocess.run(["pgrep", "-f", "xskt-demo-"], capture_output=True).stdout == b""
+    )
