@@ -1,7 +1,8 @@
 """The accept loop: one thread, one selector, every step of a request a plain function call.
 
 Connections are non-blocking SOCK_SEQPACKET sockets: a datagram is there whole or not at
-all, so a slow or hostile client can never stall another; each gets a deadline.
+all, so a slow or hostile client can never stall another. A connection may carry many
+exchanges; it is closed after connection_deadline seconds without a message.
 """
 
 from __future__ import annotations
@@ -349,6 +350,7 @@ class Broker:
     def _readable(self, fd: int) -> None:
         conn = self.connections[fd]
         self.last_activity = time.monotonic()
+        conn.deadline = self.last_activity + self.config.connection_deadline
         if not self.limits.may_send(conn.peer.uid):
             with contextlib.suppress(OSError):
                 fdpass.close_all(fdpass.receive(conn.sock, max_fds=0).fds)
