@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import time
@@ -104,24 +105,29 @@ def main() -> int:
     opts = parser.parse_args()
     results: dict[str, object] = {}
     workdir = public_tempdir("xskt-bench-")
-    with (
-        VethLab(queues=64) as lab,
-        bpffs() as pins,
-        BrokerProcess(lab.ns_a, pins / "pins", workdir, "--rate-per-uid", "1e6") as broker,
-    ):
-        results["first_request_fresh_interface"] = percentiles(first_request(broker, lab.ns_a, 5))
-        client = broker.client()
-        warm_request(client, lab.ifname_a, 1, 1)  # attach once
-        for queues in (1, 4, 64):
-            rounds = opts.rounds if queues < 64 else max(20, opts.rounds // 8)
-            warm = percentiles(warm_request(client, lab.ifname_a, queues, rounds))
-            raw = percentiles(raw_cost(lab.ns_a, lab.ifname_a, queues, rounds))
-            results[f"warm_{queues}q"] = {
-                "broker": warm,
-                "raw": raw,
-                "ratio_p50": round(warm["p50_ms"] / raw["p50_ms"], 2),
-            }
-        results["broker_fds_after"] = broker.fd_count()
+    try:
+        with (
+            VethLab(queues=64) as lab,
+            bpffs() as pins,
+            BrokerProcess(lab.ns_a, pins / "pins", workdir, "--rate-per-uid", "1e6") as broker,
+        ):
+            results["first_request_fresh_interface"] = percentiles(
+                first_request(broker, lab.ns_a, 5)
+            )
+            client = broker.client()
+            warm_request(client, lab.ifname_a, 1, 1)  # attach once
+            for queues in (1, 4, 64):
+                rounds = opts.rounds if queues < 64 else max(20, opts.rounds // 8)
+                warm = percentiles(warm_request(client, lab.ifname_a, queues, rounds))
+                raw = percentiles(raw_cost(lab.ns_a, lab.ifname_a, queues, rounds))
+                results[f"warm_{queues}q"] = {
+                    "broker": warm,
+                    "raw": raw,
+                    "ratio_p50": round(warm["p50_ms"] / raw["p50_ms"], 2),
+                }
+            results["broker_fds_after"] = broker.fd_count()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     for name, value in results.items():
         print(f"{name}: {json.dumps(value)}")
     four = results["warm_4q"]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.labbroker import REPO, BrokerProcess, public_tempdir, wait_until
+from broker.labbroker import REPO, BrokerProcess, wait_until
 from broker.labtraffic import client_env
 from broker.netlab import VethLab, run_unprivileged, spawn_unprivileged
 from broker.protocol import BrokerError, decode_message, encode_message
@@ -104,10 +104,9 @@ sys.stdin.readline()
 
 @pytest.mark.kernel
 def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
-    lab4: VethLab, pin_root: Path
+    lab4: VethLab, pin_root: Path, workdir: Path
 ) -> None:
     """500 idle connections and 10,000 malformed messages from one uid; root still served."""
-    workdir = public_tempdir()
     limits = ("--max-connections-per-uid", "1000", "--rate-per-uid", "1000000")
     with BrokerProcess(lab4.ns_a, pin_root, workdir, *limits) as broker:
         client = broker.client()
