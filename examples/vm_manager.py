@@ -29,7 +29,12 @@ async def wait_for(path: str, proc: asyncio.subprocess.Process) -> None:
 
 
 async def run_vm(ifname: str, qemu: str, extra: list[str]) -> int:
-    qmp_path = os.path.join(tempfile.mkdtemp(prefix="vm-"), "qmp.sock")
+    with tempfile.TemporaryDirectory(prefix="vm-") as rundir:
+        return await run_vm_in(rundir, ifname, qemu, extra)
+
+
+async def run_vm_in(rundir: str, ifname: str, qemu: str, extra: list[str]) -> int:
+    qmp_path = os.path.join(rundir, "qmp.sock")
     with await AsyncClient().request(ifname, queues=1, start_queue=0, tag="vm-net0") as lease:
         lease.make_inheritable()
         proc = await asyncio.create_subprocess_exec(
