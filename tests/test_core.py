@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from broker.labbroker import REPO, BrokerProcess, wait_until
 from broker.labtraffic import Capture, client_env, running_probe, send_to_queue
 from broker.netlab import VethLab, run, run_unprivileged, steer_queue
-from broker.protocol import QueueBusy
+from broker.protocol import QueueBusy, Request, encode_message
 
 pytestmark = pytest.mark.kernel
 FRAMES_PER_QUEUE = 8
@@ -206,3 +209,27 @@ def test_release_empties_the_slots_so_released_queues_cannot_be_kept(
             assert again.queue_ids == [0, 1]
     finally:
         kept.close()
+
+
+def test_a_grant_whose_reply_cannot_be_delivered_ends_at_once(
+    broker4: BrokerProcess, lab4: VethLab
+) -> None:
+    """The caller is gone before the broker answers (stopped meanwhile, to be sure): the
+    lease for the named consumer must not outlive the fds that never arrived."""
+    consumer = subprocess.Popen(["sleep", "60"])
+    try:
+        broker4.proc.send_signal(signal.SIGSTOP)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.connect(str(broker4.socket_path))
+                sock.send(encode_message(Request(lab4.ifname_a, 2, 0, "auto", "orphan",
+                                                 consumer.pid, 1 << 20)))  # fmt: skip
+        finally:
+            broker4.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: "the reply could not be delivered" in broker4.log())
+        assert broker4.client().status()["leases"] == []
+        with broker4.client().request(lab4.ifname_a, 2, umem_bytes=1 << 20) as lease:
+            assert lease.queue_ids == [0, 1]  # the slots were emptied too
+    finally:
+        consumer.kill()
+        consumer.wait()
