@@ -15,7 +15,6 @@ from dataclasses import dataclass
 BPF_MAP_TYPE_XSKMAP = 17
 BPF_PROG_TYPE_XDP = 6
 BPF_XDP = 37  # enum bpf_attach_type
-BPF_ANY = 0
 BPF_NOEXIST = 1
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
