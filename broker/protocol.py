@@ -208,27 +208,30 @@ class Ping:
 
 
 @dataclass(frozen=True)
-class Release:
-    """End one of the caller's own leases now (the consumer's sockets stay open)."""
+class _LeaseOp:
+    """An op on one lease, named by its id."""
 
-    op: ClassVar[str] = "release"
+    op: ClassVar[str]
     lease_id: str
 
     @classmethod
-    def from_body(cls, body: dict) -> Release:
+    def from_body(cls, body: dict) -> _LeaseOp:
         return cls(validate_lease_id(_field(body, "lease_id", str)))
 
 
 @dataclass(frozen=True)
-class Revoke:
+class Release(_LeaseOp):
+    """End one of the caller's own leases now; its slots are emptied (the sockets the
+    consumer holds stay open but receive nothing more)."""
+
+    op: ClassVar[str] = "release"
+
+
+@dataclass(frozen=True)
+class Revoke(_LeaseOp):
     """Admin: end someone's lease now and empty its slots (traffic back to the stack)."""
 
     op: ClassVar[str] = "revoke"
-    lease_id: str
-
-    @classmethod
-    def from_body(cls, body: dict) -> Revoke:
-        return cls(validate_lease_id(_field(body, "lease_id", str)))
 
 
 @dataclass(frozen=True)
