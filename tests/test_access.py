@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from polkit_env import PolkitEnv, polkit_env
 
 from broker.labbroker import REPO, BrokerProcess, wait_until
 from broker.labtraffic import Capture, client_env, running_probe, send_to_queue
-from broker.netlab import VethLab, run, run_unprivileged
+from broker.netlab import VethLab, run, run_unprivileged, spawn_unprivileged
 
 pytestmark = pytest.mark.kernel
 MIB = 1 << 20
@@ -235,3 +236,32 @@ def test_policy_check_command_explains_a_user(tmp_path: Path) -> None:
     )  # fmt: skip
     assert broken.returncode == 1
     assert broken.stderr.startswith(f"BAD_POLICY: {path}:4: ")
+
+
+def test_waiting_polkit_checks_are_bounded_per_uid(
+    broker_factory: Callable, polkitd: PolkitEnv
+) -> None:
+    """With polkitd stopped, checks wait; a uid gets two waiting, not more, and others
+    are still served."""
+    policy = '[[allow]]\nname = "via-polkit"\nusers = [61001]\npolkit = true\n' + POLICY
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": polkitd.bus_address}
+    broker, lab = broker_factory(policy=policy, env=env)
+    args = json.dumps({"ifname": lab.ifname_a, "queues": 1, "umem_bytes": MIB})
+    assert polkitd.polkitd is not None
+    polkitd.polkitd.send_signal(signal.SIGSTOP)
+    waiting = []
+    try:
+        for _ in range(2):
+            waiting.append(spawn_unprivileged(
+                [sys.executable, "-c", ASK, args], 61001, netns=broker.netns,
+                env=client_env(broker), cwd=str(REPO), stdout=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+        time.sleep(1.0)  # both start (~50 ms) and send; their checks then wait on polkitd
+        third = ask_as(broker, 61001, ifname=lab.ifname_a, queues=1, umem_bytes=MIB)
+        assert third["code"] == "RATE_LIMITED", third
+        assert "uid 61001 already has 2 polkit checks waiting" in third["message"]
+        assert broker.client().ping()["broker"]
+    finally:
+        polkitd.polkitd.send_signal(signal.SIGCONT)
+        for proc in waiting:
+            proc.communicate(timeout=30)

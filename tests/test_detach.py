@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from broker.labbroker import REPO, BrokerProcess, wait_until
 from broker.labtraffic import client_env, running_probe
 from broker.loader import netns_key
-from broker.netlab import VethLab, in_netns, run, run_unprivileged
+from broker.netlab import VethLab, enter_netns, in_netns, run, run_unprivileged
 from broker.protocol import LeasesLive
 
 pytestmark = pytest.mark.kernel
@@ -106,3 +107,40 @@ def test_removed_interface_ends_its_leases_and_pins_and_a_new_one_works(
     with client.request(lab4.ifname_a, 4, umem_bytes=1 << 20) as lease:
         assert lease.queue_ids == [0, 1, 2, 3] and xdp_of(lab4)
     assert "event=expired" in broker4.log() and "was removed" in broker4.log()
+
+
+ADOPT_WITHOUT_FDS = r"""
+import json, os, resource, sys
+from pathlib import Path
+from broker import bpf
+from broker.loader import Loader
+from broker.protocol import BrokerError
+loader = Loader(Path(sys.argv[1]))
+bpf._libbpf()  # loaded before the limit: only the pins' fds must be refused
+in_use = len(os.listdir("/proc/self/fd")) - 1  # one more fits: the listing, then the link
+resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 1, in_use + 1))
+try:
+    loader.adopt_one(int(sys.argv[2]))
+    print(json.dumps({"code": None}))
+except BrokerError as error:
+    print(json.dumps({"code": error.code, "errno": error.errno}))
+"""
+
+
+def test_adoption_that_cannot_open_the_pins_keeps_them(
+    broker4: BrokerProcess, lab4: VethLab, pin_root: Path
+) -> None:
+    """EMFILE (or ENOMEM) says nothing about the link: its pins must stay, or every VM on
+    the interface would lose its program."""
+    with broker4.client().request(lab4.ifname_a, 1, umem_bytes=1 << 20) as lease:
+        ifindex = lease.ifindex
+    before = pins_of(lab4, pin_root)
+    result = subprocess.run(
+        [sys.executable, "-c", ADOPT_WITHOUT_FDS, str(pin_root), str(ifindex)],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+        preexec_fn=lambda: enter_netns(lab4.ns_a),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"code": "ATTACH_FAILED", "errno": errno.EMFILE}
+    assert pins_of(lab4, pin_root) == before and before
+    assert xdp_of(lab4)
