@@ -1,21 +1,26 @@
 # Both targets install what is missing first (apt packages, .venv), so a fresh machine
 # needs nothing else. Run as root: the demo and the tests make namespaces and attach XDP.
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fresh lint bench
 
 setup:
 	scripts/setup.sh
 
+# Through scripts/public-view.sh: the unprivileged processes of the demo and the tests must
+# reach the venv and the checkout wherever it was cloned (python -m, so that sys.executable
+# is the path they can reach).
 demo: setup
-	.venv/bin/xsk-broker demo
+	scripts/public-view.sh .venv/bin/python -m client.cli demo
 
 test: setup
-	.venv/bin/pytest $(PYTEST_ARGS)
+	scripts/public-view.sh .venv/bin/python -m pytest $(PYTEST_ARGS)
+
+# CI as on a new machine: fresh clone under a 0700 directory, every cache empty.
+test-fresh:
+	scripts/test-fresh.sh
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
 bench: setup
-	.venv/bin/python -m bench.request_latency
-	.venv/bin/python -m bench.hostile_load
-	.venv/bin/python -m bench.cold_start
-	.venv/bin/python -m bench.memory
+	scripts/public-view.sh sh -c 'for b in request_latency hostile_load cold_start memory; do \
+	    .venv/bin/python -m bench.$$b || exit; done'

@@ -22,7 +22,7 @@ debootstrap --variant=minbase \
     bookworm "$work/root" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
     || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
 
-"$python" -m pip wheel --quiet --wheel-dir "$work/wheels" "$@"
+"$python" -m pip wheel --quiet --use-pep517 --wheel-dir "$work/wheels" "$@"
 
 nspawn() {
     systemd-nspawn --quiet --register=no --keep-unit --private-network --machine=xskt-build \

@@ -26,5 +26,12 @@ if [ ! -e "$stamp" ]; then
   rm -rf .venv
   /usr/bin/python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  # The editable install records this checkout's absolute path, which other uids cannot
+  # reach when the checkout lies under a closed directory. A path relative to
+  # site-packages finds the checkout through whichever path the venv was reached by
+  # (scripts/public-view.sh), and comes first on sys.path.
+  for site in .venv/lib/python3*/site-packages; do
+    echo ../../../.. >"$site/00-xsk-broker-checkout.pth"
+  done
   touch "$stamp"
 fi

@@ -1,0 +1,28 @@
+#!/bin/sh
+# usage: scripts/test-fresh.sh [REV]   (root; default REV: HEAD)
+#
+# CI as on a new machine: a fresh clone of REV in a directory other uids cannot traverse
+# (mode 0700, as root's clone under /root is), every cache of the test suite pointed at an
+# empty directory (the container rootfs, the af-xdp QEMU, the guest image, pip), then
+# `CI=true bash .ci/run`. Prints how long it took; removes everything it made.
+# Host packages installed earlier are not removed: scripts/setup.sh installs what is missing.
+set -eu
+
+rev=${1:-HEAD}
+repo=$(git rev-parse --show-toplevel)
+work=$(mktemp -d /tmp/xsk-broker-fresh.XXXXXX)     # 0700: closed to other uids
+cache=$(mktemp -d /var/tmp/xsk-broker-cache.XXXXXX)
+chmod 0755 "$cache"                                  # unprivileged QEMU runs from here
+trap 'rm -rf "$work" "$cache"' EXIT
+
+git clone --quiet --no-local "$repo" "$work/clone"
+git -C "$work/clone" checkout --quiet "$rev"
+start=$(date +%s)
+status=0
+(
+    cd "$work/clone"
+    CI=true XSK_BROKER_TEST_CACHE="$cache" PIP_CACHE_DIR="$work/pip-cache" \
+        bash .ci/run </dev/null
+) || status=$?
+echo "test-fresh: .ci/run exited $status after $(($(date +%s) - start)) s (clone $work/clone, cache $cache)"
+exit "$status"
