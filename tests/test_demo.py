@@ -28,10 +28,17 @@ def leftovers(lab_line: str) -> list[str]:
     return [path for path in made_by(lab_line) if Path(path).exists() or path in mounts]
 
 
+def _default_sigint() -> None:
+    """A run started in the background by a non-interactive shell inherits SIGINT ignored,
+    and Python then never turns it into KeyboardInterrupt: the demo must see the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def demo(*args: str, **kwargs: object) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "client.cli", "demo", *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint, **kwargs,
     )  # fmt: skip
 
 
