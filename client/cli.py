@@ -216,13 +216,15 @@ def cmd_attach(opts: argparse.Namespace) -> int:
 def cmd_detach_nic(opts: argparse.Namespace) -> int:
     from client import qmp
 
-    result = qmp.detach_nic(opts.qmp, opts.id)
+    result = qmp.detach_nic(opts.qmp, opts.id, tag=opts.tag, socket_path=opts.socket)
     if opts.json:
         print(json.dumps(result.__dict__))
     else:
         released = "released" if result.device_released else "not acknowledged by the guest"
         device = f"device {released}" if result.device_found else "no device"
-        print(f"{opts.id}: {device}, netdev {'removed' if result.netdev_removed else 'absent'}")
+        netdev = "removed" if result.netdev_removed else "absent"
+        ended = ", ".join(result.leases_released) or "none"
+        print(f"{opts.id}: {device}, netdev {netdev}, lease(s) ended: {ended}")
     return 0
 
 
@@ -359,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     dnic = sub.add_parser("detach-nic", help="remove a hot-plugged NIC (device and netdev)")
     _add_json(dnic)
     dnic.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
+    _add_socket(dnic)
     dnic.add_argument("--id", required=True, help="netdev id given to attach")
+    dnic.add_argument("--tag", help="tag given to attach, if not the default (the id)")
     dnic.set_defaults(func=cmd_detach_nic)
 
     rev = sub.add_parser("revoke", help="end a lease now and empty its slots (admin)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno as errno_mod
 import re
 import socket
@@ -57,12 +58,14 @@ class HotplugResult:
 
 @dataclass(frozen=True)
 class UnplugResult:
-    """device_released is False when the guest has not acknowledged device_del in time."""
+    """device_released is False when the guest has not acknowledged device_del in time;
+    leases_released names the leases detach() ended (unplug() alone ends none)."""
 
     netdev_id: str
     device_found: bool
     device_released: bool
     netdev_removed: bool
+    leases_released: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -328,9 +331,45 @@ def attach_nic(
     )
 
 
-def detach_nic(qmp_path: str, netdev_id: str, *, device_timeout: float = 10.0) -> UnplugResult:
-    """unplug() for synchronous callers such as `xsk-broker detach-nic`."""
-    return asyncio.run(unplug(qmp_path, netdev_id, device_timeout=device_timeout))
+async def detach(
+    qmp: str | QMPClient,
+    netdev_id: str,
+    *,
+    tag: str | None = None,
+    consumer_pid: int | None = None,
+    device_timeout: float = 10.0,
+    socket_path: str | None = None,
+) -> UnplugResult:
+    """unplug(), then end the lease attach() made for netdev_id, so its queues are free at
+    once rather than when QEMU exits. That lease is the caller's lease whose consumer is
+    this QEMU (SO_PEERCRED of the QMP socket, or consumer_pid) and whose tag is tag, which
+    defaults to netdev_id as in attach()."""
+    async with session(qmp) as (client, pid):
+        result = await unplug(client, netdev_id, device_timeout=device_timeout)
+    qemu_pid = consumer_pid or pid
+    broker = AsyncClient(socket_path)
+    ended = [
+        lease["lease_id"]
+        for lease in (await broker.status())["leases"]
+        if lease["tag"] == (tag or netdev_id) and lease["consumer_pid"] == qemu_pid
+    ]
+    for lease_id in ended:
+        await broker.release(lease_id)
+    return dataclasses.replace(result, leases_released=ended)
+
+
+def detach_nic(
+    qmp_path: str,
+    netdev_id: str,
+    *,
+    tag: str | None = None,
+    device_timeout: float = 10.0,
+    socket_path: str | None = None,
+) -> UnplugResult:
+    """detach() for synchronous callers such as `xsk-broker detach-nic`."""
+    return asyncio.run(
+        detach(qmp_path, netdev_id, tag=tag, device_timeout=device_timeout, socket_path=socket_path)
+    )
 
 
 # The af-xdp part of qapi/net.json (QEMU 8.2; map-path and map-start-index since 10.1) in the
