@@ -66,6 +66,7 @@ def unique_name() -> str:
 
 
 def netns_path(name: str) -> Path:
+    """/run/netns/NAME, or NAME itself when it is absolute (such as /proc/PID/ns/net)."""
     return NETNS_DIR / name
 
 

@@ -19,7 +19,7 @@ mkdir -p "$work"
 
 debootstrap --variant=minbase \
     --include=systemd,systemd-sysv,dbus,python3,python3-venv,libbpf1,iproute2 \
-    bookworm "$work/root" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
+    bookworm "$work/root" "$(sh "$(dirname "$0")/debian-mirror.sh")" >"$work/debootstrap.log" 2>&1 \
     || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
 
 "$python" -m pip wheel --quiet --use-pep517 --wheel-dir "$work/wheels" "$@"

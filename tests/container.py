@@ -16,8 +16,6 @@ and installs the units with broker.units, as an operator would. Flags and their 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import itertools
 import json
 import os
@@ -30,11 +28,10 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from broker import units
+from broker import labcache, units
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "container-rootfs.sh"
-CACHE = Path(os.environ.get("XSK_BROKER_TEST_CACHE", "/var/cache/xsk-broker-tests"))
 SOURCE_MOUNT = "/opt/xsk-broker-src"
 EXEC_PATH = "/opt/xsk-broker/bin/xsk-broker"
 INNER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -48,30 +45,17 @@ def runtime_requirements() -> list[str]:
     return [*project["dependencies"], *project.get("optional-dependencies", {}).get("polkit", [])]
 
 
-def rootfs_path() -> Path:
-    """The cache entry for the current inputs: the script, the requirements, host Python."""
-    digest = hashlib.sha256(SCRIPT.read_bytes())
-    digest.update("\n".join(runtime_requirements()).encode())
-    digest.update(f"{sys.version_info.major}.{sys.version_info.minor}".encode())
-    return CACHE / f"rootfs-{digest.hexdigest()[:16]}"
-
-
 def ensure_rootfs() -> Path:
-    """The cached rootfs, built first if missing (about a minute; one builder at a time)."""
-    path = rootfs_path()
-    if path.is_dir():
-        return path
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.is_dir():
-            subprocess.run(
-                ["sh", str(SCRIPT), str(path), sys.executable, *runtime_requirements()],
-                stdin=subprocess.DEVNULL,
-                check=True,
-                timeout=900,
-            )
-    return path
+    """The cached rootfs for the current inputs (the script, the requirements, the host's
+    Python), built first if missing (about a minute)."""
+    requirements = runtime_requirements()
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    path = labcache.entry(
+        "rootfs", SCRIPT.read_bytes(), "\n".join(requirements).encode(), python.encode()
+    )
+    return labcache.ensure(
+        path, lambda dest: ["sh", str(SCRIPT), str(dest), sys.executable, *requirements], 900
+    )
 
 
 def console_script() -> str:
@@ -107,8 +91,14 @@ class BootedContainer:
     it if it hangs) and unmounts its private bpffs, whatever happened inside.
     """
 
-    def __init__(self, rootfs: Path | None = None, boot_timeout: float = 30) -> None:
+    def __init__(
+        self,
+        rootfs: Path | None = None,
+        boot_timeout: float = 30,
+        binds: Sequence[tuple[Path, str]] = (),
+    ) -> None:
         self.rootfs = rootfs
+        self.binds = binds  # (host path, path inside), bound read-only
         self.boot_timeout = boot_timeout
         self.machine = f"xskt-{os.getpid()}-{next(_names)}"
         self.leader = 0
@@ -147,8 +137,10 @@ class BootedContainer:
             "--volatile=overlay",
             "--system-call-filter=bpf",
             "--capability=CAP_BPF",
+            "--capability=CAP_IPC_LOCK",  # for units that grant it (examples/vm@.service)
             f"--bind={bpffs}:/sys/fs/bpf",
             f"--bind-ro={REPO}:{SOURCE_MOUNT}",
+            *(f"--bind-ro={host}:{inner}" for host, inner in self.binds),
             f"--machine={self.machine}",
             f"--directory={rootfs}",
         ]
