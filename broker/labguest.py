@@ -39,18 +39,13 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from broker import labcache
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "guest-image.sh"
-BOOTED = "XSKT-BOOTED"
-READY = "XSKT-READY"
-EXIT = "XSKT-EXIT"
 COMMAND_LINE_MAX = 2047
-_EXIT_LINE = re.compile(rf"{EXIT} (\d+)")
 # console=ttyS0: the serial port is the console; quiet: kernel messages at warning level and
 # worse only; panic=-1: a dying /init reboots, which -no-reboot turns into QEMU exiting;
 # mitigations=off rodata=off: about 0.7 s less boot under TCG, nothing to protect in here.
@@ -62,12 +57,6 @@ def ensure_guest() -> GuestImage:
     path = labcache.entry("guest", SCRIPT.read_bytes())
     labcache.ensure(path, lambda dest: ["bash", str(SCRIPT), str(dest)], timeout=900)
     return GuestImage(kernel=path / "vmlinux", initrd=path / "initrd.cpio")
-
-
-def parse_exit(console_text: str) -> int | None:
-    """The status from the last `XSKT-EXIT <status>` line of the console, None if none."""
-    found = _EXIT_LINE.findall(console_text)
-    return int(found[-1]) if found else None
 
 
 def encode_script(script: str) -> str:

@@ -2,7 +2,7 @@
 
 No Debian QEMU has af-xdp, and the backend needs libxdp >= 1.4, which only trixie has (with
 trixie's libc). scripts/qemu-afxdp.sh builds trixie's own qemu source package inside a
-debootstrapped trixie rootfs; that takes a quarter of an hour on two cores, so the result
+debootstrapped trixie rootfs; that takes about 8 minutes on two cores, so the result
 is cached outside the repo, keyed by a hash of the script, and built once (broker.labcache).
 
 The QEMU runs from the host's filesystem view through the rootfs's own dynamic loader, not
@@ -26,7 +26,7 @@ from pathlib import Path
 from broker import labcache
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "qemu-afxdp.sh"
-BUILD_TIMEOUT = 45 * 60
+BUILD_TIMEOUT = 30 * 60
 
 # Inside the rootfs (relative paths).
 LOADER = "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"

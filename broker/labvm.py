@@ -39,6 +39,7 @@ def as_qemu_user(argv: Sequence[str]) -> list[str]:
         "--ambient-caps=-all,+ipc_lock",
         "--bounding-set=-all,+ipc_lock",
         "--no-new-privs",
+        "--pdeathsig=KILL",  # changing uid clears the one the caller set
         "--",
         *argv,
     ]
@@ -168,7 +169,11 @@ def dnsmasq(netns: str | Path, ifname: str, workdir: Path) -> Iterator[Path]:
         yield log
     finally:
         proc.terminate()
-        proc.wait(5)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for_text(path: Path, pattern: str, timeout: float) -> re.Match[str]:

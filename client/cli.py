@@ -358,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     att.set_defaults(func=cmd_attach)
 
-    dnic = sub.add_parser("detach-nic", help="remove a hot-plugged NIC (device and netdev)")
+    dnic = sub.add_parser(
+        "detach-nic", help="remove a hot-plugged NIC (device and netdev) and end its lease"
+    )
     _add_json(dnic)
     dnic.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
     _add_socket(dnic)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno as errno_mod
+import os
 import re
 import socket
 import struct
@@ -22,7 +23,7 @@ from typing import Any, ClassVar
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.events import EventListener
 
-from broker.protocol import BrokerError, LeaseInfo
+from broker.protocol import BrokerError, LeaseInfo, NoSuchLease
 from client.aio import AsyncClient
 from client.lease import Lease
 
@@ -347,14 +348,25 @@ async def detach(
     async with session(qmp) as (client, pid):
         result = await unplug(client, netdev_id, device_timeout=device_timeout)
     qemu_pid = consumer_pid or pid
+    if qemu_pid is None:
+        raise QmpError("give consumer_pid with a QMPClient: the lease is found by QEMU's pid")
     broker = AsyncClient(socket_path)
-    ended = [
-        lease["lease_id"]
-        for lease in (await broker.status())["leases"]
-        if lease["tag"] == (tag or netdev_id) and lease["consumer_pid"] == qemu_pid
-    ]
-    for lease_id in ended:
-        await broker.release(lease_id)
+    try:
+        ended = [
+            lease["lease_id"]
+            for lease in (await broker.status())["leases"]
+            if lease["tag"] == (tag or netdev_id)
+            and lease["consumer_pid"] == qemu_pid
+            and lease["uid"] == os.geteuid()
+        ]
+        for lease_id in ended:
+            with contextlib.suppress(NoSuchLease):  # it ended meanwhile (QEMU exited)
+                await broker.release(lease_id)
+    except BrokerError as exc:
+        exc.message = (
+            f"{netdev_id} was removed from QEMU, but its lease was not ended: {exc.message}"
+        )
+        raise
     return dataclasses.replace(result, leases_released=ended)
 
 

@@ -21,7 +21,14 @@ found=$(
         # one-line format: deb URI SUITE main ...
         cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
             awk '$1 == "deb" && $3 !~ /-security/ && / main/ { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { print $i; break } }'
-    } | grep '/debian/\?$' | head -n 1
+    } | while read -r uri; do
+        # Debian's cloud images name a mirror list: mirror+file:///etc/apt/mirrors/debian.list
+        case $uri in
+            mirror+file://*) grep -Eo '^[a-z]+://[^[:space:]]+' "${uri#mirror+file://}" || true ;;
+            mirror+*) echo "${uri#mirror+}" ;;
+            *) echo "$uri" ;;
+        esac
+    done | grep '/debian/\?$' | head -n 1
 )
 [ -n "$found" ] || { echo "debian-mirror: no Debian archive in apt's sources; set XSK_BROKER_DEBIAN_MIRROR" >&2; exit 1; }
 echo "$found"

@@ -3,7 +3,7 @@
 # bookworm's kernel as an uncompressed ELF vmlinux (QEMU boots it through its PVH entry note,
 # no firmware, no bootloader) plus an initramfs holding busybox-static, iperf3 with its shared
 # libraries and loader, the virtio-net-over-PCI modules and an /init. The /init contract (the
-# xskt.* kernel parameters and the XSKT-* console lines) is documented in tests/guest.py.
+# xskt.* kernel parameters and the XSKT-* console lines) is documented in broker/labguest.py.
 #
 # Packages come from the host's apt sources with `apt-get download` and are unpacked with
 # `dpkg-deb -x`; nothing is installed on the host. Needs: apt-get, dpkg-deb, xz (the kernel's
@@ -33,7 +33,7 @@ kernel_pkg() {
     apt-cache depends linux-image-amd64 2>/dev/null \
         | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*\)$/\1/p' | head -n1
 }
-pkg=$(kernel_pkg)
+pkg=$(kernel_pkg || true)  # no apt lists yet: apt-cache fails
 if [ -z "$pkg" ]; then
     apt-get update -q >"$work/apt-update.log" 2>&1 || { cat "$work/apt-update.log" >&2; exit 1; }
     pkg=$(kernel_pkg)
@@ -136,7 +136,7 @@ echo $order | tr ' ' '\n' >"$root/etc/xskt/modules"
 
 cat >"$root/init" <<'EOF'
 #!/bin/sh
-# xsk-broker test guest init; the contract is documented in tests/guest.py.
+# xsk-broker test guest init; the contract is documented in broker/labguest.py.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/ TERM=linux
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

@@ -12,15 +12,21 @@ set -eu
 
 repo=$(pwd -P)
 
+# Mode bits for "other" (numeric, so that an ACL's "+" in ls-style modes cannot confuse it).
+other_bits() {
+    echo $(($(stat -c %#a "$1") & 7))
+}
+
+if [ $(($(other_bits "$repo") & 5)) -ne 5 ]; then
+    echo "public-view: $repo is closed to other uids (mode $(stat -c %a "$repo")); clone it with umask 022" >&2
+    exit 1
+fi
+
 others_can_reach() {
     dir=$1
     while [ "$dir" != / ]; do
         dir=$(dirname "$dir")
-        # a directory others may traverse has the x bit for "other"
-        case $(stat -c %A "$dir") in
-            *x | *t) ;;
-            *) return 1 ;;
-        esac
+        [ $(($(other_bits "$dir") & 1)) -eq 1 ] || return 1
     done
 }
 
@@ -28,20 +34,12 @@ if others_can_reach "$repo"; then
     exec "$@"
 fi
 
-case $(stat -c %A "$repo") in
-    *r?x | *r?t) ;;
-    *)
-        echo "public-view: $repo itself is closed to other uids ($(stat -c %A "$repo")); clone it with umask 022" >&2
-        exit 1
-        ;;
-esac
-
 view=$(mktemp -d /tmp/xskt-view.XXXXXX)
 trap 'rmdir "$view"' EXIT
 trap : INT TERM
 chmod 0755 "$view"
 status=0
-unshare --mount --propagation slave sh -c '
+unshare --mount --propagation slave sh -eu -c '
     mount --bind "$1" "$2"
     cd "$2"
     shift 2

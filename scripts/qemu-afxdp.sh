@@ -7,7 +7,7 @@
 # libbpf-dev with a minimal feature set, install it under /opt/qemu in that rootfs, and add
 # trixie's firmware packages. The build tools are purged afterwards; what stays is the
 # rootfs's runtime libraries, its ld.so, QEMU and the firmware. The tests run it from the
-# host's view through the rootfs's ld.so (tests/afxdp_qemu.py), no chroot.
+# host's view through the rootfs's ld.so (broker/labqemu.py), no chroot.
 #
 # bookworm's debootstrap (1.0.128+nmu2+deb12u2) knows trixie, and debian-archive-keyring
 # 2023.3+deb12u1 and later carry the trixie archive keys, so plain Debian 12 tooling does.
@@ -171,6 +171,10 @@ in_root sh -c '
 t_cleanup=$(elapsed "$t")
 
 # Unprivileged uids run this QEMU and read its libraries and firmware from the host's view.
+# Nothing here needs privilege, and every uid can reach this tree: no setuid or setgid
+# binaries, no world-writable directories.
+find "$root" -xdev -type f -perm /6000 -exec chmod ug-s {} +
+find "$root" -xdev -type d -perm -0002 -exec chmod o-w,-t {} +
 chmod 0755 "$root"
 find "$root" -type d ! -perm -0555 -exec chmod a+rx {} +
 chmod -R a+rX "$root/usr" "$root/opt"

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 packages=(
   python3 python3-venv python3-dev gcc pkg-config libcap-dev libsystemd-dev libbpf1
   iproute2 util-linux kmod systemd systemd-container debootstrap dbus-daemon polkitd
-  qemu-system-x86 dnsmasq-base ethtool iperf3
+  qemu-system-x86 dnsmasq-base ethtool iperf3 xz-utils
 )
 missing=()
 for pkg in "${packages[@]}"; do
@@ -20,7 +20,7 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   echo "setup: building .venv" >&2
   rm -rf .venv

@@ -7,13 +7,16 @@
 # `CI=true bash .ci/run`, then `make demo`. Prints how long it took; removes what it made.
 # Host packages installed earlier are not removed: scripts/setup.sh installs what is missing.
 set -eu
+umask 022  # the clone must be readable by the tests' other uids once inside the closed dir
 
 rev=${1:-HEAD}
 repo=$(git rev-parse --show-toplevel)
 work=$(mktemp -d /tmp/xsk-broker-fresh.XXXXXX)     # 0700: closed to other uids
 cache=$(mktemp -d /var/tmp/xsk-broker-cache.XXXXXX)
 chmod 0755 "$cache"                                  # unprivileged QEMU runs from here
-trap 'rm -rf "$work" "$cache"' EXIT
+trap 'rm -rf --one-file-system "$work" "$cache"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
 
 git clone --quiet --no-local "$repo" "$work/clone"
 git -C "$work/clone" checkout --quiet "$rev"

@@ -2,7 +2,7 @@
 af-xdp QEMU: the unit's sandbox (DynamicUser=, CAP_IPC_LOCK only, its address families)
 and the installed broker give an unprivileged QEMU sockets that carry iPXE's DHCP exchange.
 
-The af-xdp QEMU (a trixie rootfs, tests/afxdp_qemu.py) is bound read-only into the container
+The af-xdp QEMU (a trixie rootfs, broker/labqemu.py) is bound read-only into the container
 and run through a /usr/bin/qemu-system-x86_64 wrapper, as a packaged QEMU would be found.
 dnsmasq (the host's binary) serves DHCP on the veth peer, in the container's network
 namespace.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,12 +54,15 @@ def box() -> Iterator[BootedContainer]:
 
 @pytest.fixture(scope="module")
 def dhcp_log(box: BootedContainer) -> Iterator[Path]:
-    """dnsmasq on the peer, with full checksums from the peer's stack (see tests/vm.py)."""
+    """dnsmasq on the peer, with full checksums from the peer's stack (see broker/labvm.py)."""
     netns = Path(f"/proc/{box.leader}/ns/net")
     workdir = public_tempdir()
-    with dnsmasq(netns, PEER, workdir) as log:
-        box_tool(box, ["ethtool", "-K", PEER, "tx", "off"])
-        yield log
+    try:
+        with dnsmasq(netns, PEER, workdir) as log:
+            box_tool(box, ["ethtool", "-K", PEER, "tx", "off"])
+            yield log
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def box_tool(box: BootedContainer, argv: list[str]) -> None:
@@ -121,5 +125,9 @@ def test_launch_vm_sh_gets_dhcp(box: BootedContainer, dhcp_log: Path) -> None:
         assert lease_tags(box) == [f"launch-vm-{IFNAME}"]
     finally:
         box.exec(["systemctl", "stop", "xskt-launch-vm"])
-        launch.communicate(timeout=30)
+        try:
+            launch.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            launch.kill()
+            launch.communicate()
     wait_until(lambda: lease_tags(box) == [], 10)

@@ -1,9 +1,10 @@
 """QEMU's own af-xdp backend on brokered sockets, with QEMU as an unprivileged uid.
 
-The QEMU is trixie's source package built with af-xdp (tests/afxdp_qemu.py), run with no
-capability but CAP_IPC_LOCK (tests/vm.py). What the sockets carry is seen from the other
+The QEMU is trixie's source package built with af-xdp (broker/labqemu.py), run with no
+capability but CAP_IPC_LOCK (broker/labvm.py). What the sockets carry is seen from the other
 end of the veth: dnsmasq's DHCPACK for the iPXE firmware, ping and iperf3 for a tiny Linux
-guest (tests/guest.py), and veth's per-queue XDP counters for which socket took which queue.
+guest (broker/labguest.py), and veth's per-queue XDP counters for which socket took which
+queue.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def pxe(qemu: AfxdpQemu) -> list[str]:
     ]  # fmt: skip
 
 
-def request(broker: BrokerProcess, ifname: str, queues: int, mode: str, tag: str) -> list[str]:
+def request(ifname: str, queues: int, mode: str, tag: str) -> list[str]:
     return [
         sys.executable, "-m", "client.cli", "request", "--ifname", ifname,
         "--queues", str(queues), "--mode", mode, "--tag", tag, "--",
@@ -108,7 +109,7 @@ def test_launch_pxe_gets_dhcp_lease(
     brokered socket both ways (an ACK needs the OFFER received and the REQUEST sent)."""
     lab, broker = lab1
     qemu_argv = [*pxe(qemu), "-device", NIC, "-netdev", "{netdev}"]
-    argv = as_qemu_user([*request(broker, lab.ifname_a, 1, mode, f"pxe-{mode}"), *qemu_argv])
+    argv = as_qemu_user([*request(lab.ifname_a, 1, mode, f"pxe-{mode}"), *qemu_argv])
     with (
         dnsmasq(lab.ns_b, lab.ifname_b, workdir) as log,
         Vm(argv, lab.ns_a, workdir, client_env(broker), "pxe") as vm,
@@ -136,7 +137,7 @@ def guest_vm(
         *qemu.argv(), *guest.qemu_args(script, ip=f"{GUEST_IP}/24", cpus=queues),
         "-device", nic, "-netdev", "{netdev}",
     ]  # fmt: skip
-    argv = as_qemu_user([*request(broker, lab.ifname_a, queues, "native", tag), *qemu_argv])
+    argv = as_qemu_user([*request(lab.ifname_a, queues, "native", tag), *qemu_argv])
     return Vm(argv, lab.ns_a, workdir, client_env(broker), tag)
 
 
@@ -180,10 +181,7 @@ def test_guest_ping_and_tcp_one_queue(
 
 WATCH_RX = """
 echo STEER-READY
-i=0
-while [ $i -lt 60 ]; do
-  echo RX $(cat /sys/class/net/eth0/statistics/rx_packets); sleep 0.25; i=$((i+1))
-done
+while true; do echo RX $(cat /sys/class/net/eth0/statistics/rx_packets); sleep 0.25; done
 """
 
 
@@ -294,11 +292,13 @@ def test_hotplug_into_running_qemu(
             "--queues", "1", "--id", "xnet0", "--device", f"virtio-net-pci,mac={GUEST_MAC},bus=rp1",
         )  # fmt: skip
         assert attached["netdev_id"] == "xnet0"
-        assert lease_tagged(broker, "xnet0")["consumer_pid"] == vm.pid
+        lease = lease_tagged(broker, "xnet0")
+        assert lease["consumer_pid"] == vm.pid
         assert "af-xdp" in hmp(qmp, "info network")
         vm.wait_for("^PING-OK", 60)
         detached = cli_as_qemu_user(broker, lab, "detach-nic", "--qmp", str(qmp), "--id", "xnet0")
         assert detached["netdev_removed"] and detached["device_released"]
+        assert detached["leases_released"] == [lease["lease_id"]]
         vm.wait_for("^NIC-GONE", 30)
         assert "xnet0" not in hmp(qmp, "info network")
         wait_until(lambda: leases(broker) == [])
