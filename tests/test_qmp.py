@@ -22,7 +22,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from broker.labbroker import REPO, BrokerEnv
-from broker.protocol import LeaseInfo
+from broker.protocol import BrokerError, LeaseInfo
 from client.aio import AsyncClient
 from client.lease import Lease
 from client.qmp import (
@@ -30,6 +30,7 @@ from client.qmp import (
     QmpError,
     QmpSchemaError,
     attach,
+    detach,
     device_args,
     fd_names,
     hotplug,
@@ -219,6 +220,19 @@ def test_unplug_removes_device_and_netdev(qemu: Qemu) -> None:
     with pytest.raises(QmpError) as caught:
         asyncio.run(unplug(qemu.qmp_path, "never-plugged", device_timeout=0.2))
     assert caught.value.errno == errno.ENOENT
+
+
+def test_detach_says_when_the_nic_went_but_the_lease_could_not_end(
+    qemu: Qemu, broker: BrokerEnv, tmp_path: Path
+) -> None:
+    asyncio.run(qmp_run(qemu.qmp_path, "netdev_add", {"type": "user", "id": "up2"}))
+    with pytest.raises(BrokerError) as caught:
+        asyncio.run(detach(qemu.qmp_path, "up2", socket_path=str(tmp_path / "absent.sock")))
+    assert caught.value.message.startswith("up2 was removed from QEMU, but its lease was not")
+    # with the broker reachable: nothing of this caller's is tagged up3, so nothing ends
+    asyncio.run(qmp_run(qemu.qmp_path, "netdev_add", {"type": "user", "id": "up3"}))
+    result = asyncio.run(detach(qemu.qmp_path, "up3", socket_path=broker.socket_path))
+    assert (result.netdev_removed, result.leases_released) == (True, [])
 
 
 def test_unreachable_qmp_socket_is_a_typed_error(tmp_path: Path) -> None:
