@@ -1,7 +1,8 @@
 """Shared fixtures, and the CI rule that a skipped kernel test is a failed one.
 
 XSKT_STRICT=1 (set by .ci/run) turns every skip into a failure; XSKT_REPORT=FILE receives
-how many kernel tests passed, so CI can prove the kernel suite really ran.
+how many kernel tests, and of those how many real-QEMU tests, passed, so CI can prove that
+the kernel suite really ran.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from broker.labbroker import BrokerEnv, BrokerProcess, public_tempdir
 from broker.netlab import VethLab, bpffs
 
 STRICT = os.environ.get("XSKT_STRICT") == "1"
-_kernel_passed = 0
+_passed = {"kernel": 0, "qemu": 0}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -32,20 +33,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    global _kernel_passed
     outcome = yield
     report = outcome.get_result()
     if report.skipped and STRICT:
         report.outcome = "failed"
         report.longrepr = f"skipped under XSKT_STRICT=1 (CI): {report.longrepr}"
-    if report.when == "call" and report.passed and "kernel" in item.keywords:
-        _kernel_passed += 1
+    if report.when == "call" and report.passed:
+        for marker in _passed:
+            _passed[marker] += marker in item.keywords
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     target = os.environ.get("XSKT_REPORT")
     if target:
-        Path(target).write_text(json.dumps({"kernel_passed": _kernel_passed}))
+        Path(target).write_text(json.dumps({f"{k}_passed": n for k, n in _passed.items()}))
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from broker.labbroker import public_tempdir, wait_until
 from broker.labqemu import AfxdpQemu, ensure_qemu
 from broker.labvm import PEER_IP, dnsmasq
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
 QEMU_MOUNT = "/opt/xskt-qemu"
 IFNAME, PEER = "xskt-va", "xskt-vb"

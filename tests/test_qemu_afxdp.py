@@ -40,7 +40,7 @@ from broker.labvm import (
 )
 from broker.netlab import VethLab, run, steer_queue
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
 GUEST_MAC = "52:54:00:77:00:02"
 NIC = f"virtio-net-pci,netdev=net0,mac={GUEST_MAC}"
