@@ -56,12 +56,6 @@ def _add_lease_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-queue", type=int, default=0, help="first queue (default 0)")
     parser.add_argument("--mode", choices=MODES, default="auto", help="XDP attach mode wish")
     parser.add_argument("--tag", help="free text shown in status and audit (e.g. the VM name)")
-    parser.add_argument(
-        "--umem-bytes",
-        type=int,
-        help="UMEM the consumer will register per queue "
-        "(default QEMU's 32 MiB; checked against its locked-memory limit)",
-    )
 
 
 def substitute(args: Sequence[str], lease: Lease, netdev_id: str) -> list[str]:
@@ -317,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_socket(req)
     _add_lease_args(req)
+    # Only here: probe registers its own small UMEM and attach's consumer is QEMU (32 MiB).
+    req.add_argument(
+        "--umem-bytes",
+        type=int,
+        help="UMEM the consumer will register per queue "
+        "(default QEMU's 32 MiB; checked against its locked-memory limit)",
+    )
     req.add_argument("--id", default="net0", help="netdev id in {netdev} (default net0)")
     req.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     req.set_defaults(func=cmd_request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker.labbroker import REPO, BrokerProcess
+from client.cli import build_parser
 
 
 def xsk(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
@@ -35,6 +37,35 @@ def test_unreachable_broker_is_one_coded_line_with_exit_1(tmp_path: Path, comman
     assert result.stderr.startswith(
         f"BROKER_UNREACHABLE: cannot connect to the broker at {tmp_path}"
     )
+
+
+def test_every_broker_command_takes_socket_and_reporting_ones_take_json() -> None:
+    subcommands = next(
+        action.choices
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    options = {
+        name: {opt for action in parser._actions for opt in action.option_strings}
+        for name, parser in subcommands.items()
+    }
+    assert {name for name, opts in options.items() if "--socket" not in opts} == {
+        "policy",  # reads a file, asks no broker
+        "install-units",
+        "demo",  # starts its own broker
+    }
+    assert {name for name, opts in options.items() if "--json" not in opts} == {
+        "serve",
+        "request",  # becomes COMMAND
+        "policy",  # `policy check` prints text only so far
+    }
+
+
+@pytest.mark.parametrize("command", ["probe", "attach"])
+def test_umem_bytes_is_refused_where_it_would_be_ignored(command: str) -> None:
+    """probe registers its own UMEM and attach's consumer is QEMU: the flag is request's."""
+    result = xsk(command, "--ifname", "x", "--queues", "1", "--umem-bytes", "4096")
+    assert result.returncode == 2 and result.stderr.startswith("USAGE: ")
 
 
 def test_socket_comes_from_the_environment(tmp_path: Path) -> None:
