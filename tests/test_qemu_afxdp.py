@@ -243,6 +243,7 @@ echo NIC-UP
 ping -c 3 -W 5 {PEER_IP} && echo PING-OK
 while [ -e /sys/class/net/eth0 ]; do sleep 0.2; done
 echo NIC-GONE
+sleep 600  # the guest stays up: QEMU must outlive its NIC
 """
 
 
