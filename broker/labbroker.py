@@ -19,7 +19,7 @@ from pathlib import Path
 
 import prctl
 
-from broker.netlab import UNPRIVILEGED_GID, enter_netns
+from broker.netlab import UNPRIVILEGED_GID, enter_netns, release_sigint, sigint_held
 from broker.protocol import BrokerError
 from client.sync import Client
 
@@ -106,18 +106,19 @@ class BrokerProcess:
         return self.proc.pid
 
     def start(self, timeout: float = 10.0) -> BrokerProcess:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=self.env,
-                preexec_fn=self._preexec,
-            )
-        deadline = time.monotonic() + timeout
         try:
+            # a ^C held over the fork arrives when sigint_held() ends, inside this try
+            with open(self.log_path, "ab") as log, sigint_held():
+                self.proc = subprocess.Popen(
+                    self.argv,
+                    cwd=REPO,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=self.env,
+                    preexec_fn=self._preexec,
+                )
+            deadline = time.monotonic() + timeout
             while True:
                 with contextlib.suppress(BrokerError):
                     Client(self.socket_path, timeout=2).ping()
@@ -130,8 +131,9 @@ class BrokerProcess:
             raise
 
     def _preexec(self) -> None:
-        """In the child: the lab namespace, and SIGTERM should the parent die without
-        stopping it (a ^C can land between fork and Popen's return, out of reach)."""
+        """In the child: SIGINT as usual, the lab namespace, and SIGTERM should the parent
+        die without stopping it."""
+        release_sigint()
         prctl.set_pdeathsig(signal.SIGTERM)
         enter_netns(self.netns)
 

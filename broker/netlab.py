@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import tempfile
@@ -252,6 +253,24 @@ def xdp_socket() -> socket.socket:
     return socket.socket(AF_XDP, socket.SOCK_RAW, 0)
 
 
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Hold SIGINT while a subprocess with a preexec_fn forks: CPython then runs at-fork
+    hooks (logging's) in the parent, and a KeyboardInterrupt raised inside one is printed and
+    dropped, so a ^C would be lost. Held, it arrives just after. Children unhold it in their
+    preexec_fn (release_sigint)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def release_sigint() -> None:
+    """In a child forked under sigint_held(): the signal mask is inherited across exec."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def unprivileged_preexec(
     uid: int, gid: int, *, netns: str | None = None, extra_groups: Sequence[int] = ()
 ) -> Callable[[], None]:
@@ -263,6 +282,7 @@ def unprivileged_preexec(
     """
 
     def preexec() -> None:
+        release_sigint()
         if netns is not None:
             enter_netns(netns)
         prctl.cap_inheritable.limit()
@@ -293,13 +313,14 @@ def spawn_unprivileged(
     if netns is not None and not netns_path(netns).exists():
         raise OSError(errno.ENOENT, f"network namespace {netns!r} does not exist")
     popen_kwargs.setdefault("cwd", "/")
-    return subprocess.Popen(
-        argv,
-        env=dict(DEFAULT_ENV if env is None else env),
-        pass_fds=tuple(pass_fds),
-        preexec_fn=unprivileged_preexec(uid, gid, netns=netns, extra_groups=extra_groups),
-        **popen_kwargs,
-    )
+    with sigint_held():
+        return subprocess.Popen(
+            argv,
+            env=dict(DEFAULT_ENV if env is None else env),
+            pass_fds=tuple(pass_fds),
+            preexec_fn=unprivileged_preexec(uid, gid, netns=netns, extra_groups=extra_groups),
+            **popen_kwargs,
+        )
 
 
 def run_unprivileged(

@@ -66,12 +66,9 @@ def interrupt_demo() -> tuple[int, str, str]:
 
 
 def test_interrupted_demo_removes_what_it_made() -> None:
-    # A SIGINT landing in an at-fork hook is dropped by CPython ("Exception ignored") and the
-    # demo simply runs to its end; only then is the interrupt tried again.
-    for _ in range(3):
-        status, err, lab_line = interrupt_demo()
-        if not (status == 0 and "Exception ignored" in err):
-            break
+    # The ^C lands while the broker's Popen forks: netlab.sigint_held() keeps CPython from
+    # dropping it in an at-fork hook ("Exception ignored ... KeyboardInterrupt").
+    status, err, lab_line = interrupt_demo()
     assert status == 130, err
     assert err.strip().endswith("INTERRUPTED: stopped by the user")
     assert leftovers(lab_line) == []
