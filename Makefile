@@ -9,7 +9,7 @@ setup:
 # reach the venv and the checkout wherever it was cloned (python -m, so that sys.executable
 # is the path they can reach).
 demo: setup
-	scripts/public-view.sh .venv/bin/python -m client.cli demo
+	scripts/public-view.sh .venv/bin/python -m xsk_broker demo
 
 test: setup
 	scripts/public-view.sh .venv/bin/python -m pytest $(PYTEST_ARGS)

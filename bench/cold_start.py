@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from broker.labbroker import LAB_POLICY, public_tempdir, wait_until
-from broker.netlab import VethLab, bpffs, enter_netns
 from client.sync import Client
+from lab.brokerproc import LAB_POLICY, public_tempdir, wait_until
+from lab.netlab import VethLab, bpffs, enter_netns
 
 VENV_BIN = Path(sys.executable).parent
 GOAL_MS = 150.0

@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from broker.labbroker import BrokerProcess, public_tempdir
-from broker.labguest import GuestImage, ensure_guest
-from broker.labqemu import AfxdpQemu, ensure_qemu
-from broker.labtraffic import client_env
-from broker.labvm import GUEST_IP, PEER_IP, Vm, as_qemu_user, prepare_peer
-from broker.netlab import DEFAULT_ENV, VethLab, bpffs
+from lab.brokerproc import BrokerProcess, public_tempdir
+from lab.guest import GuestImage, ensure_guest
+from lab.netlab import DEFAULT_ENV, VethLab, bpffs
+from lab.qemu import AfxdpQemu, ensure_qemu
+from lab.traffic import client_env
+from lab.vm import GUEST_IP, PEER_IP, Vm, as_qemu_user, prepare_peer
 
 METRICS = {
     "tcp_up": "-t {s}",
@@ -109,7 +109,7 @@ def brokered(qemu: AfxdpQemu, guest: GuestImage, mode: str, script: str, workdir
         prepare_peer(lab.ns_b, lab.ifname_b)
         with BrokerProcess(lab.ns_a, bpf / "pins", workdir) as broker:
             argv = as_qemu_user(
-                [sys.executable, "-m", "client.cli", "request", "--ifname", lab.ifname_a,
+                [sys.executable, "-m", "xsk_broker", "request", "--ifname", lab.ifname_a,
                  "--queues", "1", "--mode", mode, "--", *qemu.argv(),
                  *guest.qemu_args(script, ip=f"{GUEST_IP}/24"), *NIC, "-netdev", "{netdev}"]
             )  # fmt: skip

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from bench.request_latency import percentiles, warm_request
-from broker.labbroker import REPO, BrokerProcess, public_tempdir, wait_until
-from broker.labtraffic import client_env
-from broker.netlab import VethLab, bpffs, spawn_unprivileged
+from lab.brokerproc import REPO, BrokerProcess, public_tempdir, wait_until
+from lab.netlab import VethLab, bpffs, spawn_unprivileged
+from lab.traffic import client_env
 
 # A VM manager's pace (~50 requests, 100 messages a second), well inside the per-uid rate limit.
 PAUSE = 0.02

@@ -17,9 +17,9 @@ import shutil
 import time
 from pathlib import Path
 
-from broker.labbroker import BrokerProcess, public_tempdir, wait_until
-from broker.netlab import VethLab, bpffs
 from client.sync import Client
+from lab.brokerproc import BrokerProcess, public_tempdir, wait_until
+from lab.netlab import VethLab, bpffs
 
 WARMUP = 200
 GOAL_MIB = 40.0
@@ -50,7 +50,7 @@ def cycle(client: Client, ifname: str) -> None:
 
 def settled(broker: BrokerProcess, client: Client) -> tuple[int, int]:
     """RSS (KiB) and fd count once every lease has ended and the loop is quiet."""
-    wait_until(lambda: client.status()["leases"] == [], timeout=30)
+    wait_until(lambda: client.status().leases == [], timeout=30)
     time.sleep(0.2)
     return rss_kib(broker.pid), broker.fd_count()
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broker import bpf, fdpass, xsk
-from broker.labbroker import BrokerProcess, public_tempdir
 from broker.loader import Attachment
-from broker.netlab import VethLab, bpffs, in_netns, run
 from client.sync import Client
+from lab.brokerproc import BrokerProcess, public_tempdir
+from lab.netlab import VethLab, bpffs, in_netns, run
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import prctl
 
-from broker.protocol import BrokerError
+from broker.errors import Failed, Refused
 
 REQUIRED = ("net_admin", "bpf", "net_raw")
 # Kept only when present: raising a consumer's RLIMIT_MEMLOCK needs it (policy's choice).
@@ -32,14 +32,14 @@ _NAMES = {
 } | _NEWER_NAMES
 
 
-class MissingCapabilities(BrokerError):
+class MissingCapabilities(Failed):
     """The broker was started without a capability it cannot work without."""
 
     code = "MISSING_CAPABILITIES"
     default_errno = errno.EPERM
 
 
-class RootRefused(BrokerError):
+class RootRefused(Refused):
     """The broker was started as root with capabilities it must not hold."""
 
     code = "ROOT_REFUSED"

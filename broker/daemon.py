@@ -7,32 +7,18 @@ down to the three it needs, 5. adopt pins and leases, 6. READY=1, serve.
 
 from __future__ import annotations
 
-import argparse
 import logging
-from pathlib import Path
+import selectors
 
-from broker import activation, caps
+from broker import activation, audit, caps
+from broker.config import ServeConfig
+from broker.core import FDSTORE_PREFIX, Service
+from broker.leases import LeaseTable
 from broker.limits import raise_fd_limit
-from broker.loader import DEFAULT_PIN_ROOT, ensure_bpffs
-from broker.policy import DEFAULT_POLICY_PATH
-from broker.protocol import socket_path_from
-from broker.server import FDSTORE_PREFIX, Broker, ServeConfig
+from broker.loader import Loader, ensure_bpffs
+from broker.server import PidfdWatch, Server
 
 log = logging.getLogger("xsk-broker")
-
-
-def config_from(opts: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(
-        socket_path=Path(socket_path_from(opts.socket)),
-        pin_root=opts.pin_dir or DEFAULT_PIN_ROOT,
-        state_dir=opts.state_dir or ServeConfig.state_dir,
-        idle_exit=opts.idle_exit,
-        max_connections=opts.max_connections,
-        max_connections_per_uid=opts.max_connections_per_uid,
-        rate_per_uid=opts.rate_per_uid,
-        burst_per_uid=2 * opts.rate_per_uid,
-        policy_path=opts.policy or DEFAULT_POLICY_PATH,
-    )
 
 
 def _earliest(*timeouts: float | None) -> float | None:
@@ -40,31 +26,41 @@ def _earliest(*timeouts: float | None) -> float | None:
     return min(known) if known else None
 
 
-def main(opts: argparse.Namespace) -> int:
-    activation.setup_logging(opts.verbose)
-    config = config_from(opts)
+def main(config: ServeConfig) -> int:
+    audit.setup_logging(config.verbose)
     ensure_bpffs(config.pin_root)
     raise_fd_limit()
-    group = int(opts.group) if opts.group and opts.group.isdigit() else opts.group
+    group = int(config.group) if config.group and config.group.isdigit() else config.group
     inherited = activation.inherited_fds()
     listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
-    caps.enter_least_privilege(opts.allow_root)
+    caps.enter_least_privilege(config.allow_root)
     notifier = activation.Notifier()
     stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
-    broker = Broker(config, listener, notifier=notifier, stored_fds=stored)
-
-    broker.catch_signals()
+    config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    selector = selectors.DefaultSelector()
+    service = Service(
+        config.policy_path,
+        Loader(config.pin_root),
+        LeaseTable(config.state_dir),
+        PidfdWatch(selector),
+        notifier,
+        max_status_leases=config.max_status_leases,
+        on_change=notifier.status,
+    )
+    server = Server(config, listener, service, selector)
+    server.catch_signals()
     try:
-        broker.start()
+        service.start(stored)
         notifier.ready()
         log.info("serving on %s", config.socket_path)
-        while broker.running:
-            broker.step(_earliest(broker.next_timeout(), notifier.watchdog_interval))
+        while server.running:
+            server.step(_earliest(server.next_timeout(), notifier.watchdog_interval))
             notifier.watchdog()
-            if broker.idle_expired():
+            if server.idle_expired():
                 log.info("idle for %.0f s: exiting", config.idle_exit)
                 break
     finally:
         notifier.stopping()
-        broker.close()
+        server.close()
+        service.close()
     return 0

@@ -8,7 +8,8 @@ import os
 import socket
 from dataclasses import dataclass
 
-from broker.protocol import MAX_MESSAGE_BYTES, FdsRefused, MessageTooLarge, ProtocolViolation
+from broker.errors import FdsRefused, MessageTooLarge, ProtocolViolation
+from broker.protocol import MAX_MESSAGE_BYTES
 
 _INT_SIZE = array.array("i").itemsize
 

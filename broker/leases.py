@@ -12,18 +12,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from broker import procinfo
-from broker.protocol import BrokerError, LeaseInfo
+from broker.errors import BrokerError
+from broker.protocol import LeaseInfo
 
 STATE_FILE = "leases.jsonl"
 
 
 @dataclass
-class Lease:
+class LiveLease:
     """A live lease: its description, and the pidfd that ends it."""
 
     info: LeaseInfo
@@ -34,45 +34,44 @@ class Lease:
         return [(self.info.ifindex, queue) for queue in self.info.queue_ids]
 
 
-def new_lease_id() -> str:
-    return secrets.token_hex(6)
-
-
 class LeaseTable:
     """Leases by id and by (ifindex, queue), journaled to state_dir when one is given."""
 
     def __init__(self, state_dir: Path | None) -> None:
         self.state_path = state_dir / STATE_FILE if state_dir else None
-        self.by_id: dict[str, Lease] = {}
-        self.by_queue: dict[tuple[int, int], Lease] = {}
+        self.by_id: dict[str, LiveLease] = {}
+        self.by_queue: dict[tuple[int, int], LiveLease] = {}
         self._journal: int | None = None
         self._journal_lines = 0
 
-    def holder(self, ifindex: int, queue: int) -> Lease | None:
+    def holder(self, ifindex: int, queue: int) -> LiveLease | None:
         return self.by_queue.get((ifindex, queue))
 
-    def holders(self, ifindex: int, queue_ids: list[int]) -> list[Lease]:
+    def holders(self, ifindex: int, queue_ids: list[int]) -> list[LiveLease]:
         found = {id(lease): lease for q in queue_ids if (lease := self.holder(ifindex, q))}
         return list(found.values())
 
-    def add(self, lease: Lease) -> None:
+    def add(self, lease: LiveLease) -> None:
+        """Hold lease; one the journal could not record is not held (and its pidfd is left
+        to the caller)."""
         self._index(lease)
-        self._append({"add": lease.info.to_wire(), "start_time": lease.start_time})
+        try:
+            self._append({"add": lease.info.to_wire(), "start_time": lease.start_time})
+        except BaseException:
+            self._unindex(lease.info.lease_id)
+            raise
 
-    def end(self, lease_id: str) -> Lease | None:
+    def end(self, lease_id: str) -> LiveLease | None:
         """Forget a lease and close its pidfd; the consumer's sockets are not touched."""
-        lease = self.by_id.pop(lease_id, None)
+        lease = self._unindex(lease_id)
         if lease is None:
             return None
-        for key in lease.key_queues():
-            if self.by_queue.get(key) is lease:
-                del self.by_queue[key]
         with contextlib.suppress(OSError):
             os.close(lease.pidfd)
         self._append({"end": lease_id})
         return lease
 
-    def by_pidfd(self, pidfd: int) -> list[Lease]:
+    def by_pidfd(self, pidfd: int) -> list[LiveLease]:
         return [lease for lease in self.by_id.values() if lease.pidfd == pidfd]
 
     def queues_held_by(self, uid: int) -> int:
@@ -86,7 +85,7 @@ class LeaseTable:
         return sum(
             lease.info.umem_bytes * len(lease.info.queue_ids)
             for lease in self.by_id.values()
-            if lease.info.extra.get("consumer_uid") == consumer_uid
+            if lease.info.consumer_uid == consumer_uid
         )
 
     def restore(self, stored_pidfds: dict[str, int] | None = None) -> list[LeaseInfo]:
@@ -113,7 +112,7 @@ class LeaseTable:
             if pidfd is None:
                 ended.append(info)
             else:
-                self._index(Lease(info, pidfd, record["start_time"]))
+                self._index(LiveLease(info, pidfd, record["start_time"]))
         for fd in stored.values():
             os.close(fd)
         self._compact()
@@ -130,7 +129,14 @@ class LeaseTable:
             os.close(self._journal)
             self._journal = None
 
-    def _index(self, lease: Lease) -> None:
+    def _unindex(self, lease_id: str) -> LiveLease | None:
+        lease = self.by_id.pop(lease_id, None)
+        for key in lease.key_queues() if lease else ():
+            if self.by_queue.get(key) is lease:
+                del self.by_queue[key]
+        return lease
+
+    def _index(self, lease: LiveLease) -> None:
         self.by_id[lease.info.lease_id] = lease
         for key in lease.key_queues():
             self.by_queue[key] = lease

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import bpf, netdev
-from broker.protocol import AttachFailed, BadQueues, ModeUnsupported, XdpConflict
+from broker.config import DEFAULT_PIN_ROOT
+from broker.errors import AttachFailed, BadQueues, ModeUnsupported, XdpConflict
 
-DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/xsk-broker")
 BPF_FS_MAGIC = 0xCAFE4A11
 _MODE_FLAGS = {"native": bpf.XDP_FLAGS_DRV_MODE, "skb": bpf.XDP_FLAGS_SKB_MODE}
 # Errnos that mean "this mode is not possible here", after which auto tries the next mode.

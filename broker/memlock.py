@@ -19,7 +19,7 @@ import os
 import resource
 
 from broker import procinfo
-from broker.protocol import ConsumerGone, MemlockExceeded
+from broker.errors import ConsumerGone, MemlockExceeded
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _RLIM_INFINITY = ctypes.c_ulong(-1).value

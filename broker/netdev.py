@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from broker.protocol import NoSuchDevice
+from broker.errors import NoSuchDevice
 
 # IFLA_XDP_ATTACHED values (include/uapi/linux/if_link.h)
 _ATTACH_MODES = {0: None, 1: "native", 2: "skb", 3: "hw", 4: "multi"}

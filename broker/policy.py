@@ -25,11 +25,12 @@ import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from broker.protocol import MAX_QUEUES_PER_LEASE, BadRequest, BrokerError, Denied, Request
+from broker.config import DEFAULT_POLICY_PATH
+from broker.errors import BadInput, BadRequest, Denied
+from broker.protocol import MAX_QUEUES_PER_LEASE, Request
 
-DEFAULT_POLICY_PATH = Path("/etc/xsk-broker/policy.toml")
 REQUEST_ACTION = "org.xsk-broker.request"
 ADMIN_ACTION = "org.xsk-broker.admin"
 ADMIN_OPS = ("revoke", "detach")
@@ -37,11 +38,11 @@ RULE_MODES = ("native", "skb")
 EVERYONE = "*"
 
 
-class PolicyError(BrokerError):
+class PolicyError(BadInput):
     """The policy file cannot be used; file and line say where, reason says why."""
 
-    code: ClassVar[str] = "BAD_POLICY"
-    default_errno: ClassVar[int] = errno.EINVAL
+    code = "BAD_POLICY"
+    default_errno = errno.EINVAL
 
     def __init__(self, file: Path, line: int | None, reason: str) -> None:
         where = f"{file}:{line}" if line else str(file)
@@ -59,20 +60,21 @@ class Caller:
     gid: int
     groups: tuple[int, ...]
     pid: int
+    pidfd: int = -1  # SO_PEERPIDFD on the process, owned by whoever made the Caller
 
 
 @dataclass(frozen=True)
 class Grant:
-    """What an allow rule granted, and what the server must still do before acting on it.
+    """What an allow rule granted, and what the broker must still do before acting on it.
 
-    modes: the XDP modes the program may be attached in for this lease (a request for
-    "auto" may use any of them). polkit_action: when set, the server must ask polkit for
-    this action and refuse unless it says yes. raise_memlock: the server may raise the
-    consumer's RLIMIT_MEMLOCK (memlock.ensure(..., may_raise=True)).
+    mode: the XDP mode to attach in, decided here once: the one asked for, or the rule's
+    only mode, or "auto" (native, then skb) when the rule allows both. polkit_action: when
+    set, polkit must be asked for this action and say yes. raise_memlock: the broker may
+    raise the consumer's RLIMIT_MEMLOCK (memlock.ensure(..., may_raise=True)).
     """
 
     rule: str
-    modes: tuple[str, ...]
+    mode: str
     polkit_action: str | None
     raise_memlock: bool
 
@@ -129,7 +131,7 @@ class Rule:
         if not self.covers(request.ifname):
             return f"interface {request.ifname} is not in {', '.join(self.interfaces)}"
         if not any(lo <= first and last <= hi for lo, hi in self.queues):
-            return f"queues {first}-{last} are not within {_ranges(self.queues)}"
+            return f"queues {first}-{last} are not within {ranges_text(self.queues)}"
         if request.queues > self.max_queues_per_lease:
             return f"{request.queues} queues exceed its {self.max_queues_per_lease} per lease"
         if (
@@ -149,8 +151,8 @@ class Rule:
             )
         return None
 
-    def grant(self, modes: tuple[str, ...], action: str) -> Grant:
-        return Grant(self.label, modes, action if self.polkit else None, self.raise_memlock)
+    def grant(self, mode: str, action: str) -> Grant:
+        return Grant(self.label, mode, action if self.polkit else None, self.raise_memlock)
 
 
 @dataclass(frozen=True)
@@ -165,10 +167,10 @@ class Policy:
     @classmethod
     def load(cls, path: Path | str = DEFAULT_POLICY_PATH) -> Policy:
         """Parse path and its includes; PolicyError on any problem, and then nothing is used."""
-        loader = _Loader()
+        reader = _PolicyReader()
         top = Path(path).absolute()
-        loader.load(top, ())
-        return cls(top, tuple(loader.files), tuple(loader.deny), tuple(loader.allow))
+        reader.load(top, ())
+        return cls(top, tuple(reader.files), tuple(reader.deny), tuple(reader.allow))
 
     def authorize(
         self, caller: Caller, request: Request, *, queues_held_by_uid: int, consumer_uid: int
@@ -185,8 +187,8 @@ class Policy:
         for rule in self._allowing(caller):
             why = rule.refusal(request, caller, queues_held_by_uid, consumer_uid)
             if why is None:
-                modes = rule.modes if request.mode == "auto" else (request.mode,)
-                return rule.grant(modes, REQUEST_ACTION)
+                only = rule.modes[0] if len(rule.modes) == 1 else "auto"
+                return rule.grant(only if request.mode == "auto" else request.mode, REQUEST_ACTION)
             reasons.append(f"{rule.label}: {why}")
         raise Denied(f"{describe(caller)}: " + "; ".join(reasons))
 
@@ -197,7 +199,7 @@ class Policy:
         self._check_deny(caller, ifname)
         for rule in self._allowing(caller):
             if rule.admin and rule.covers(ifname):
-                return rule.grant((), ADMIN_ACTION)
+                return rule.grant("auto", ADMIN_ACTION)
         target = f" on {ifname}" if ifname else ""
         raise Denied(f"{describe(caller)} matches no allow rule with admin = true for {op}{target}")
 
@@ -222,14 +224,7 @@ def describe(caller: Caller) -> str:
         return f"uid {caller.uid}"
 
 
-def _group(gid: int) -> str:
-    try:
-        return f"{gid} ({grp.getgrgid(gid).gr_name})"
-    except KeyError:
-        return str(gid)
-
-
-def _ranges(ranges: Iterable[tuple[int, int]]) -> str:
+def ranges_text(ranges: Iterable[tuple[int, int]]) -> str:
     return ", ".join(
         f"{lo}" if lo == hi else f"{lo}-" if hi == sys.maxsize else f"{lo}-{hi}"
         for lo, hi in ranges
@@ -269,7 +264,7 @@ class _Source:
         return after
 
 
-class _Loader:
+class _PolicyReader:
     """Reads a policy file and its includes depth-first, each file once."""
 
     def __init__(self) -> None:
@@ -407,7 +402,7 @@ class _Rule:
             return Rule(**common)
         return Rule(
             **common,
-            queues=self.queue_ranges(),
+            queues=self.queueranges_text(),
             max_queues_per_lease=self.count("max_queues_per_lease", MAX_QUEUES_PER_LEASE),
             max_queues_per_uid=self.count("max_queues_per_uid", None),
             modes=self.strings("modes", RULE_MODES, _check_mode),
@@ -449,7 +444,7 @@ class _Rule:
                 raise self.fail(key, reason)
         return tuple(values)
 
-    def queue_ranges(self) -> tuple[tuple[int, int], ...]:
+    def queueranges_text(self) -> tuple[tuple[int, int], ...]:
         """queues = [0, "4-7", "8-"]: single queues and inclusive ranges; default all."""
         values = self.table.get("queues", ["0-"])
         if not isinstance(values, list) or not values:
@@ -507,72 +502,3 @@ def _queue_range(value: Any) -> tuple[int, int] | None:
         return None
     lo, hi = int(found.group(1)), int(found.group(2)) if found.group(2) else sys.maxsize
     return (lo, hi) if lo <= hi else None
-
-
-def explain(policy: Policy, caller: Caller) -> str:
-    """What caller may do under policy, rule by rule, for `xsk-broker policy check --as`."""
-    gids = ", ".join(_group(gid) for gid in dict.fromkeys((caller.gid, *caller.groups)))
-    lines = [
-        f"policy {policy.path} ({len(policy.files)} file(s), {len(policy.allow)} allow and "
-        f"{len(policy.deny)} deny rule(s))",
-        f"caller {describe(caller)}, groups {gids}",
-    ]
-    for rule in policy.deny:
-        matched = rule.identity_match(caller)
-        if matched:
-            lines.append(
-                f"DENIED by {rule.label} (matches {matched}) on interfaces "
-                f"{', '.join(rule.interfaces)}; deny rules win over any allow rule"
-            )
-    allowing = [rule for rule in policy.allow if rule.identity_match(caller)]
-    if not allowing:
-        lines.append("no allow rule matches: everything is denied (deny by default)")
-    for rule in allowing:
-        per_uid = rule.max_queues_per_uid or "unlimited"
-        lines += [
-            f"{rule.label} matches {rule.identity_match(caller)}:",
-            f"  interfaces {', '.join(rule.interfaces)}; queues {_ranges(rule.queues)}",
-            f"  at most {rule.max_queues_per_lease} queue(s) per lease, {per_uid} per uid",
-            f"  modes {', '.join(rule.modes)}",
-            "  consumers of any uid" if rule.other_consumers else "  consumers of its own uid only",
-            f"  polkit must also agree ({REQUEST_ACTION})" if rule.polkit else "  polkit not asked",
-            f"  admin ops ({', '.join(ADMIN_OPS)}): {'yes' if rule.admin else 'no'}",
-            f"  broker may raise RLIMIT_MEMLOCK: {'yes' if rule.raise_memlock else 'no'}",
-        ]
-    if allowing:
-        lines.append("the first of these that permits a whole request decides it")
-    return "\n".join(lines)
-
-
-def caller_for_user(user: str) -> Caller:
-    """A Caller as the kernel would report a process of user (name or uid) started by login."""
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
-        if not user.isdigit():
-            raise
-        return Caller(int(user), int(user), (), 0)
-    groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
-    return Caller(entry.pw_uid, entry.pw_gid, tuple(g for g in groups if g != entry.pw_gid), 0)
-
-
-def policy_check_main(path: Path | str | None, as_user: str | None) -> int:
-    """`xsk-broker policy check [FILE] [--as USER]`: 0 valid, 1 broken file, 2 unknown user."""
-    try:
-        policy = Policy.load(path or DEFAULT_POLICY_PATH)
-    except PolicyError as exc:
-        print(f"{exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    if as_user is None:
-        files = ", ".join(str(f) for f in policy.files)
-        print(
-            f"policy OK: {len(policy.allow)} allow and {len(policy.deny)} deny rule(s) in {files}"
-        )
-        return 0
-    try:
-        caller = caller_for_user(as_user)
-    except KeyError:
-        print(f"USAGE: no such user: {as_user}", file=sys.stderr)
-        return 2
-    print(explain(policy, caller))
-    return 0

@@ -24,7 +24,8 @@ from jeepney import DBusAddress, DBusErrorResponse, MessageType, new_method_call
 from jeepney.io.blocking import open_dbus_connection
 
 from broker import procinfo
-from broker.protocol import Denied, Request
+from broker.errors import Denied
+from broker.protocol import Request
 
 BUS_ENV = "DBUS_SYSTEM_BUS_ADDRESS"
 DEFAULT_BUS = "unix:path=/run/dbus/system_bus_socket"

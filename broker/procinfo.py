@@ -14,7 +14,7 @@ import errno
 import select
 from dataclasses import dataclass
 
-from broker.protocol import ConsumerGone
+from broker.errors import ConsumerGone
 
 CAP_IPC_LOCK = 14
 CAP_SYS_RESOURCE = 24

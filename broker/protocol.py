@@ -1,17 +1,29 @@
-"""Wire messages shared by the broker and its clients.
+"""Wire messages and replies shared by the broker and its clients, and their JSON codec.
 
-Kept free of heavy imports (no libbpf, no pyroute2) so that client/ can use it in an
-unprivileged process. One message is one SOCK_SEQPACKET datagram holding one UTF-8 JSON
-object; the exact rules are in docs/protocol.md.
+Part of the wire contract with errors.py and fdpass.py: stdlib only, so client/ can use it
+in an unprivileged process. One message is one SOCK_SEQPACKET datagram holding one UTF-8
+JSON object; the exact rules are in docs/protocol.md. Request's fields are the one
+description of what a caller may ask for: the clients, QMP hot-plug and the CLI flags are
+all made from them.
 """
 
 from __future__ import annotations
 
-import errno as errno_mod
 import json
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
+
+from broker.errors import (
+    BadMessage,
+    BadQueues,
+    BadRequest,
+    BadVersion,
+    BrokerError,
+    MessageTooLarge,
+    ModeUnsupported,
+    ProtocolViolation,
+    UnknownOp,
+)
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 65536
@@ -28,96 +40,10 @@ PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 LEASE_ID_CHARS = 12
 
 
-def socket_path_from(path: str | os.PathLike | None) -> str:
-    """An explicit path, else $XSK_BROKER_SOCKET, else the system broker's path."""
-    return os.fspath(path) if path else os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET_PATH
+Body = dict[str, Any]
 
 
-class BrokerError(Exception):
-    """An error with a stable code for programs, an errno, and a sentence for people."""
-
-    code: ClassVar[str] = "INTERNAL"
-    default_errno: ClassVar[int] = errno_mod.EIO
-    registry: ClassVar[dict[str, type[BrokerError]]] = {}
-
-    def __init__(
-        self, message: str, *, errno: int | None = None, details: dict | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.errno = self.default_errno if errno is None else errno
-        self.details = details or {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        BrokerError.registry[cls.code] = cls
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-    def to_wire(self) -> dict:
-        body = {"code": self.code, "errno": self.errno, "message": self.message}
-        if self.details:
-            body["details"] = self.details
-        return body
-
-    @staticmethod
-    def from_wire(body: dict) -> BrokerError:
-        cls = BrokerError.registry.get(body.get("code", ""), BrokerError)
-        err = cls(
-            str(body.get("message", "")), errno=body.get("errno"), details=body.get("details")
-        )
-        if cls is BrokerError:
-            err.code = str(body.get("code", "INTERNAL"))
-        return err
-
-
-BrokerError.registry["INTERNAL"] = BrokerError
-
-
-def _error(name: str, code: str, err: int, doc: str) -> type[BrokerError]:
-    return type(name, (BrokerError,), {"code": code, "default_errno": err, "__doc__": doc})
-
-
-BadMessage = _error("BadMessage", "BAD_MESSAGE", errno_mod.EBADMSG, "Not one UTF-8 JSON object.")
-BadVersion = _error("BadVersion", "BAD_VERSION", errno_mod.EPROTO, "Unsupported protocol version.")
-UnknownOp = _error("UnknownOp", "UNKNOWN_OP", errno_mod.EOPNOTSUPP, "The op is not known.")
-BadRequest = _error("BadRequest", "BAD_REQUEST", errno_mod.EINVAL, "A field is missing or wrong.")
-MessageTooLarge = _error(
-    "MessageTooLarge", "MESSAGE_TOO_LARGE", errno_mod.EMSGSIZE, "Message over the size limit."
-)
-FdsRefused = _error("FdsRefused", "FDS_REFUSED", errno_mod.EPROTO, "Clients may not send fds.")
-NoSuchDevice = _error("NoSuchDevice", "NO_SUCH_DEVICE", errno_mod.ENODEV, "Unknown interface.")
-BadQueues = _error("BadQueues", "BAD_QUEUES", errno_mod.ERANGE, "Queues outside the device.")
-ModeUnsupported = _error(
-    "ModeUnsupported", "MODE_UNSUPPORTED", errno_mod.EOPNOTSUPP, "XDP mode not possible."
-)
-QueueBusy = _error("QueueBusy", "QUEUE_BUSY", errno_mod.EBUSY, "Queue leased or slot occupied.")
-XdpConflict = _error(
-    "XdpConflict", "XDP_CONFLICT", errno_mod.EBUSY, "Another XDP program holds the interface."
-)
-AttachFailed = _error("AttachFailed", "ATTACH_FAILED", errno_mod.EIO, "The kernel refused.")
-Denied = _error("Denied", "DENIED", errno_mod.EACCES, "Policy does not allow it.")
-MemlockExceeded = _error(
-    "MemlockExceeded", "MEMLOCK", errno_mod.ENOBUFS, "Consumer cannot lock enough memory."
-)
-NoSuchLease = _error("NoSuchLease", "NO_SUCH_LEASE", errno_mod.ENOENT, "Unknown lease id.")
-ConsumerGone = _error("ConsumerGone", "CONSUMER_GONE", errno_mod.ESRCH, "Consumer process gone.")
-LeasesLive = _error("LeasesLive", "LEASES_LIVE", errno_mod.EBUSY, "Leases still hold it.")
-RateLimited = _error("RateLimited", "RATE_LIMITED", errno_mod.EAGAIN, "Too many requests.")
-TooManyConnections = _error(
-    "TooManyConnections", "TOO_MANY_CONNECTIONS", errno_mod.EAGAIN, "Connection cap reached."
-)
-Timeout = _error("Timeout", "TIMEOUT", errno_mod.ETIMEDOUT, "No complete message in time.")
-BrokerUnreachable = _error(
-    "BrokerUnreachable", "BROKER_UNREACHABLE", errno_mod.ECONNREFUSED, "Cannot reach the broker."
-)
-ProtocolViolation = _error(
-    "ProtocolViolation", "PROTOCOL", errno_mod.EPROTO, "The peer broke the protocol."
-)
-
-
-def _field(body: dict, name: str, kind: type, default: Any = ..., *, nullable: bool = False):
+def _field(body: Body, name: str, kind: type, default: Any = ..., *, nullable: bool = False) -> Any:
     """Return body[name] checked against kind; bool is never accepted as int."""
     if name not in body:
         if default is ...:
@@ -148,21 +74,41 @@ def validate_lease_id(lease_id: str) -> str:
     return lease_id
 
 
+def param(help: str, *, flag: bool = True, choices: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Field metadata: what the CLI shows for it, and whether it is a CLI flag at all."""
+    return {"help": help, "flag": flag, "choices": choices}
+
+
 @dataclass(frozen=True)
 class Request:
     """Ask for one AF_XDP socket per queue in [start_queue, start_queue + queues)."""
 
     op: ClassVar[str] = "request"
-    ifname: str
-    queues: int
-    start_queue: int = 0
-    mode: str = "auto"
-    tag: str | None = None
-    consumer_pid: int | None = None
-    umem_bytes: int = QEMU_UMEM_BYTES
+    ifname: str = field(metadata=param("interface to take queues of"))
+    queues: int = field(metadata=param("number of queues"))
+    start_queue: int = field(default=0, metadata=param("first queue (default 0)"))
+    mode: str = field(default="auto", metadata=param("XDP attach mode wish", choices=MODES))
+    tag: str | None = field(
+        default=None, metadata=param("free text shown in status and audit (e.g. the VM name)")
+    )
+    consumer_pid: int | None = field(
+        default=None,
+        metadata=param("the process the sockets are for (default the caller)", flag=False),
+    )
+    umem_bytes: int = field(
+        default=QEMU_UMEM_BYTES,
+        metadata=param(
+            "UMEM the consumer will register per queue "
+            "(default QEMU's 32 MiB; checked against its locked-memory limit)"
+        ),
+    )
+
+    @property
+    def queue_ids(self) -> range:
+        return range(self.start_queue, self.start_queue + self.queues)
 
     @classmethod
-    def from_body(cls, body: dict) -> Request:
+    def from_body(cls, body: Body) -> Request:
         ifname = validate_ifname(_field(body, "ifname", str))
         queues = _field(body, "queues", int)
         if not 1 <= queues <= MAX_QUEUES_PER_LEASE:
@@ -185,6 +131,9 @@ class Request:
         return cls(ifname, queues, start, mode, tag, pid, umem)
 
 
+REQUEST_FIELDS = tuple(f.name for f in fields(Request))
+
+
 @dataclass(frozen=True)
 class StatusQuery:
     """Ask for attachments and leases."""
@@ -192,7 +141,7 @@ class StatusQuery:
     op: ClassVar[str] = "status"
 
     @classmethod
-    def from_body(cls, body: dict) -> StatusQuery:
+    def from_body(cls, body: Body) -> StatusQuery:
         return cls()
 
 
@@ -203,35 +152,33 @@ class Ping:
     op: ClassVar[str] = "ping"
 
     @classmethod
-    def from_body(cls, body: dict) -> Ping:
+    def from_body(cls, body: Body) -> Ping:
         return cls()
 
 
 @dataclass(frozen=True)
-class _LeaseOp:
-    """An op on one lease, named by its id."""
-
-    op: ClassVar[str]
-    lease_id: str
-
-    @classmethod
-    def from_body(cls, body: dict) -> _LeaseOp:
-        return cls(validate_lease_id(_field(body, "lease_id", str)))
-
-
-@dataclass(frozen=True)
-class Release(_LeaseOp):
+class Release:
     """End one of the caller's own leases now; its slots are emptied (the sockets the
     consumer holds stay open but receive nothing more)."""
 
     op: ClassVar[str] = "release"
+    lease_id: str
+
+    @classmethod
+    def from_body(cls, body: Body) -> Release:
+        return cls(validate_lease_id(_field(body, "lease_id", str)))
 
 
 @dataclass(frozen=True)
-class Revoke(_LeaseOp):
+class Revoke:
     """Admin: end someone's lease now and empty its slots (traffic back to the stack)."""
 
     op: ClassVar[str] = "revoke"
+    lease_id: str
+
+    @classmethod
+    def from_body(cls, body: Body) -> Revoke:
+        return cls(validate_lease_id(_field(body, "lease_id", str)))
 
 
 @dataclass(frozen=True)
@@ -243,13 +190,14 @@ class Detach:
     force: bool = False
 
     @classmethod
-    def from_body(cls, body: dict) -> Detach:
+    def from_body(cls, body: Body) -> Detach:
         return cls(validate_ifname(_field(body, "ifname", str)), _field(body, "force", bool, False))
 
 
 Message = Request | StatusQuery | Ping | Release | Revoke | Detach
-OPS: dict[str, type] = {m.op: m for m in (Request, StatusQuery, Ping, Release, Revoke, Detach)}
-_ENVELOPE = {"version", "op"}
+MESSAGES: tuple[type[Message], ...] = (Request, StatusQuery, Ping, Release, Revoke, Detach)
+OPS: dict[str, type[Message]] = {m.op: m for m in MESSAGES}
+_KNOWN_FIELDS = {m.op: {"version", "op", *(f.name for f in fields(m))} for m in MESSAGES}
 
 
 def decode_message(data: bytes) -> Message:
@@ -271,8 +219,7 @@ def decode_message(data: bytes) -> Message:
     kind = OPS.get(op) if isinstance(op, str) else None
     if kind is None:
         raise UnknownOp(f"op {op!r} is not known; known ops: {', '.join(sorted(OPS))}")
-    known = _ENVELOPE | {f for f in kind.__dataclass_fields__ if f != "op"}
-    unknown = sorted(set(body) - known)
+    unknown = sorted(set(body) - _KNOWN_FIELDS[kind.op])
     if unknown:
         raise BadRequest(f"unknown field(s) for op '{op}': {', '.join(unknown)}")
     try:
@@ -283,14 +230,17 @@ def decode_message(data: bytes) -> Message:
 
 def encode_message(message: Message) -> bytes:
     """The datagram a client sends for message (None fields are left out)."""
-    body = {"version": PROTOCOL_VERSION, "op": message.op}
-    body.update({k: v for k, v in asdict(message).items() if v is not None})
+    body: Body = {"version": PROTOCOL_VERSION, "op": message.op}
+    body.update({k: v for k, v in vars(message).items() if v is not None})
     return json.dumps(body, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
 class LeaseInfo:
-    """What the broker tells a client about a lease; the fds travel beside it."""
+    """What the broker tells a client about a lease; the fds travel beside it.
+
+    consumer_uid and rule travel in the wire's "extra" object, where v1 put them.
+    """
 
     lease_id: str
     ifname: str
@@ -303,29 +253,204 @@ class LeaseInfo:
     tag: str | None = None
     umem_bytes: int = QEMU_UMEM_BYTES
     created: float = 0.0
-    extra: dict = field(default_factory=dict)
+    consumer_uid: int = -1
+    rule: str = ""
 
     @property
     def start_queue(self) -> int:
         return self.queue_ids[0]
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> Body:
         """The lease as JSON-ready fields (dataclasses.asdict's deep copy costs ~80 us)."""
         return {
-            name: list(value) if isinstance(value, list) else value
-            for name, value in vars(self).items()
-        } | {"extra": dict(self.extra)}
+            "lease_id": self.lease_id,
+            "ifname": self.ifname,
+            "ifindex": self.ifindex,
+            "queue_ids": list(self.queue_ids),
+            "mode": self.mode,
+            "uid": self.uid,
+            "pid": self.pid,
+            "consumer_pid": self.consumer_pid,
+            "tag": self.tag,
+            "umem_bytes": self.umem_bytes,
+            "created": self.created,
+            "extra": {"consumer_uid": self.consumer_uid, "rule": self.rule},
+        }
 
     @classmethod
-    def from_wire(cls, body: dict) -> LeaseInfo:
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in body.items() if k in names})
+    def from_wire(cls, body: Body) -> LeaseInfo:
+        extra = body.get("extra") or {}
+        return cls(
+            lease_id=body["lease_id"],
+            ifname=body["ifname"],
+            ifindex=body["ifindex"],
+            queue_ids=list(body["queue_ids"]),
+            mode=body["mode"],
+            uid=body.get("uid", -1),
+            pid=body.get("pid", 0),
+            consumer_pid=body.get("consumer_pid", 0),
+            tag=body.get("tag"),
+            umem_bytes=body.get("umem_bytes", QEMU_UMEM_BYTES),
+            created=body.get("created", 0.0),
+            consumer_uid=extra.get("consumer_uid", body.get("uid", -1)),
+            rule=extra.get("rule", ""),
+        )
 
 
-def encode_reply(op: str, payload: dict) -> bytes:
-    return json.dumps(
-        {"version": PROTOCOL_VERSION, "ok": True, "op": op, **payload}, separators=(",", ":")
-    ).encode()
+@dataclass(frozen=True)
+class AttachmentInfo:
+    """The program on one interface, as status reports it."""
+
+    ifname: str
+    ifindex: int
+    mode: str
+    queue_count: int
+    link_id: int
+    prog_id: int
+    pin_dir: str
+    adopted: bool
+
+    def to_wire(self) -> Body:
+        return dict(vars(self))
+
+    @classmethod
+    def from_wire(cls, body: Body) -> AttachmentInfo:
+        return cls(**{f.name: body[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Granted:
+    """The reply to Request; the fds travel beside it, one per queue in queue order.
+
+    netdev_template is deprecated (clients render the -netdev value from the lease and
+    their own fd numbers); it is still sent so that v1 clients keep working.
+    """
+
+    op: ClassVar[str] = "request"
+    lease: LeaseInfo
+
+    def to_wire(self) -> Body:
+        return {"lease": self.lease.to_wire(), "netdev_template": netdev_template(self.lease)}
+
+    @classmethod
+    def from_wire(cls, body: Body) -> Granted:
+        return cls(LeaseInfo.from_wire(body["lease"]))
+
+
+@dataclass(frozen=True)
+class Pong:
+    """The reply to Ping."""
+
+    op: ClassVar[str] = "ping"
+    broker: str
+    pid: int
+
+    def to_wire(self) -> Body:
+        return {"broker": self.broker, "pid": self.pid}
+
+    @classmethod
+    def from_wire(cls, body: Body) -> Pong:
+        return cls(str(body["broker"]), int(body["pid"]))
+
+
+@dataclass(frozen=True)
+class BrokerInfo:
+    version: str
+    pid: int
+    policy: str
+
+
+@dataclass(frozen=True)
+class Status:
+    """The reply to StatusQuery: at most a bounded number of leases (lease_count says how
+    many there are), so it always fits one datagram."""
+
+    op: ClassVar[str] = "status"
+    broker: BrokerInfo
+    attachments: list[AttachmentInfo]
+    leases: list[LeaseInfo]
+    lease_count: int
+
+    def to_wire(self) -> Body:
+        return {
+            "broker": dict(vars(self.broker)),
+            "attachments": [a.to_wire() for a in self.attachments],
+            "leases": [lease.to_wire() for lease in self.leases],
+            "lease_count": self.lease_count,
+        }
+
+    @classmethod
+    def from_wire(cls, body: Body) -> Status:
+        return cls(
+            BrokerInfo(**body["broker"]),
+            [AttachmentInfo.from_wire(a) for a in body["attachments"]],
+            [LeaseInfo.from_wire(x) for x in body["leases"]],
+            int(body["lease_count"]),
+        )
+
+
+@dataclass(frozen=True)
+class Released:
+    """The reply to Release."""
+
+    op: ClassVar[str] = "release"
+    lease_id: str
+
+    def to_wire(self) -> Body:
+        return {"lease_id": self.lease_id}
+
+    @classmethod
+    def from_wire(cls, body: Body) -> Released:
+        return cls(str(body["lease_id"]))
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """The reply to Revoke: the queues whose traffic went back to the stack."""
+
+    op: ClassVar[str] = "revoke"
+    lease_id: str
+    queue_ids: list[int]
+
+    def to_wire(self) -> Body:
+        return {"lease_id": self.lease_id, "queue_ids": list(self.queue_ids)}
+
+    @classmethod
+    def from_wire(cls, body: Body) -> Revoked:
+        return cls(str(body["lease_id"]), list(body["queue_ids"]))
+
+
+@dataclass(frozen=True)
+class Detached:
+    """The reply to Detach."""
+
+    op: ClassVar[str] = "detach"
+    ifname: str
+    was_attached: bool
+
+    def to_wire(self) -> Body:
+        return {"ifname": self.ifname, "was_attached": self.was_attached}
+
+    @classmethod
+    def from_wire(cls, body: Body) -> Detached:
+        return cls(str(body["ifname"]), bool(body["was_attached"]))
+
+
+Reply = Granted | Pong | Status | Released | Revoked | Detached
+REPLY_TO: dict[type[Message], type[Reply]] = {
+    Request: Granted,
+    Ping: Pong,
+    StatusQuery: Status,
+    Release: Released,
+    Revoke: Revoked,
+    Detach: Detached,
+}
+
+
+def encode_reply(reply: Reply) -> bytes:
+    body: Body = {"version": PROTOCOL_VERSION, "ok": True, "op": reply.op}
+    body.update(reply.to_wire())
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def encode_error(error: BrokerError) -> bytes:
@@ -335,8 +460,9 @@ def encode_error(error: BrokerError) -> bytes:
     ).encode()
 
 
-def decode_reply(data: bytes) -> dict:
-    """The payload of a success reply; a failure reply is raised as its typed BrokerError."""
+def decode_reply(data: bytes, to: type[Message]) -> Reply:
+    """The typed reply to a message of type to; a failure reply is raised as its typed
+    BrokerError, and a reply of the wrong shape as ProtocolViolation."""
     try:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -348,46 +474,28 @@ def decode_reply(data: bytes) -> dict:
         if not isinstance(error, dict):
             raise ProtocolViolation("broker reported a failure without an error object")
         raise BrokerError.from_wire(error)
-    return body
+    kind = REPLY_TO[to]
+    try:
+        return kind.from_wire(body)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolViolation(f"broker's {kind.op} reply lacks a valid field: {exc!r}") from None
 
 
-def _qemu_escape(value: str) -> str:
+def qemu_escape(value: str) -> str:
     """QEMU's option syntax escapes ',' by doubling it."""
     return value.replace(",", ",,")
 
 
-def _netdev(netdev_id: str, lease: LeaseInfo, sock_fds: str) -> str:
+def netdev_value(netdev_id: str, lease: LeaseInfo, sock_fds: str) -> str:
+    """QEMU's whole `-netdev` value for a lease (sock_fds already joined)."""
     return (
-        f"af-xdp,id={_qemu_escape(netdev_id)},ifname={_qemu_escape(lease.ifname)},"
+        f"af-xdp,id={qemu_escape(netdev_id)},ifname={qemu_escape(lease.ifname)},"
         f"mode={lease.mode},queues={len(lease.queue_ids)},start-queue={lease.start_queue},"
         f"inhibit=on,sock-fds={sock_fds}"
     )
 
 
-def netdev_arg(netdev_id: str, lease: LeaseInfo, sock_fds: list[int] | list[str]) -> str:
-    """The whole `-netdev` value QEMU needs for these sockets (numbers or getfd names)."""
-    if len(sock_fds) != len(lease.queue_ids):
-        raise ValueError(f"{len(lease.queue_ids)} queues need as many fds, got {len(sock_fds)}")
-    return _netdev(netdev_id, lease, ":".join(str(fd) for fd in sock_fds))
-
-
 def netdev_template(lease: LeaseInfo) -> str:
-    """The `-netdev` value with `{id}` and `{sock-fds}` left for the receiver to fill in:
-    fd numbers are chosen by the receiving process's kernel, not by the broker."""
-    return _netdev("{id}", lease, "{sock-fds}")
-
-
-def netdev_qmp(netdev_id: str, lease: LeaseInfo, fd_names: list[str]) -> dict:
-    """The `netdev_add` arguments for these sockets registered over QMP under fd_names."""
-    if len(fd_names) != len(lease.queue_ids):
-        raise ValueError(f"{len(lease.queue_ids)} queues need as many fd names")
-    return {
-        "type": "af-xdp",
-        "id": netdev_id,
-        "ifname": lease.ifname,
-        "mode": lease.mode,
-        "queues": len(lease.queue_ids),
-        "start-queue": lease.start_queue,
-        "inhibit": True,
-        "sock-fds": ":".join(fd_names),
-    }
+    """The deprecated reply field: the `-netdev` value with `{id}` and `{sock-fds}` left
+    for the receiver to fill in (fd numbers are chosen by the receiving kernel)."""
+    return netdev_value("{id}", lease, "{sock-fds}")

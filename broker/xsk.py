@@ -13,8 +13,8 @@ import os
 import socket
 
 from broker import bpf
+from broker.errors import AttachFailed, QueueBusy
 from broker.loader import Attachment
-from broker.protocol import AttachFailed, QueueBusy
 
 AF_XDP = 44
 

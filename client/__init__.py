@@ -1,6 +1,6 @@
 """What unprivileged callers import: request sockets from the broker, as a Lease."""
 
-from broker.protocol import BrokerError
+from broker.errors import BrokerError
 from client.lease import Lease
 from client.sync import Client, request
 

@@ -1,10 +1,10 @@
-"""The broker client for asyncio programs (VM managers), one connection per call.
+"""The broker client for asyncio programs (VM managers), one connection per exchange.
 
 asyncio has no recvmsg-with-fds helper, so the reply is read with broker.fdpass on a
-non-blocking socket once the loop reports it readable. Parsing is shared with the sync
-client (client/transport.py), so both accept and refuse exactly the same replies. Error
-replies are raised as their typed BrokerError subclasses; a failed connect is
-BrokerUnreachable (path and errno); no reply within the timeout is protocol.Timeout.
+non-blocking socket once the loop reports it readable. What is sent and how replies are
+read is client/exchange.py, shared with the sync client. Error replies are raised as their
+typed BrokerError subclasses; a failed connect is BrokerUnreachable (path and errno); no
+reply within the timeout is Timeout.
 """
 
 from __future__ import annotations
@@ -12,20 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from typing import Any
 
 from broker import fdpass
-from broker.protocol import (
-    Message,
-    Ping,
-    Release,
-    Request,
-    StatusQuery,
-    Timeout,
-    encode_message,
-    socket_path_from,
-)
+from broker.errors import Timeout
+from broker.protocol import Granted, Ping, Pong, Release, Released, Request, Status, StatusQuery
+from client.exchange import Exchange, R, socket_path_from, unreachable
 from client.lease import Lease
-from client.transport import decoded, lease_from_reply, refusal_or_raise, unreachable
 
 
 async def _readable(sock: socket.socket) -> None:
@@ -42,26 +35,26 @@ class AsyncClient:
     """Talks to the broker at socket_path ($XSK_BROKER_SOCKET or the default when None)."""
 
     def __init__(
-        self, socket_path: str | os.PathLike | None = None, timeout: float | None = 30.0
+        self, socket_path: str | os.PathLike[str] | None = None, timeout: float | None = 30.0
     ) -> None:
         self.socket_path = socket_path_from(socket_path)
         self.timeout = timeout
 
-    async def call(self, message: Message, max_fds: int = 0) -> tuple[dict, list[int]]:
-        """Send message, return the reply payload and any fds (raising the broker's error)."""
+    async def exchange(self, exchange: Exchange[R]) -> tuple[R, list[int]]:
+        """Drive one exchange over a fresh non-blocking connection."""
         loop = asyncio.get_running_loop()
         kind = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         with socket.socket(socket.AF_UNIX, kind) as sock:
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._connect(sock)
-                    await loop.sock_sendall(sock, encode_message(message))
-                    datagram = await self._receive(sock, max_fds)
+                    await loop.sock_sendall(sock, exchange.datagram)
+                    datagram = await self._receive(sock, exchange.max_fds)
             except TimeoutError:
                 raise Timeout(f"no reply from the broker within {self.timeout} s") from None
             except (BrokenPipeError, ConnectionResetError) as exc:
-                datagram = refusal_or_raise(sock, max_fds, exc)
-        return decoded(datagram)
+                datagram = exchange.refusal(sock, exc)
+        return exchange.finish(datagram)
 
     async def _connect(self, sock: socket.socket) -> None:
         """Connect, waiting while the broker's backlog is full.
@@ -87,39 +80,24 @@ class AsyncClient:
             except BlockingIOError:
                 await _readable(sock)
 
-    async def _call_no_fds(self, message: Message) -> dict:
-        payload, fds = await self.call(message)
-        fdpass.close_all(fds)
-        return payload
+    async def lease(self, request: Request) -> Lease:
+        """Sockets for request as a Lease; the fds arrive close-on-exec
+        (Lease.make_inheritable() before handing them to a child)."""
+        granted, fds = await self.exchange(Exchange(request, Granted))
+        return Lease(granted.lease, fds)
 
-    async def request(
-        self,
-        ifname: str,
-        queues: int,
-        start_queue: int = 0,
-        mode: str = "auto",
-        tag: str | None = None,
-        consumer_pid: int | None = None,
-        umem_bytes: int | None = None,
-    ) -> Lease:
-        """Sockets for queues [start_queue, start_queue + queues) of ifname, as a Lease.
+    async def request(self, ifname: str, queues: int, *args: Any, **options: Any) -> Lease:
+        """Sockets for queues [start_queue, start_queue + queues) of ifname, as a Lease."""
+        return await self.lease(Request(ifname, queues, *args, **options))
 
-        The fds arrive close-on-exec; Lease.make_inheritable() before handing them to a child.
-        Raises the BrokerError subclass for the broker's error code.
-        """
-        extra = {} if umem_bytes is None else {"umem_bytes": umem_bytes}
-        message = Request(ifname, queues, start_queue, mode, tag, consumer_pid, **extra)
-        payload, fds = await self.call(message, max_fds=queues)
-        return lease_from_reply(payload, fds, queues)
+    async def status(self) -> Status:
+        """The broker's view of attachments and leases."""
+        return (await self.exchange(Exchange(StatusQuery(), Status)))[0]
 
-    async def status(self) -> dict:
-        """The broker's view of attachments and leases (the reply payload)."""
-        return await self._call_no_fds(StatusQuery())
+    async def ping(self) -> Pong:
+        """A liveness check; the reply carries the broker's version."""
+        return (await self.exchange(Exchange(Ping(), Pong)))[0]
 
-    async def ping(self) -> dict:
-        """A liveness check; the payload carries the broker's version."""
-        return await self._call_no_fds(Ping())
-
-    async def release(self, lease_id: str) -> None:
+    async def release(self, lease_id: str) -> Released:
         """End one of the caller's leases now; raises NoSuchLease for an unknown id."""
-        await self._call_no_fds(Release(lease_id))
+        return (await self.exchange(Exchange(Release(lease_id), Released)))[0]

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable
 
 AF_XDP = 44
+FRAME_SIZE = 4096
 SOL_XDP = 283
 
 XDP_MMAP_OFFSETS = 1
@@ -216,7 +217,7 @@ class XskSocket:
         queue_id: int,
         *,
         frames: int = 256,
-        frame_size: int = 4096,
+        frame_size: int = FRAME_SIZE,
         ring_size: int = 128,
         copy: bool = True,
     ) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.fdpass import close_all
-from broker.protocol import LeaseInfo, netdev_arg, netdev_qmp
+from broker.protocol import LeaseInfo, netdev_value
 
 
 @dataclass
@@ -52,11 +53,22 @@ class Lease:
 
     def netdev_arg(self, netdev_id: str = "net0") -> str:
         """The complete `-netdev` value for a QEMU that inherits these fd numbers."""
-        return netdev_arg(netdev_id, self.info, self.fds)
+        return netdev_value(netdev_id, self.info, self.sock_fds)
 
-    def netdev_qmp(self, netdev_id: str, fd_names: list[str]) -> dict:
+    def netdev_qmp(self, netdev_id: str, fd_names: list[str]) -> dict[str, Any]:
         """`netdev_add` arguments for these sockets once sent to QEMU with `getfd` names."""
-        return netdev_qmp(netdev_id, self.info, fd_names)
+        if len(fd_names) != len(self.info.queue_ids):
+            raise ValueError(f"{len(self.info.queue_ids)} queues need as many fd names")
+        return {
+            "type": "af-xdp",
+            "id": netdev_id,
+            "ifname": self.ifname,
+            "mode": self.mode,
+            "queues": len(self.info.queue_ids),
+            "start-queue": self.start_queue,
+            "inhibit": True,
+            "sock-fds": ":".join(fd_names),
+        }
 
     def make_inheritable(self) -> None:
         """Let the fds survive exec (they arrive close-on-exec)."""

@@ -7,12 +7,14 @@ so whatever it proves holds for any unprivileged caller.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from client.consumer import XskSocket, make_frame
+from broker.protocol import Request
+from client.consumer import FRAME_SIZE, XskSocket, make_frame
 from client.lease import Lease
 from client.sync import Client
 
@@ -95,19 +97,11 @@ def exercise(
 
 
 def probe(
-    client: Client,
-    ifname: str,
-    queues: int,
-    start_queue: int = 0,
-    mode: str = "auto",
-    *,
-    frames: int = 256,
-    tag: str | None = None,
-    **exercise_args: object,
+    client: Client, request: Request, *, frames: int = 256, **exercise_args: object
 ) -> ProbeReport:
     """Request, bind, move frames; the UMEM declared to the broker is the one registered."""
     started = time.perf_counter()
-    lease = client.request(ifname, queues, start_queue, mode, tag=tag, umem_bytes=frames * 4096)
+    lease = client.lease(dataclasses.replace(request, umem_bytes=frames * FRAME_SIZE))
     request_ms = (time.perf_counter() - started) * 1000
     with lease:
         reports = exercise(lease, frames=frames, **exercise_args)  # type: ignore[arg-type]

@@ -18,12 +18,13 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.events import EventListener
 
-from broker.protocol import BrokerError, LeaseInfo, NoSuchLease
+from broker.errors import BrokerError, LocalError, NoSuchLease
+from broker.protocol import LeaseInfo, Request
 from client.aio import AsyncClient
 from client.lease import Lease
 
@@ -32,18 +33,11 @@ DEFAULT_DEVICE = "virtio-net-pci"
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
-class QmpError(BrokerError):
+class QmpError(LocalError):
     """QEMU refused a command; message is QEMU's text verbatim, details name the command."""
 
-    code: ClassVar[str] = "QMP_ERROR"
-    default_errno: ClassVar[int] = errno_mod.EIO
-
-
-class QmpSchemaError(QmpError):
-    """netdev_add arguments that QEMU's QAPI schema would refuse; details list each problem."""
-
-    code: ClassVar[str] = "QMP_SCHEMA"
-    default_errno: ClassVar[int] = errno_mod.EINVAL
+    code = "QMP_ERROR"
+    default_errno = errno_mod.EIO
 
 
 @dataclass(frozen=True)
@@ -267,30 +261,26 @@ async def _delete(client: QMPClient, command: str, object_id: str) -> bool:
 
 async def attach(
     qmp: str | QMPClient,
-    ifname: str,
-    queues: int,
+    request: Request,
     netdev_id: str,
     *,
-    start_queue: int = 0,
-    mode: str = "auto",
     device: str | None = DEFAULT_DEVICE,
-    tag: str | None = None,
-    consumer_pid: int | None = None,
     socket_path: str | None = None,
 ) -> HotplugResult:
     """Request sockets from the broker for QEMU and hot-plug them as netdev_id.
 
-    The lease's consumer is QEMU (its pid comes from the QMP socket's SO_PEERCRED, or pass
-    consumer_pid with a QMPClient), so the lease lives as long as QEMU. On failure the lease
-    is released again. Our copies of the fds are always closed.
+    The lease's consumer is QEMU (its pid comes from the QMP socket's SO_PEERCRED unless
+    request names consumer_pid, as it must with a QMPClient) and its tag defaults to
+    netdev_id, so the lease lives as long as QEMU and detach() finds it. On failure the
+    lease is released again. Our copies of the fds are always closed.
     """
     check_id(netdev_id)
     async with session(qmp) as (client, pid):
         broker = AsyncClient(socket_path)
-        lease = await broker.request(
-            ifname, queues, start_queue, mode, tag or netdev_id, consumer_pid or pid
+        request = dataclasses.replace(
+            request, tag=request.tag or netdev_id, consumer_pid=request.consumer_pid or pid
         )
-        with lease:
+        with await broker.lease(request) as lease:
             try:
                 return await hotplug(client, lease, netdev_id, device)
             except BaseException as exc:
@@ -306,30 +296,14 @@ async def attach(
 
 def attach_nic(
     qmp_path: str,
-    ifname: str,
-    queues: int,
+    request: Request,
     netdev_id: str,
     *,
-    start_queue: int = 0,
-    mode: str = "auto",
     device: str | None = DEFAULT_DEVICE,
-    tag: str | None = None,
     socket_path: str | None = None,
 ) -> HotplugResult:
-    """attach() for synchronous callers such as `xsk-broker attach`."""
-    return asyncio.run(
-        attach(
-            qmp_path,
-            ifname,
-            queues,
-            netdev_id,
-            start_queue=start_queue,
-            mode=mode,
-            device=device,
-            tag=tag,
-            socket_path=socket_path,
-        )
-    )
+    """attach() for synchronous callers such as `xsk-broker attach-nic`."""
+    return asyncio.run(attach(qmp_path, request, netdev_id, device=device, socket_path=socket_path))
 
 
 async def detach(
@@ -353,11 +327,11 @@ async def detach(
     broker = AsyncClient(socket_path)
     try:
         ended = [
-            lease["lease_id"]
-            for lease in (await broker.status())["leases"]
-            if lease["tag"] == (tag or netdev_id)
-            and lease["consumer_pid"] == qemu_pid
-            and lease["uid"] == os.geteuid()
+            lease.lease_id
+            for lease in (await broker.status()).leases
+            if lease.tag == (tag or netdev_id)
+            and lease.consumer_pid == qemu_pid
+            and lease.uid == os.geteuid()
         ]
         for lease_id in ended:
             with contextlib.suppress(NoSuchLease):  # it ended meanwhile (QEMU exited)
@@ -382,142 +356,3 @@ def detach_nic(
     return asyncio.run(
         detach(qmp_path, netdev_id, tag=tag, device_timeout=device_timeout, socket_path=socket_path)
     )
-
-
-# The af-xdp part of qapi/net.json (QEMU 8.2; map-path and map-start-index since 10.1) in the
-# shape query-qmp-schema reports, so one validator serves QEMU's schema and this one.
-def _builtin(name: str, json_type: str) -> dict:
-    return {"name": name, "meta-type": "builtin", "json-type": json_type}
-
-
-def _enum(name: str, values: list[str]) -> dict:
-    return {"name": name, "meta-type": "enum", "values": values}
-
-
-def _member(name: str, kind: str, optional: bool = True) -> dict:
-    return (
-        {"name": name, "type": kind, "default": None} if optional else {"name": name, "type": kind}
-    )
-
-
-DOCUMENTED_SCHEMA: list[dict] = [
-    {"name": "netdev_add", "meta-type": "command", "arg-type": "Netdev", "ret-type": "any"},
-    {
-        "name": "Netdev",
-        "meta-type": "object",
-        "members": [_member("id", "str", False), _member("type", "NetClientDriver", False)],
-        "tag": "type",
-        "variants": [{"case": "af-xdp", "type": "NetdevAFXDPOptions"}],
-    },
-    _enum("NetClientDriver", ["af-xdp"]),
-    _enum("AFXDPMode", ["native", "skb"]),
-    {
-        "name": "NetdevAFXDPOptions",
-        "meta-type": "object",
-        "members": [
-            _member("ifname", "str", False),
-            _member("mode", "AFXDPMode"),
-            _member("force-copy", "bool"),
-            _member("queues", "int"),
-            _member("start-queue", "int"),
-            _member("inhibit", "bool"),
-            _member("sock-fds", "str"),
-            _member("map-path", "str"),
-            _member("map-start-index", "int32"),
-        ],
-    },
-    _builtin("str", "string"),
-    _builtin("int", "int"),
-    _builtin("int32", "int"),
-    _builtin("bool", "boolean"),
-    _builtin("any", "value"),
-]
-
-_JSON_TYPES = {
-    "string": lambda v: isinstance(v, str),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "value": lambda v: True,
-}
-
-
-def _check(types: dict[str, dict], value: Any, type_name: str, where: str) -> list[str]:
-    """Why value is not of QAPI type type_name (an empty list when it is)."""
-    info = types.get(type_name)
-    if info is None:
-        return [f"{where}: the schema has no type {type_name!r}"]
-    meta = info["meta-type"]
-    if meta == "builtin":
-        ok = _JSON_TYPES[info["json-type"]](value)
-        return [] if ok else [f"{where}: {value!r} is not a JSON {info['json-type']}"]
-    if meta == "enum":
-        values = info.get("values") or [m["name"] for m in info.get("members", [])]
-        return [] if value in values else [f"{where}: {value!r} is not one of {', '.join(values)}"]
-    if meta == "array":
-        if not isinstance(value, list):
-            return [f"{where}: {value!r} is not an array"]
-        element = info["element-type"]
-        return [p for i, v in enumerate(value) for p in _check(types, v, element, f"{where}[{i}]")]
-    if meta == "alternate":
-        if any(not _check(types, value, m["type"], where) for m in info["members"]):
-            return []
-        return [f"{where}: {value!r} fits none of the alternatives"]
-    if meta == "object":
-        return _check_object(types, value, info, where)
-    return [f"{where}: cannot check a {meta}"]
-
-
-def _members(types: dict[str, dict], value: dict, info: dict) -> list[dict]:
-    """The object's members plus those of the variant its tag value selects."""
-    found = list(info.get("members", []))
-    tag = info.get("tag")
-    for variant in info.get("variants", []):
-        if tag is not None and value.get(tag) == variant["case"]:
-            found += _members(types, value, types.get(variant["type"], {}))
-    return found
-
-
-def _check_object(types: dict[str, dict], value: Any, info: dict, where: str) -> list[str]:
-    if not isinstance(value, dict):
-        return [f"{where}: {value!r} is not an object"]
-    members = {m["name"]: m for m in _members(types, value, info)}
-    problems = [f"{where}: unknown member {name!r}" for name in sorted(set(value) - set(members))]
-    for name, member in members.items():
-        if name in value:
-            problems += _check(types, value[name], member["type"], f"{where}.{name}")
-        elif "default" not in member:
-            problems.append(f"{where}: required member {name!r} is missing")
-    return problems
-
-
-def validate_netdev_args(args: dict, schema: list[dict] = DOCUMENTED_SCHEMA) -> None:
-    """Raise QmpSchemaError unless args are what netdev_add takes in this schema.
-
-    schema is a query-qmp-schema reply (QEMU's own, when it has af-xdp) or
-    DOCUMENTED_SCHEMA; names in QEMU's reply are masked numbers, so types are followed
-    from the netdev_add command rather than looked up by name.
-    """
-    types = {entity["name"]: entity for entity in schema}
-    command = types.get("netdev_add", {"arg-type": "netdev_add arguments"})
-    problems = _check(types, args, command["arg-type"], "netdev_add")
-    if problems:
-        raise QmpSchemaError("; ".join(problems), details={"problems": problems, "args": args})
-
-
-def reports_afxdp(schema: list[dict]) -> bool:
-    """Whether a query-qmp-schema reply knows netdev type af-xdp (QEMU >= 8.2 with it built)."""
-    try:
-        validate_netdev_args({"id": "probe", "type": "af-xdp", "ifname": "lo"}, schema)
-    except QmpSchemaError:
-        return False
-    return True
-
-
-async def query_schema(qmp: str | QMPClient) -> list[dict]:
-    """QEMU's own QAPI schema (query-qmp-schema), for validate_netdev_args()."""
-    async with session(qmp) as (client, _pid):
-        return await _execute(client, "query-qmp-schema")

@@ -1,4 +1,4 @@
-"""The blocking client: one connection per call, typed errors, fds never 0, 1 or 2."""
+"""The blocking client: one connection per exchange, typed replies and errors."""
 
 from __future__ import annotations
 
@@ -7,32 +7,36 @@ import socket
 from typing import Any
 
 from broker import fdpass
+from broker.errors import Timeout
 from broker.protocol import (
-    QEMU_UMEM_BYTES,
     Detach,
-    Message,
+    Detached,
+    Granted,
     Ping,
+    Pong,
     Release,
+    Released,
     Request,
     Revoke,
+    Revoked,
+    Status,
     StatusQuery,
-    Timeout,
-    encode_message,
-    socket_path_from,
 )
+from client.exchange import Exchange, R, socket_path_from, unreachable
 from client.lease import Lease
-from client.transport import decoded, lease_from_reply, refusal_or_raise, unreachable
 
 
 class Client:
-    """Talks to one broker socket; every method is one request and one reply."""
+    """Talks to one broker socket; every method is one request and one reply, and raises
+    the broker's error as its typed BrokerError subclass."""
 
-    def __init__(self, socket_path: str | os.PathLike | None = None, timeout: float = 30.0):
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, timeout: float = 30.0):
         self.socket_path = socket_path_from(socket_path)
         self.timeout = timeout
 
-    def call(self, message: Message, max_fds: int = 0) -> tuple[dict, list[int]]:
-        """Send message, return the reply payload and any fds (raising the broker's error)."""
+    def exchange(self, exchange: Exchange[R]) -> tuple[R, list[int]]:
+        """Drive one exchange over a fresh connection: BrokerUnreachable, Timeout, or the
+        reply and its fds."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(self.timeout)
             try:
@@ -40,63 +44,43 @@ class Client:
             except OSError as exc:
                 raise unreachable(self.socket_path, exc) from None
             try:
-                fdpass.send(sock, encode_message(message))
-                datagram = fdpass.receive_reply(sock, max_fds)
+                fdpass.send(sock, exchange.datagram)
+                datagram = fdpass.receive_reply(sock, exchange.max_fds)
             except TimeoutError:
                 raise Timeout(f"no reply from the broker within {self.timeout} s") from None
             except (BrokenPipeError, ConnectionResetError) as exc:
-                datagram = refusal_or_raise(sock, max_fds, exc)
-        return decoded(datagram)
+                datagram = exchange.refusal(sock, exc)
+        return exchange.finish(datagram)
 
-    def request(
-        self,
-        ifname: str,
-        queues: int,
-        start_queue: int = 0,
-        mode: str = "auto",
-        tag: str | None = None,
-        consumer_pid: int | None = None,
-        umem_bytes: int | None = None,
-    ) -> Lease:
-        """Sockets for queues start_queue.. of ifname; raises the broker's typed error."""
-        message = Request(
-            ifname,
-            queues,
-            start_queue,
-            mode,
-            tag,
-            consumer_pid,
-            QEMU_UMEM_BYTES if umem_bytes is None else umem_bytes,
-        )
-        payload, fds = self.call(message, max_fds=queues)
-        return lease_from_reply(payload, fds, queues)
+    def lease(self, request: Request) -> Lease:
+        """Sockets for request, one fd per queue in queue order."""
+        granted, fds = self.exchange(Exchange(request, Granted))
+        return Lease(granted.lease, fds)
 
-    def call_no_fds(self, message: Message) -> dict:
-        """call() for replies that carry no fds; any the broker sent anyway are closed."""
-        payload, fds = self.call(message)
-        fdpass.close_all(fds)
-        return payload
+    def request(self, ifname: str, queues: int, *args: Any, **options: Any) -> Lease:
+        """Sockets for queues start_queue.. of ifname; the rest as protocol.Request takes."""
+        return self.lease(Request(ifname, queues, *args, **options))
 
-    def status(self) -> dict:
-        return self.call_no_fds(StatusQuery())
+    def status(self) -> Status:
+        return self.exchange(Exchange(StatusQuery(), Status))[0]
 
-    def ping(self) -> dict:
-        return self.call_no_fds(Ping())
+    def ping(self) -> Pong:
+        return self.exchange(Exchange(Ping(), Pong))[0]
 
-    def release(self, lease_id: str) -> None:
-        self.call_no_fds(Release(lease_id))
+    def release(self, lease_id: str) -> Released:
+        return self.exchange(Exchange(Release(lease_id), Released))[0]
 
-    def revoke(self, lease_id: str) -> dict:
+    def revoke(self, lease_id: str) -> Revoked:
         """Admin: end someone's lease and empty its slots (traffic back to the stack)."""
-        return self.call_no_fds(Revoke(lease_id))
+        return self.exchange(Exchange(Revoke(lease_id), Revoked))[0]
 
-    def detach(self, ifname: str, force: bool = False) -> dict:
+    def detach(self, ifname: str, force: bool = False) -> Detached:
         """Take the program off ifname (admin); live leases refuse it unless force."""
-        return self.call_no_fds(Detach(ifname, force))
+        return self.exchange(Exchange(Detach(ifname, force), Detached))[0]
 
 
 def request(
-    ifname: str, queues: int, *, socket_path: str | os.PathLike | None = None, **options: Any
+    ifname: str, queues: int, *, socket_path: str | os.PathLike[str] | None = None, **options: Any
 ) -> Lease:
     """One-shot `Client(socket_path).request(ifname, queues, **options)`."""
     return Client(socket_path).request(ifname, queues, **options)

@@ -3,7 +3,7 @@
 # bookworm's kernel as an uncompressed ELF vmlinux (QEMU boots it through its PVH entry note,
 # no firmware, no bootloader) plus an initramfs holding busybox-static, iperf3 with its shared
 # libraries and loader, the virtio-net-over-PCI modules and an /init. The /init contract (the
-# xskt.* kernel parameters and the XSKT-* console lines) is documented in broker/labguest.py.
+# xskt.* kernel parameters and the XSKT-* console lines) is documented in lab/guest.py.
 #
 # Packages come from the host's apt sources with `apt-get download` and are unpacked with
 # `dpkg-deb -x`; nothing is installed on the host. Needs: apt-get, dpkg-deb, xz (the kernel's
@@ -136,7 +136,7 @@ echo $order | tr ' ' '\n' >"$root/etc/xskt/modules"
 
 cat >"$root/init" <<'EOF'
 #!/bin/sh
-# xsk-broker test guest init; the contract is documented in broker/labguest.py.
+# xsk-broker test guest init; the contract is documented in lab/guest.py.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/ TERM=linux
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

@@ -7,7 +7,7 @@
 # libbpf-dev with a minimal feature set, install it under /opt/qemu in that rootfs, and add
 # trixie's firmware packages. The build tools are purged afterwards; what stays is the
 # rootfs's runtime libraries, its ld.so, QEMU and the firmware. The tests run it from the
-# host's view through the rootfs's ld.so (broker/labqemu.py), no chroot.
+# host's view through the rootfs's ld.so (lab/qemu.py), no chroot.
 #
 # bookworm's debootstrap (1.0.128+nmu2+deb12u2) knows trixie, and debian-archive-keyring
 # 2023.3+deb12u1 and later carry the trixie archive keys, so plain Debian 12 tooling does.

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from broker.labbroker import BrokerEnv, BrokerProcess, public_tempdir
-from broker.netlab import VethLab, bpffs
+from lab.brokerproc import BrokerEnv, BrokerProcess, public_tempdir
+from lab.netlab import VethLab, bpffs
 
 STRICT = os.environ.get("XSKT_STRICT") == "1"
 _passed = {"kernel": 0, "qemu": 0}

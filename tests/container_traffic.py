@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from broker.labtraffic import Capture
-from broker.netlab import Endpoint, QueueSender, netns_path, run, steer_queue
 from client.consumer import make_frame
 from client.probe import REPLY_PREFIX
+from lab.netlab import Endpoint, QueueSender, netns_path, run, steer_queue
+from lab.traffic import Capture
 
 QUEUE_LABEL = re.compile(rb" q=(\d+) ")
 

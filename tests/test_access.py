@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from polkit_env import PolkitEnv, polkit_env
 
-from broker.labbroker import REPO, BrokerProcess, wait_until
-from broker.labtraffic import Capture, client_env, running_probe, send_to_queue
-from broker.netlab import VethLab, run, run_unprivileged, spawn_unprivileged
+from lab.brokerproc import REPO, BrokerProcess, wait_until
+from lab.netlab import VethLab, run, run_unprivileged, spawn_unprivileged
+from lab.traffic import Capture, client_env, running_probe, send_to_queue
 
 pytestmark = pytest.mark.kernel
 MIB = 1 << 20
@@ -50,7 +50,7 @@ admin = true
 
 ASK = r"""
 import json, os, sys
-from broker.protocol import BrokerError
+from broker.errors import BrokerError
 from client.sync import Client
 args = json.loads(sys.argv[1])
 client = Client()
@@ -132,8 +132,8 @@ def test_broken_reload_keeps_the_old_policy_and_a_good_one_takes_over_without_en
         wait_until(lambda: "policy reloaded" in broker.log())
         small["start_queue"] = 1
         assert ask_as(broker, 61001, [TENANTS], **small)["code"] == "DENIED"
-        (kept,) = broker.client().status()["leases"]
-        assert kept["tag"] == "kept", "a reload must never end a lease"
+        (kept,) = broker.client().status().leases
+        assert kept.tag == "kept", "a reload must never end a lease"
 
 
 def test_memlock_budget_is_checked_before_anything_is_made(
@@ -164,7 +164,7 @@ def test_nobody_takes_what_is_not_theirs(guarded: tuple[BrokerProcess, VethLab])
     broker, lab = guarded
     with running_probe(broker, lab.ifname_a, 1, "--tag", "vm7", uid=61001,
                        extra_groups=[TENANTS]) as probe:  # fmt: skip
-        (lease,) = broker.client().status()["leases"]
+        (lease,) = broker.client().status().leases
         stolen = ask_as(broker, 61001, [TENANTS], ifname=lab.ifname_a, queues=1,
                         umem_bytes=MIB)  # fmt: skip
         assert stolen["code"] == "QUEUE_BUSY"
@@ -172,12 +172,12 @@ def test_nobody_takes_what_is_not_theirs(guarded: tuple[BrokerProcess, VethLab])
         foreign = ask_as(broker, 61002, ifname=lab.ifname_a, queues=1, start_queue=3,
                          umem_bytes=MIB, consumer_pid=os.getpid())  # fmt: skip
         assert foreign["code"] == "DENIED" and "consumer" in foreign["message"], foreign
-        revoke = ask_as(broker, 61002, revoke=lease["lease_id"])
+        revoke = ask_as(broker, 61002, revoke=lease.lease_id)
         assert revoke["code"] == "DENIED" and "admin = true for revoke" in revoke["message"]
         with Capture(lab.a) as stack:
             send_to_queue(lab.b, lab.a, 0, "while leased", 4)
             assert stack.frames(0.5) == []
-            broker.client().revoke(lease["lease_id"])
+            broker.client().revoke(lease.lease_id)
             send_to_queue(lab.b, lab.a, 0, "after revoke", 4)
             assert len(stack.frames(3.0, want=4)) == 4
     assert "event=revoked" in broker.log()
@@ -215,7 +215,7 @@ def test_polkit_decides_where_the_policy_delegates(
         gone = ask_as(broker, 61001, **small)
         assert gone["code"] == "DENIED"
         assert "polkit is unreachable" in gone["message"], gone
-        assert broker.client().ping()["broker"], "the loop must not hang on polkit"
+        assert broker.client().ping().broker, "the loop must not hang on polkit"
     finally:
         polkitd.start_polkitd()
 
@@ -224,14 +224,14 @@ def test_policy_check_command_explains_a_user(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
     path.write_text(POLICY)
     ok = subprocess.run(
-        [sys.executable, "-m", "client.cli", "policy", "check", str(path), "--as", "root"],
+        [sys.executable, "-m", "xsk_broker", "policy", "check", str(path), "--as", "root"],
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert "root" in ok.stdout
     path.write_text('[[allow]]\nname = "x"\nusers = ["*"]\nqueues = "all"\n')
     broken = subprocess.run(
-        [sys.executable, "-m", "client.cli", "policy", "check", str(path)],
+        [sys.executable, "-m", "xsk_broker", "policy", "check", str(path)],
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert broken.returncode == 1
@@ -260,7 +260,7 @@ def test_waiting_polkit_checks_are_bounded_per_uid(
         third = ask_as(broker, 61001, ifname=lab.ifname_a, queues=1, umem_bytes=MIB)
         assert third["code"] == "RATE_LIMITED", third
         assert "uid 61001 already has 2 polkit checks waiting" in third["message"]
-        assert broker.client().ping()["broker"]
+        assert broker.client().ping().broker
     finally:
         polkitd.polkitd.send_signal(signal.SIGCONT)
         for proc in waiting:

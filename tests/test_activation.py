@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import activation
+from broker import activation, audit
 
 REPO = Path(__file__).resolve().parent.parent
 # A minimal broker: take the socket, say READY, answer one connection, say STOPPING.
@@ -212,10 +212,10 @@ def test_store_fds_sends_them_with_their_name(
 
 
 def test_log_event_fields_go_to_stderr_as_key_value(capfd: pytest.CaptureFixture) -> None:
-    handler = activation.setup_logging(verbose=False)
+    handler = audit.setup_logging(verbose=False)
     try:
         assert isinstance(handler, logging.StreamHandler)
-        activation.log_event(
+        audit.log_event(
             logging.getLogger("xsk-broker"), "granted", interface="eth0", queues=[0, 1], uid=1000
         )
         assert (
@@ -232,6 +232,6 @@ def test_journal_is_chosen_when_stderr_is_the_journal_stream(
 ) -> None:
     info = os.fstat(sys.stderr.fileno())
     monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
-    assert activation.stderr_is_journal()
+    assert audit.stderr_is_journal()
     monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino + 1}")
-    assert not activation.stderr_is_journal()
+    assert not audit.stderr_is_journal()

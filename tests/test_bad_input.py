@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from broker import fdpass
-from broker.labbroker import BrokerProcess
 from broker.loader import netns_key
-from broker.netlab import VethLab, in_netns, run
 from broker.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode_reply
 from client.sync import Client
+from lab.brokerproc import BrokerProcess
+from lab.netlab import VethLab, in_netns, run
 
 pytestmark = pytest.mark.kernel
 
@@ -100,7 +100,7 @@ def test_every_bad_request_is_refused_and_changes_nothing(
         assert error["message"], name
     nothing_attached(lab4, pin_root)
     assert broker4.settled_fd_count(baseline) == baseline
-    assert Client(broker4.socket_path).status()["leases"] == []
+    assert Client(broker4.socket_path).status().leases == []
     assert broker4.stop() == 0, "SIGTERM must end the broker cleanly"
 
 
@@ -126,11 +126,11 @@ def test_mode_conflicting_with_the_attachment_is_refused_without_change(
     client = Client(broker4.socket_path)
     with client.request(lab4.ifname_a, 1, mode="native", umem_bytes=1 << 20):
         pass
-    before = client.status()["attachments"]
+    before = client.status().attachments
     error = ask(broker4, body(ifname=lab4.ifname_a, queues=1, start_queue=1, mode="skb"))
     assert error["code"] == "MODE_UNSUPPORTED"
     assert "native mode" in error["message"]
-    assert client.status()["attachments"] == before
+    assert client.status().attachments == before
 
 
 def test_error_reply_decodes_to_the_typed_exception(broker4: BrokerProcess) -> None:

@@ -19,7 +19,7 @@ THREE = {"net_admin", "bpf", "net_raw"}
 CHILD = """
 import json, socket, sys
 from broker import caps
-from broker.protocol import BrokerError
+from broker.errors import BrokerError
 try:
     caps.enter_least_privilege(allow_root=len(sys.argv) > 1)
 except BrokerError as err:

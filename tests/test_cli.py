@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from broker.labbroker import REPO, BrokerProcess
 from client.cli import build_parser
+from lab.brokerproc import REPO, BrokerProcess
 
 
 def xsk(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args],
+        [sys.executable, "-m", "xsk_broker", *args],
         cwd=REPO, capture_output=True, text=True, timeout=30, env=env,
     )  # fmt: skip
 

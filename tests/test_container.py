@@ -12,7 +12,7 @@ import pytest
 from container import CLIENT_USER, EXEC_PATH, BootedContainer
 
 from broker import caps
-from broker.labbroker import wait_until
+from lab.brokerproc import wait_until
 
 THREE = {"net_admin", "bpf", "net_raw"}
 
@@ -83,8 +83,8 @@ def test_the_service_logs_structured_entries_to_the_journal(box: BootedContainer
 
 def test_log_event_fields_are_journal_fields(box: BootedContainer) -> None:
     code = (
-        "import logging; from broker import activation; activation.setup_logging(); "
-        "activation.log_event(logging.getLogger('xsk-broker'), 'granted', "
+        "import logging; from broker import audit; audit.setup_logging(); "
+        "audit.log_event(logging.getLogger('xsk-broker'), 'granted', "
         "interface='xskt-a', queues=[0, 1], uid=1000, lease='L1')"
     )
     box.exec(

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 import pytest
 from container import CLIENT_USER, EXEC_PATH, SOURCE_MOUNT, BootedContainer
 
-from broker.labbroker import wait_until
-from broker.labtraffic import RunningProbe
+from lab.brokerproc import wait_until
+from lab.traffic import RunningProbe
 
 pytestmark = pytest.mark.kernel
 

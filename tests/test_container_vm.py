@@ -2,7 +2,7 @@
 af-xdp QEMU: the unit's sandbox (DynamicUser=, CAP_IPC_LOCK only, its address families)
 and the installed broker give an unprivileged QEMU sockets that carry iPXE's DHCP exchange.
 
-The af-xdp QEMU (a trixie rootfs, broker/labqemu.py) is bound read-only into the container
+The af-xdp QEMU (a trixie rootfs, lab/qemu.py) is bound read-only into the container
 and run through a /usr/bin/qemu-system-x86_64 wrapper, as a packaged QEMU would be found.
 dnsmasq (the host's binary) serves DHCP on the veth peer, in the container's network
 namespace.
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from container import CLIENT_USER, EXEC_PATH, SOURCE_MOUNT, BootedContainer
 
-from broker.labbroker import public_tempdir, wait_until
-from broker.labqemu import AfxdpQemu, ensure_qemu
-from broker.labvm import PEER_IP, dnsmasq
+from lab.brokerproc import public_tempdir, wait_until
+from lab.qemu import AfxdpQemu, ensure_qemu
+from lab.vm import PEER_IP, dnsmasq
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 

@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
-from broker.labbroker import REPO, BrokerProcess, wait_until
-from broker.labtraffic import Capture, client_env, running_probe, send_to_queue
-from broker.netlab import VethLab, run, run_unprivileged, steer_queue
-from broker.protocol import QueueBusy, Request, encode_message
+from broker.errors import QueueBusy
+from broker.protocol import Request, encode_message
+from lab.brokerproc import REPO, BrokerProcess, wait_until
+from lab.netlab import VethLab, run, run_unprivileged, steer_queue
+from lab.traffic import Capture, client_env, running_probe, send_to_queue
 
 pytestmark = pytest.mark.kernel
 FRAMES_PER_QUEUE = 8
@@ -81,7 +82,7 @@ def test_request_execs_command_with_fds_above_stdio_in_queue_order(
     out.touch(mode=0o666)
     out.chmod(0o666)
     argv = [
-        sys.executable, "-m", "client.cli", "request", "--ifname", lab4.ifname_a,
+        sys.executable, "-m", "xsk_broker", "request", "--ifname", lab4.ifname_a,
         "--queues", "3", "--start-queue", "1", "--id", "vnet7", "--umem-bytes", "1048576", "--",
         sys.executable, "-c", INSPECT_FDS, str(out), "{sock-fds}", "-netdev", "{netdev}",
     ]  # fmt: skip
@@ -112,13 +113,13 @@ def test_slots_free_and_stack_gets_traffic_after_consumer_exits(
 ) -> None:
     client = broker4.client()
     with running_probe(broker4, lab4.ifname_a, 4, "--mode", "native") as probe:
-        assert len(client.status()["leases"]) == 1
+        assert len(client.status().leases) == 1
         with Capture(lab4.a) as stack:
             send_to_queue(lab4.b, lab4.a, 1, "held", 4)
             assert stack.frames(0.5) == [], "frames for a leased queue must not reach the stack"
         probe.proc.kill()
         probe.proc.wait()
-    wait_until(lambda: client.status()["leases"] == [])
+    wait_until(lambda: client.status().leases == [])
     with Capture(lab4.a) as stack:
         send_to_queue(lab4.b, lab4.a, 1, "free", 4)
         assert len(stack.frames(3.0, want=4)) == 4
@@ -164,19 +165,19 @@ def test_restart_adopts_pinned_attachment_and_traffic_keeps_flowing(
             assert send_to_queue(lab4.b, lab4.a, queue, f"to-q={queue} down", 10) == 10
         broker4.start()
         after = broker4.client().status()
-        (old,), (new,) = before["attachments"], after["attachments"]
-        assert new["adopted"] and new["link_id"] == old["link_id"]
-        assert [lease["lease_id"] for lease in after["leases"]] == [
-            lease["lease_id"] for lease in before["leases"]
+        (old,), (new,) = before.attachments, after.attachments
+        assert new.adopted and new.link_id == old.link_id
+        assert [lease.lease_id for lease in after.leases] == [
+            lease.lease_id for lease in before.leases
         ]
-        assert json.loads(xdp_attachments(lab4))["prog"]["id"] == old["prog_id"]
+        assert json.loads(xdp_attachments(lab4))["prog"]["id"] == old.prog_id
         with pytest.raises(QueueBusy, match=r"queue 1 of .* is leased to pid \d+ \(uid 61000"):
             broker4.client().request(lab4.ifname_a, 1, 1)
         for queue in (0, 1):
             assert send_to_queue(lab4.b, lab4.a, queue, f"to-q={queue} up", 20) == 20
         result = probe.result()
     assert [q["received"] for q in result["queues"]] == [30, 30]
-    wait_until(lambda: broker4.client().status()["leases"] == [])
+    wait_until(lambda: broker4.client().status().leases == [])
 
 
 def test_every_decision_is_audited_once_with_fields(broker4: BrokerProcess, lab4: VethLab) -> None:
@@ -227,7 +228,7 @@ def test_a_grant_whose_reply_cannot_be_delivered_ends_at_once(
         finally:
             broker4.proc.send_signal(signal.SIGCONT)
         wait_until(lambda: "the reply could not be delivered" in broker4.log())
-        assert broker4.client().status()["leases"] == []
+        assert broker4.client().status().leases == []
         with broker4.client().request(lab4.ifname_a, 2, umem_bytes=1 << 20) as lease:
             assert lease.queue_ids == [0, 1]  # the slots were emptied too
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.labbroker import REPO, wait_until
+from lab.brokerproc import REPO, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -36,7 +36,7 @@ def _default_sigint() -> None:
 
 def demo(*args: str, **kwargs: object) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "demo", *args],
+        [sys.executable, "-m", "xsk_broker", "demo", *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_default_sigint, **kwargs,
     )  # fmt: skip

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.labbroker import REPO, BrokerProcess, wait_until
-from broker.labtraffic import client_env, running_probe
+from broker.errors import LeasesLive
 from broker.loader import netns_key
-from broker.netlab import VethLab, enter_netns, in_netns, run, run_unprivileged
-from broker.protocol import LeasesLive
+from lab.brokerproc import REPO, BrokerProcess, wait_until
+from lab.netlab import VethLab, enter_netns, in_netns, run, run_unprivileged
+from lab.traffic import client_env, running_probe
 
 pytestmark = pytest.mark.kernel
 
@@ -32,7 +32,7 @@ def pins_of(lab: VethLab, pin_root: Path) -> list[str]:
 
 def cli(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args, "--socket", str(broker.socket_path)],
+        [sys.executable, "-m", "xsk_broker", *args, "--socket", str(broker.socket_path)],
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
 
@@ -47,7 +47,7 @@ def test_detach_is_refused_under_a_live_lease_then_forced(
         assert xdp_of(lab4) and pins_of(lab4, pin_root)
 
         denied = run_unprivileged(
-            [sys.executable, "-m", "client.cli", "detach", "--ifname", lab4.ifname_a, "--force"],
+            [sys.executable, "-m", "xsk_broker", "detach", "--ifname", lab4.ifname_a, "--force"],
             netns=lab4.ns_a, env=client_env(broker4), cwd=str(REPO),
         )  # fmt: skip
         assert denied.returncode == 1
@@ -60,7 +60,7 @@ def test_detach_is_refused_under_a_live_lease_then_forced(
         assert json.loads(forced.stdout) == {"ifname": lab4.ifname_a, "was_attached": True}
     assert xdp_of(lab4) == {}
     assert pins_of(lab4, pin_root) == []
-    assert client.status()["leases"] == []
+    assert client.status().leases == []
     again = cli(broker4, "detach", "--ifname", lab4.ifname_a)
     assert again.returncode == 0 and "had no program attached" in again.stdout
     with client.request(lab4.ifname_a, 4, umem_bytes=1 << 20) as lease:
@@ -97,9 +97,9 @@ def test_removed_interface_ends_its_leases_and_pins_and_a_new_one_works(
     with running_probe(broker4, lab4.ifname_a, 2, "--tag", "doomed"):
         assert pins_of(lab4, pin_root)
         run(["ip", "-n", lab4.ns_a, "link", "del", lab4.ifname_a])
-        wait_until(lambda: client.status()["leases"] == [])
+        wait_until(lambda: client.status().leases == [])
     assert pins_of(lab4, pin_root) == []
-    assert client.status()["attachments"] == []
+    assert client.status().attachments == []
     queues = ["numrxqueues", "4", "numtxqueues", "4"]
     run(["ip", "-n", lab4.ns_a, "link", "add", lab4.ifname_a, *queues, "type", "veth",
          "peer", "name", lab4.ifname_b, "netns", lab4.ns_b, *queues])  # fmt: skip
@@ -114,7 +114,7 @@ import json, os, resource, sys
 from pathlib import Path
 from broker import bpf
 from broker.loader import Loader
-from broker.protocol import BrokerError
+from broker.errors import BrokerError
 loader = Loader(Path(sys.argv[1]))
 bpf._libbpf()  # loaded before the limit: only the pins' fds must be refused
 in_use = len(os.listdir("/proc/self/fd")) - 1  # one more fits: the listing, then the link

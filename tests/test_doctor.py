@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from broker.labbroker import REPO, BrokerProcess
 from broker.loader import is_bpffs
-from broker.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, run_unprivileged, spawn_unprivileged
-from client.doctor import Check, check_memlock, check_xdp_links, doctor_main, run_checks
+from lab.brokerproc import REPO, BrokerProcess
+from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, run_unprivileged, spawn_unprivileged
+from xsk_broker.doctor import Check, check_memlock, check_xdp_links, doctor_main, run_checks
 
 pytestmark = pytest.mark.kernel
 # Prints run_checks() as JSON, for running it under another uid or mount namespace.
 AS_CHILD = """
 import dataclasses, json, sys
-from client.doctor import run_checks
+from xsk_broker.doctor import run_checks
 checks = run_checks(sys.argv[1], None, None, int(sys.argv[2]))
 print(json.dumps({c.name: dataclasses.asdict(c) for c in checks}))
 """

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.labbroker import REPO, BrokerEnv
 from client.sync import Client
+from lab.brokerproc import REPO, BrokerEnv
 
 EXAMPLES = REPO / "examples"
 FAKE_QEMU = EXAMPLES / "fake-qemu"
@@ -33,7 +33,7 @@ def env(tmp_path: Path, broker: BrokerEnv) -> dict[str, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     wrapper = bin_dir / "xsk-broker"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m client.cli "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m xsk_broker "$@"\n')
     wrapper.chmod(0o755)
     return {
         **os.environ,
@@ -51,7 +51,7 @@ def report(env: dict[str, str]) -> dict:
 def assert_lease_ends(broker: BrokerEnv, tag: str) -> None:
     """The consumer has exited, so the broker ends its lease (pidfd readable)."""
     deadline = time.monotonic() + 5
-    while any(x["tag"] == tag for x in Client(broker.socket_path).status()["leases"]):
+    while any(x.tag == tag for x in Client(broker.socket_path).status().leases):
         assert time.monotonic() < deadline, f"lease {tag} outlived its consumer"
         time.sleep(0.02)
 

@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.labbroker import REPO, BrokerProcess, wait_until
-from broker.labtraffic import client_env
-from broker.netlab import VethLab, run_unprivileged, spawn_unprivileged
-from broker.protocol import BrokerError, decode_message, encode_message
+from broker.errors import BrokerError
 from broker.protocol import Request as RequestMessage
+from broker.protocol import decode_message, encode_message
+from lab.brokerproc import REPO, BrokerProcess, wait_until
+from lab.netlab import VethLab, run_unprivileged, spawn_unprivileged
+from lab.traffic import client_env
 
 VALID = encode_message(RequestMessage("eth0", 2, 1, "native", "vm7", None, 1 << 20))
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
@@ -147,12 +148,12 @@ def test_connection_cap_per_uid_spares_other_uids(broker_factory) -> None:
     try:
         assert hog.stdout.readline().strip() == "idle"
         refused = run_unprivileged(
-            [sys.executable, "-m", "client.cli", "ping"], netns=lab.ns_a,
+            [sys.executable, "-m", "xsk_broker", "ping"], netns=lab.ns_a,
             env=client_env(broker), cwd=str(REPO),
         )  # fmt: skip
         assert refused.returncode == 1
         assert refused.stderr.startswith("TOO_MANY_CONNECTIONS: uid 61000 already has 4")
-        assert broker.client().ping()["broker"]
+        assert broker.client().ping().broker
     finally:
         hog.communicate("exit\n", timeout=30)
 
@@ -176,4 +177,4 @@ def test_rate_limit_per_uid_spares_other_uids(broker_factory) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) >= 20
-    assert broker.client().ping()["broker"]
+    assert broker.client().ping().broker

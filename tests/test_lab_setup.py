@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from broker import labcache
-from broker.labbroker import REPO
-from broker.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, run_unprivileged
+from lab.brokerproc import REPO
+from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, run_unprivileged
 
 pytestmark = pytest.mark.kernel
 PUBLIC_VIEW = REPO / "scripts" / "public-view.sh"

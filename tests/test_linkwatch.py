@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.labbroker import REPO
 from broker.linkwatch import LinkEvent, LinkWatch, dump_links
-from broker.netlab import VethLab, in_netns, run, run_unprivileged
+from lab.brokerproc import REPO
+from lab.netlab import VethLab, in_netns, run, run_unprivileged
 
 pytestmark = pytest.mark.kernel
 

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from broker import memlock, procinfo
-from broker.protocol import QEMU_UMEM_BYTES, ConsumerGone, MemlockExceeded
+from broker.errors import ConsumerGone, MemlockExceeded
+from broker.protocol import QEMU_UMEM_BYTES
 
 MIB = 1024 * 1024
 UID = 61011

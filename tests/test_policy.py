@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polkit_env import REPO, USERS, identities
 
+from broker.errors import BadRequest, Denied
 from broker.policy import (
     ADMIN_ACTION,
     REQUEST_ACTION,
@@ -21,7 +22,7 @@ from broker.policy import (
     explain,
     policy_check_main,
 )
-from broker.protocol import BadRequest, Denied, Request
+from broker.protocol import Request
 
 ALICE = Caller(uid=1000, gid=1000, groups=(), pid=4242)
 BASE = """
@@ -66,7 +67,7 @@ def ask(policy: Policy, caller: Caller = ALICE, held: int = 0, consumer_uid=None
 def test_allowed_user_is_granted(tmp_path) -> None:
     grant = ask(load(tmp_path))
     assert grant.rule == "allow rule 'vm-hosts' (policy.toml:6)"
-    assert grant.modes == ("skb",)
+    assert grant.mode == "skb"
     assert grant.polkit_action is None and not grant.raise_memlock
 
 
@@ -145,7 +146,7 @@ def test_first_permitting_rule_decides_and_all_refusals_are_named(tmp_path) -> N
     grant = ask(policy, ifname="eth1", queues=8)
     assert grant.rule == "allow rule 'wide' (policy.toml:16)"
     assert grant.polkit_action == REQUEST_ACTION and grant.raise_memlock
-    assert grant.modes == ("native", "skb")
+    assert grant.mode == "auto"
     with pytest.raises(Denied) as caught:
         ask(policy, ifname="lo")
     assert "'vm-hosts' (policy.toml:6): interface lo" in caught.value.message

@@ -15,8 +15,9 @@ import pytest
 from polkit_env import REPO, USERS, PolkitEnv, gid_of, missing_prerequisites, polkit_env
 
 from broker import polkit
+from broker.errors import ConsumerGone, Denied
 from broker.policy import ADMIN_ACTION, REQUEST_ACTION, Caller, Policy
-from broker.protocol import ConsumerGone, Denied, Request
+from broker.protocol import Request
 
 pytestmark = pytest.mark.skipif(
     missing_prerequisites() is not None, reason=str(missing_prerequisites())

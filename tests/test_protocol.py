@@ -7,11 +7,9 @@ import json
 
 import pytest
 
+from broker.errors import BadQueues, BrokerError, QueueBusy
 from broker.protocol import (
-    BadQueues,
-    BrokerError,
     LeaseInfo,
-    QueueBusy,
     Request,
     decode_message,
     decode_reply,

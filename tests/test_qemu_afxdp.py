@@ -1,9 +1,9 @@
 """QEMU's own af-xdp backend on brokered sockets, with QEMU as an unprivileged uid.
 
-The QEMU is trixie's source package built with af-xdp (broker/labqemu.py), run with no
+The QEMU is trixie's source package built with af-xdp (lab/qemu.py), run with no
 capability but CAP_IPC_LOCK (broker/labvm.py). What the sockets carry is seen from the other
 end of the veth: dnsmasq's DHCPACK for the iPXE firmware, ping and iperf3 for a tiny Linux
-guest (broker/labguest.py), and veth's per-queue XDP counters for which socket took which
+guest (lab/guest.py), and veth's per-queue XDP counters for which socket took which
 queue.
 """
 
@@ -22,11 +22,13 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-from broker.labbroker import BrokerProcess, wait_until
-from broker.labguest import GuestImage, ensure_guest
-from broker.labqemu import AfxdpQemu, ensure_qemu
-from broker.labtraffic import client_env, send_to_queue
-from broker.labvm import (
+from broker.protocol import LeaseInfo
+from lab.brokerproc import BrokerProcess, wait_until
+from lab.guest import GuestImage, ensure_guest
+from lab.netlab import VethLab, run, steer_queue
+from lab.qemu import AfxdpQemu, ensure_qemu
+from lab.traffic import client_env, send_to_queue
+from lab.vm import (
     GUEST_IP,
     PEER_IP,
     Vm,
@@ -38,7 +40,6 @@ from broker.labvm import (
     wait_for_text,
     xdp_stats,
 )
-from broker.netlab import VethLab, run, steer_queue
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
@@ -67,17 +68,17 @@ def pxe(qemu: AfxdpQemu) -> list[str]:
 
 def request(ifname: str, queues: int, mode: str, tag: str) -> list[str]:
     return [
-        sys.executable, "-m", "client.cli", "request", "--ifname", ifname,
+        sys.executable, "-m", "xsk_broker", "request", "--ifname", ifname,
         "--queues", str(queues), "--mode", mode, "--tag", tag, "--",
     ]  # fmt: skip
 
 
-def leases(broker: BrokerProcess) -> list[dict]:
-    return list(broker.client().status()["leases"])
+def leases(broker: BrokerProcess) -> list[LeaseInfo]:
+    return list(broker.client().status().leases)
 
 
-def lease_tagged(broker: BrokerProcess, tag: str) -> dict:
-    (lease,) = [x for x in leases(broker) if x["tag"] == tag]
+def lease_tagged(broker: BrokerProcess, tag: str) -> LeaseInfo:
+    (lease,) = [x for x in leases(broker) if x.tag == tag]
     return lease
 
 
@@ -116,7 +117,7 @@ def test_launch_pxe_gets_dhcp_lease(
     ):
         ack = wait_for_text(log, rf"DHCPACK\({lab.ifname_b}\) (\S+) {GUEST_MAC}", BOOT_TIMEOUT)
         lease = lease_tagged(broker, f"pxe-{mode}")
-        assert (lease["mode"], lease["consumer_pid"], lease["queue_ids"]) == (mode, vm.pid, [0])
+        assert (lease.mode, lease.consumer_pid, lease.queue_ids) == (mode, vm.pid, [0])
         assert ack.group(1).startswith("10.77.0.")
         vm.stop()
         wait_until(lambda: leases(broker) == [])
@@ -214,7 +215,7 @@ def test_guest_two_queues(
             assert bits_per_second(vm, "UP-BPS") > 1e6
             assert bits_per_second(vm, "DOWN-BPS") > 1e6
             vm.wait_for("^RX ", 30)
-            assert lease_tagged(broker, "guest2")["queue_ids"] == [0, 1]
+            assert lease_tagged(broker, "guest2").queue_ids == [0, 1]
             before = xdp_stats(lab.ns_a, lab.ifname_a)
             rx = guest_rx(vm)
             rx_q1 = rx_after_steering(vm, lab, 1, 16)
@@ -262,7 +263,7 @@ def hmp(qmp_path: Path, command: str) -> str:
 
 def cli_as_qemu_user(broker: BrokerProcess, lab: VethLab, *args: str) -> dict:
     done = subprocess.run(
-        as_qemu_user([sys.executable, "-m", "client.cli", *args, "--json"]),
+        as_qemu_user([sys.executable, "-m", "xsk_broker", *args, "--json"]),
         env=client_env(broker),
         capture_output=True,
         text=True,
@@ -294,12 +295,12 @@ def test_hotplug_into_running_qemu(
         )  # fmt: skip
         assert attached["netdev_id"] == "xnet0"
         lease = lease_tagged(broker, "xnet0")
-        assert lease["consumer_pid"] == vm.pid
+        assert lease.consumer_pid == vm.pid
         assert "af-xdp" in hmp(qmp, "info network")
         vm.wait_for("^PING-OK", 60)
         detached = cli_as_qemu_user(broker, lab, "detach-nic", "--qmp", str(qmp), "--id", "xnet0")
         assert detached["netdev_removed"] and detached["device_released"]
-        assert detached["leases_released"] == [lease["lease_id"]]
+        assert detached["leases_released"] == [lease.lease_id]
         vm.wait_for("^NIC-GONE", 30)
         assert "xnet0" not in hmp(qmp, "info network")
         wait_until(lambda: leases(broker) == [])

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from broker.labbroker import REPO, BrokerEnv
-from broker.protocol import BrokerError, LeaseInfo
+from broker.errors import BrokerError
+from broker.protocol import LeaseInfo
 from client.aio import AsyncClient
 from client.lease import Lease
 from client.qmp import (
@@ -40,6 +40,7 @@ from client.qmp import (
     unplug,
     validate_netdev_args,
 )
+from lab.brokerproc import REPO, BrokerEnv
 
 AF_XDP = 44
 NO_AFXDP = "Parameter 'type' does not accept value 'af-xdp'"
@@ -320,13 +321,13 @@ def test_attach_with_a_real_lease_rolls_back_and_ends_it(broker: BrokerEnv, qemu
                 start_queue=5,
                 socket_path=broker.socket_path,
             )
-        return caught.value, (await AsyncClient(broker.socket_path).status())["leases"]
+        return caught.value, (await AsyncClient(broker.socket_path).status()).leases
 
     error, leases = asyncio.run(scenario())
     assert error.message == NO_AFXDP
     assert error.details["lease_released"] is True
     assert [step["ok"] for step in error.details["rolled_back"]] == [True, True]
-    assert not [lease for lease in leases if lease["tag"] == "att1"]
+    assert not [lease for lease in leases if lease.tag == "att1"]
     assert_nothing_registered(qemu, fd_names("att1", [5, 6]))
     assert qemu.settled_fd_count(baseline) == baseline
 
@@ -342,9 +343,9 @@ def test_attach_makes_qemu_the_consumer(broker: BrokerEnv, qemu: Qemu) -> None:
             with lease:
                 status = await AsyncClient(broker.socket_path).status()
                 await AsyncClient(broker.socket_path).release(lease.lease_id)
-        return next(x for x in status["leases"] if x["lease_id"] == lease.lease_id)
+        return next(x for x in status.leases if x.lease_id == lease.lease_id)
 
-    assert asyncio.run(scenario())["consumer_pid"] == qemu.pid
+    assert asyncio.run(scenario()).consumer_pid == qemu.pid
 
 
 def test_qmp_client_may_be_shared_with_a_vm_manager(qemu: Qemu) -> None:
@@ -367,17 +368,17 @@ def test_qmp_client_may_be_shared_with_a_vm_manager(qemu: Qemu) -> None:
 def test_cli_attach_reports_qemus_error_verbatim_and_ends_the_lease(
     broker: BrokerEnv, qemu: Qemu
 ) -> None:
-    argv = [sys.executable, "-m", "client.cli", "attach", "--qmp", qemu.qmp_path,
+    argv = [sys.executable, "-m", "xsk_broker", "attach", "--qmp", qemu.qmp_path,
             "--socket", broker.socket_path, "--ifname", broker.ifname, "--queues", "2",
             "--start-queue", "20", "--id", "cli1", "--tag", "cli-attach"]  # fmt: skip
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.startswith("QMP_ERROR: Parameter 'type' does not accept value 'af-xdp'")
     assert result.stderr.count("\n") == 1
-    leases = asyncio.run(AsyncClient(broker.socket_path).status())["leases"]
-    assert not [lease for lease in leases if lease["tag"] == "cli-attach"]
+    leases = asyncio.run(AsyncClient(broker.socket_path).status()).leases
+    assert not [lease for lease in leases if lease.tag == "cli-attach"]
     gone = subprocess.run(
-        [sys.executable, "-m", "client.cli", "detach-nic", "--qmp", qemu.qmp_path, "--id", "cli1",
+        [sys.executable, "-m", "xsk_broker", "detach-nic", "--qmp", qemu.qmp_path, "--id", "cli1",
          "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from broker import caps
-from broker.labbroker import REPO, BrokerProcess
-from broker.labtraffic import running_probe, send_to_queue
-from broker.netlab import UNPRIVILEGED_GID, VethLab, enter_netns
 from broker.protocol import Request, encode_message
 from client.sync import Client
+from lab.brokerproc import REPO, BrokerProcess
+from lab.netlab import UNPRIVILEGED_GID, VethLab, enter_netns
+from lab.traffic import running_probe, send_to_queue
 
 pytestmark = pytest.mark.kernel
 QUEUES = 64
@@ -39,8 +39,8 @@ def lab64() -> Iterator[VethLab]:
 
 def release_all(client: Client) -> None:
     """End the leases this test process holds (it is their consumer, and stays alive)."""
-    for lease in client.status()["leases"]:
-        client.release(lease["lease_id"])
+    for lease in client.status().leases:
+        client.release(lease.lease_id)
 
 
 def prove_all_free(broker: BrokerProcess, ifname: str) -> float:
@@ -102,7 +102,7 @@ def test_sigkill_during_64_queue_request_leaves_no_occupied_slot(
             prove_all_free(broker, lab64.ifname_a)
         print(f"request {window * 1e3:.1f} ms; kills: {dict(outcomes)}")
         assert outcomes["mid"] > 0, f"no kill landed while sockets were open: {outcomes}"
-        assert broker.client().status()["leases"] == []
+        assert broker.client().status().leases == []
     finally:
         broker.stop()
 

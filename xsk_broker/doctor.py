@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from broker import caps, memlock, procinfo
-from broker.protocol import QEMU_UMEM_BYTES, BrokerError, socket_path_from
+from broker.errors import BrokerError
+from broker.protocol import QEMU_UMEM_BYTES
+from client.exchange import socket_path_from
 from client.sync import Client
 
 AF_XDP = 44
@@ -160,8 +162,8 @@ def check_broker(socket_path: str) -> tuple[Check, int | None]:
             f"{exc.code} at {socket_path} ({os.strerror(exc.errno)})",
             "start it (systemctl start xsk-broker.socket) or pass --socket PATH",
         ), None
-    pid = reply["pid"]
-    return Check("broker reachable", True, f"xsk-broker {reply['broker']} pid {pid}"), pid
+    pid = reply.pid
+    return Check("broker reachable", True, f"xsk-broker {reply.broker} pid {pid}"), pid
 
 
 def check_broker_process(pid: int | None) -> list[Check]:
@@ -287,14 +289,12 @@ def check_memlock(pid: int, queues: int, held_bytes: int = 0) -> Check:
 def _held_bytes(socket_path: str, pid: int) -> int:
     """UMEM of live leases whose consumers run as pid's real uid (the kernel sums them)."""
     try:
-        leases = Client(socket_path, timeout=5).status()["leases"]
+        leases = Client(socket_path, timeout=5).status().leases
         uid = procinfo.read_status(pid).uid
     except BrokerError:
         return 0
     return sum(
-        len(lease["queue_ids"]) * lease["umem_bytes"]
-        for lease in leases
-        if lease["extra"].get("consumer_uid", lease["uid"]) == uid
+        len(lease.queue_ids) * lease.umem_bytes for lease in leases if lease.consumer_uid == uid
     )
 
 

@@ -1,6 +1,6 @@
 """A tiny Linux guest for tests and benchmarks that boot a VM under QEMU (TCG, no KVM here).
 
-scripts/guest-image.sh builds it once into the lab cache (broker.labcache):
+scripts/guest-image.sh builds it once into the lab cache (lab.cache):
 Debian bookworm's kernel as an uncompressed ELF `vmlinux` (QEMU boots it through its PVH
 entry note, no bootloader in the way) and an uncompressed initramfs with
 busybox-static, iperf3 (plus its libraries and loader), the virtio-net-over-PCI modules and an
@@ -42,7 +42,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker import labcache
+from lab import cache as labcache
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "guest-image.sh"
 COMMAND_LINE_MAX = 2047

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import prctl
 
-from broker.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, enter_netns, run
+from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, enter_netns, run
 
 SUBNET = "10.77.0"
 PEER_IP = f"{SUBNET}.1"

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from broker.labbroker import BrokerProcess, public_tempdir
-from broker.labtraffic import Capture, running_probe, send_to_queue
-from broker.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, bpffs, steer_queue
 from client.probe import REPLY_PREFIX
+from lab.brokerproc import BrokerProcess, public_tempdir
+from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, bpffs, steer_queue
+from lab.traffic import Capture, running_probe, send_to_queue
 
 
 @dataclass

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import prctl
 
-from broker.netlab import UNPRIVILEGED_GID, enter_netns, release_sigint, sigint_held
-from broker.protocol import BrokerError
+from broker.errors import BrokerError
 from client.sync import Client
+from lab.netlab import UNPRIVILEGED_GID, enter_netns, release_sigint, sigint_held
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ class BrokerProcess:
         self.policy_path.write_text(policy)
         self.env = env
         self.argv = [
-            sys.executable, "-m", "client.cli", "serve",
+            sys.executable, "-m", "xsk_broker", "serve",
             "--socket", str(self.socket_path),
             "--pin-dir", str(pin_root),
             "--state-dir", str(self.state_dir),

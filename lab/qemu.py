@@ -3,7 +3,7 @@
 No Debian QEMU has af-xdp, and the backend needs libxdp >= 1.4, which only trixie has (with
 trixie's libc). scripts/qemu-afxdp.sh builds trixie's own qemu source package inside a
 debootstrapped trixie rootfs; that takes about 8 minutes on two cores, so the result
-is cached outside the repo, keyed by a hash of the script, and built once (broker.labcache).
+is cached outside the repo, keyed by a hash of the script, and built once (lab.cache).
 
 The QEMU runs from the host's filesystem view through the rootfs's own dynamic loader, not
 in a chroot: an unprivileged uid in any network namespace can start it, with no mounts and
@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker import labcache
+from lab import cache as labcache
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "qemu-afxdp.sh"
 BUILD_TIMEOUT = 30 * 60

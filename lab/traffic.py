@@ -11,8 +11,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from broker.labbroker import REPO, BrokerProcess
-from broker.netlab import (
+from client.consumer import make_frame
+from lab.brokerproc import REPO, BrokerProcess
+from lab.netlab import (
     DEFAULT_ENV,
     UNPRIVILEGED_UID,
     Endpoint,
@@ -20,7 +21,6 @@ from broker.netlab import (
     in_netns,
     spawn_unprivileged,
 )
-from client.consumer import make_frame
 
 ETH_P_ALL = 0x0003
 ETH_P_EXPERIMENTAL = 0x88B5
@@ -56,7 +56,7 @@ def running_probe(
 ) -> Iterator[RunningProbe]:
     """Start a probe as another uid with no capabilities and wait until it is bound."""
     argv = [
-        sys.executable, "-m", "client.cli", "probe", "--ifname", ifname,
+        sys.executable, "-m", "xsk_broker", "probe", "--ifname", ifname,
         "--queues", str(queues), "--send", "0", "--duration", str(duration), "--events", *args,
     ]  # fmt: skip
     proc = spawn_unprivileged(

@@ -1,0 +1,78 @@
+"""Where the broker's lines go: the journal with structured fields under journald, else
+stderr with key=value fields; and the one function every audit line goes through."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from systemd import journal
+
+SYSLOG_IDENTIFIER = "xsk-broker"
+log = logging.getLogger(SYSLOG_IDENTIFIER)
+
+
+def _field_value(value: object) -> str:
+    if isinstance(value, list | tuple | set | frozenset):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+class _StderrFormatter(logging.Formatter):
+    """Message followed by the event's fields as key=value (the upper-case record keys)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = " ".join(
+            f"{key.lower()}={value!r}" if " " in value else f"{key.lower()}={value}"
+            for key, value in vars(record).items()
+            if key.isupper() and isinstance(value, str)
+        )
+        return f"{text} {fields}" if fields else text
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is journald's stream (JOURNAL_STREAM names stderr's dev:ino)."""
+    try:
+        dev, ino = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def setup_logging(verbose: bool = False) -> logging.Handler:
+    """Log to the journal with structured fields under journald, else to stderr.
+
+    Replaces the root logger's handlers, so it is safe to call again.
+    """
+    handler: logging.Handler
+    if stderr_is_journal():
+        handler = journal.JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_StderrFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    # Only the broker's own debug lines: pyroute2's would flood the journal, and its
+    # warnings about /proc/net (hidden by the unit's ProcSubset=pid) concern tc, unused here.
+    logging.getLogger(SYSLOG_IDENTIFIER).setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("pyroute2").setLevel(logging.ERROR)
+    return handler
+
+
+def log_event(
+    logger: logging.Logger, message: str, level: int = logging.INFO, **fields: object
+) -> None:
+    """Log message with fields (interface="eth0", queues=[0, 1], uid=1000, lease="...").
+
+    The fields become journal fields (INTERFACE=eth0, QUEUES=0,1) so that
+    `journalctl -u xsk-broker INTERFACE=eth0` finds them, and key=value on stderr.
+    """
+    extra = {key.upper(): _field_value(value) for key, value in fields.items()}
+    logger.log(level, message, extra=extra, stacklevel=2)

@@ -1,0 +1,532 @@
+"""The broker's use cases, with no sockets and no selector.
+
+request, release, revoke, detach, status and ping take a Caller (who is asking, as the kernel
+said) and a typed message, and return a typed reply (Done) or NeedsPolkit, which the server
+resolves off its loop and hands back through resume(). consumer_exited, link_removed and
+reload_policy are the events the server observes for it. The clock and the lease ids are
+injected, so tests drive this in-process and deterministically; the kernel adapters
+(loader, xsk, netdev, memlock, procinfo) are the real ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from broker import fdpass, memlock, netdev, procinfo, xsk
+from broker.audit import log_event
+from broker.errors import BrokerError, ConsumerGone, Denied, LeasesLive, NoSuchLease, QueueBusy
+from broker.leases import LeaseTable, LiveLease
+from broker.loader import Attachment, Loader
+from broker.policy import Caller, Grant, Policy, PolicyError
+from broker.protocol import (
+    AttachmentInfo,
+    BrokerInfo,
+    Detach,
+    Detached,
+    Granted,
+    LeaseInfo,
+    Message,
+    Ping,
+    Pong,
+    Release,
+    Released,
+    Reply,
+    Request,
+    Revoke,
+    Revoked,
+    Status,
+    StatusQuery,
+)
+
+log = logging.getLogger("xsk-broker")
+# Lease pidfds parked in systemd's fd store survive a restart of the service.
+FDSTORE_PREFIX = "lease-"
+
+
+@functools.cache
+def broker_version() -> str:
+    """From the installed package's metadata (imported on the first ping or status only)."""
+    from importlib.metadata import version
+
+    return version("xsk-broker")
+
+
+class PidfdWatch(Protocol):
+    """Whoever tells the core that a consumer exited (the server's selector)."""
+
+    def watch(self, pidfd: int) -> None: ...
+
+    def unwatch(self, pidfd: int) -> None: ...
+
+
+class FdStore(Protocol):
+    """Where lease pidfds outlive a restart (systemd's fd store, or nowhere)."""
+
+    def store_fds(self, name: str, fds: Sequence[int]) -> None: ...
+
+    def remove_fds(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Done:
+    """A reply; fds go with it (the sender closes them), lease_id names the lease they are
+    for, which ends if they cannot be delivered."""
+
+    reply: Reply
+    fds: Sequence[int] = ()
+    lease_id: str | None = None
+
+
+@dataclass
+class NeedsPolkit:
+    """The policy delegates to polkit: ask it for action with details, then resume()."""
+
+    action: str
+    details: dict[str, str]
+    resume: Callable[[BaseException | None], Done]
+
+
+Outcome = Done | NeedsPolkit
+
+
+def load_policy(path: Path) -> Policy:
+    """The policy at path; a missing file is a policy with no rules (deny by default), and a
+    broken one raises PolicyError."""
+    if not path.exists():
+        log.warning("no policy file at %s: every request will be denied", path)
+        return Policy(path, (), (), ())
+    return Policy.load(path)
+
+
+@dataclass
+class Consumer:
+    """The process the sockets are for, with the one pidfd that is closed in one place:
+    here, unless a lease took it."""
+
+    pid: int
+    uid: int
+    pidfd: int
+
+    def take(self) -> int:
+        fd, self.pidfd = self.pidfd, -1
+        return fd
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pidfd >= 0:
+            os.close(self.take())
+
+
+@dataclass
+class Service:
+    """The broker's state and what may be done to it."""
+
+    policy_path: Path
+    loader: Loader
+    leases: LeaseTable
+    watch: PidfdWatch
+    fdstore: FdStore
+    clock: Callable[[], float] = time.time
+    new_lease_id: Callable[[], str] = field(default=lambda: secrets.token_hex(6))
+    max_status_leases: int = 200
+    on_change: Callable[[str], None] = field(default=lambda _line: None)
+
+    def __post_init__(self) -> None:
+        self.policy = load_policy(self.policy_path)
+
+    def start(self, stored_pidfds: dict[str, int]) -> None:
+        """Adopt pinned attachments and the previous broker's leases (stored_pidfds: the
+        fd store's entries, by name)."""
+        for attachment in self.loader.adopt_all():
+            log.info("adopted %s", attachment.describe())
+        by_lease = {name.removeprefix(FDSTORE_PREFIX): fd for name, fd in stored_pidfds.items()}
+        for info in self.leases.restore(by_lease):
+            self._release_slots(info)
+            self._audit("expired", info, "consumer exited while the broker was down")
+        live = {FDSTORE_PREFIX + lease_id for lease_id in self.leases.by_id}
+        for name in set(stored_pidfds) - live:
+            self.fdstore.remove_fds(name)
+        for lease in list(self.leases.by_id.values()):
+            self.watch.watch(lease.pidfd)
+            name = FDSTORE_PREFIX + lease.info.lease_id
+            if name not in stored_pidfds:  # found again by pid: park the new pidfd too
+                self.fdstore.store_fds(name, [lease.pidfd])
+            if lease.info.ifindex not in self.loader.attachments:
+                self._end(lease, "expired", "its interface vanished while the broker was down")
+        self._changed()
+
+    def close(self) -> None:
+        """Close fds; leases and attachments stay (journal and pins) for the next broker."""
+        self.leases.close()
+        self.loader.close()
+
+    def handle(self, caller: Caller, message: Message) -> Outcome:
+        """The outcome of message from caller; a refusal is raised as its BrokerError (and
+        a refused request audited)."""
+        return self._audited(caller, message, lambda: self._dispatch(caller, message))
+
+    def _dispatch(self, caller: Caller, message: Message) -> Outcome:
+        if isinstance(message, Request):
+            return self._request(caller, message)
+        if isinstance(message, StatusQuery):
+            return Done(self.status())
+        if isinstance(message, Ping):
+            return Done(Pong(broker_version(), os.getpid()))
+        if isinstance(message, Release):
+            return Done(self._release(caller, message))
+        if isinstance(message, Revoke):
+            return self._revoke(caller, message)
+        return self._detach(caller, message)
+
+    def _audited(self, caller: Caller, message: Message, step: Callable[[], Outcome]) -> Outcome:
+        try:
+            return step()
+        except BrokerError as error:
+            if isinstance(message, Request):
+                self._audit_refusal(caller, message, error)
+            else:
+                log.info("refused %s from uid %d: %s", message.op, caller.uid, error)
+            raise
+
+    def _after_polkit(
+        self,
+        caller: Caller,
+        message: Message,
+        grant: Grant,
+        details: dict[str, str],
+        then: Callable[[], Done],
+        abandon: Callable[[], None] = lambda: None,
+    ) -> NeedsPolkit:
+        """Go on with then() once polkit said yes; abandon() if it did not."""
+        assert grant.polkit_action is not None
+
+        def resume(verdict: BaseException | None) -> Done:
+            def step() -> Done:
+                if verdict is not None:
+                    abandon()
+                    raise verdict
+                return then()
+
+            done = self._audited(caller, message, step)
+            assert isinstance(done, Done)
+            return done
+
+        return NeedsPolkit(grant.polkit_action, details, resume)
+
+    def _authorize(self, decide: Callable[[Policy], Grant]) -> Grant:
+        if not self.policy.files:
+            raise Denied(
+                f"there is no policy file at {self.policy.path}, so nothing is allowed; "
+                "install one (see examples/policy.toml) and reload (SIGHUP)"
+            )
+        return decide(self.policy)
+
+    def _grant(self, caller: Caller, request: Request, consumer: Consumer) -> Grant:
+        return self._authorize(
+            lambda policy: policy.authorize(
+                caller,
+                request,
+                queues_held_by_uid=self.leases.queues_held_by(caller.uid),
+                consumer_uid=consumer.uid,
+            )
+        )
+
+    def _consumer(self, caller: Caller, request: Request) -> Consumer:
+        if request.consumer_pid is None or request.consumer_pid == caller.pid:
+            return Consumer(caller.pid, caller.uid, os.dup(caller.pidfd))
+        try:
+            pidfd = os.pidfd_open(request.consumer_pid)
+        except OSError:
+            raise ConsumerGone(f"consumer pid {request.consumer_pid} does not exist") from None
+        with Consumer(request.consumer_pid, -1, pidfd) as consumer:
+            consumer.uid = procinfo.read_status(request.consumer_pid, pidfd).uid
+            return Consumer(consumer.pid, consumer.uid, consumer.take())
+
+    def _request(self, caller: Caller, request: Request) -> Outcome:
+        """Policy first (who may have what), then polkit where delegated, then the kernel."""
+        consumer = self._consumer(caller, request)
+        with consumer:
+            grant = self._grant(caller, request, consumer)
+            if grant.polkit_action is None:
+                return self._hand_out(caller, request, grant, consumer)
+            from broker import polkit
+
+            details = polkit.request_details(request, consumer.pid, consumer.uid)
+            waiting = Consumer(consumer.pid, consumer.uid, consumer.take())
+
+        def then() -> Done:
+            # After a polkit check the quota and the policy (reloaded meanwhile, perhaps)
+            # must still allow the request.
+            with waiting:
+                return self._hand_out(
+                    caller, request, self._grant(caller, request, waiting), waiting
+                )
+
+        return self._after_polkit(caller, request, grant, details, then, waiting.__exit__)
+
+    def _hand_out(self, caller: Caller, request: Request, grant: Grant, consumer: Consumer) -> Done:
+        """Busy queues, memory budget, attachment, sockets, lease: every refusal comes before
+        any socket, and all of them before anything is attached."""
+        queue_ids = list(request.queue_ids)
+        busy = self.leases.holders(netdev.ifindex_of(request.ifname), queue_ids)
+        if busy:
+            raise QueueBusy("; ".join(_held_by(lease, request) for lease in busy))
+        memlock.ensure(
+            consumer.pid,
+            memlock.needed_bytes(request.queues, request.umem_bytes),
+            self.leases.held_bytes(consumer.uid),
+            may_raise=grant.raise_memlock,
+            pidfd=consumer.pidfd,
+        )
+        start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
+        attachment = self.loader.ensure(request.ifname, grant.mode, request.queue_ids)
+        fds = xsk.create_sockets(attachment, queue_ids)
+        try:
+            info = self._record(caller, request, grant, consumer, attachment, start_time)
+        except BaseException:
+            xsk.release_slots(attachment, queue_ids)
+            fdpass.close_all(fds)
+            raise
+        return Done(Granted(info), fds, info.lease_id)
+
+    def _record(
+        self,
+        caller: Caller,
+        request: Request,
+        grant: Grant,
+        consumer: Consumer,
+        attachment: Attachment,
+        start_time: int,
+    ) -> LeaseInfo:
+        """The lease in the table, the journal and the fd store; the pidfd now belongs to it."""
+        info = LeaseInfo(
+            lease_id=self.new_lease_id(),
+            ifname=attachment.ifname,
+            ifindex=attachment.ifindex,
+            queue_ids=list(request.queue_ids),
+            mode=attachment.mode,
+            uid=caller.uid,
+            pid=caller.pid,
+            consumer_pid=consumer.pid,
+            tag=request.tag,
+            umem_bytes=request.umem_bytes,
+            created=self.clock(),
+            consumer_uid=consumer.uid,
+            rule=grant.rule,
+        )
+        self.leases.add(LiveLease(info, consumer.pidfd, start_time))
+        pidfd = consumer.take()
+        self.watch.watch(pidfd)
+        self.fdstore.store_fds(FDSTORE_PREFIX + info.lease_id, [pidfd])
+        self._audit("granted", info, f"{info.mode} mode, rule {grant.rule}")
+        self._changed()
+        return info
+
+    def _lease(self, lease_id: str) -> LiveLease:
+        lease = self.leases.by_id.get(lease_id)
+        if lease is None:
+            raise NoSuchLease(f"no live lease has id {lease_id!r}")
+        return lease
+
+    def _release(self, caller: Caller, message: Release) -> Released:
+        lease = self._lease(message.lease_id)
+        if caller.uid != lease.info.uid:
+            raise Denied(
+                f"lease {message.lease_id} belongs to uid {lease.info.uid}; "
+                "an admin may revoke it instead"
+            )
+        self._end(lease, "released", f"released by uid {caller.uid}")
+        return Released(message.lease_id)
+
+    def _admin(
+        self, caller: Caller, message: Revoke | Detach, ifname: str, then: Callable[[], Done]
+    ) -> Outcome:
+        grant = self._authorize(
+            lambda policy: policy.authorize_admin(caller, message.op, ifname=ifname)
+        )
+        if grant.polkit_action is None:
+            return then()
+        details = {"op": message.op, "interface": ifname} | {
+            k: str(v) for k, v in vars(message).items() if k != "ifname"
+        }
+        return self._after_polkit(caller, message, grant, details, then)
+
+    def _revoke(self, caller: Caller, message: Revoke) -> Outcome:
+        """Admin: empty a lease's slots now, so its queues' traffic returns to the stack."""
+        ifname = self._lease(message.lease_id).info.ifname
+
+        def then() -> Done:
+            lease = self._lease(message.lease_id)
+            self._end(lease, "revoked", f"revoked by uid {caller.uid}")
+            return Done(Revoked(message.lease_id, lease.info.queue_ids))
+
+        return self._admin(caller, message, ifname, then)
+
+    def _detach(self, caller: Caller, message: Detach) -> Outcome:
+        """Admin: take the program off an interface; live leases block it unless forced."""
+        return self._admin(
+            caller, message, message.ifname, lambda: self._do_detach(caller, message)
+        )
+
+    def _do_detach(self, caller: Caller, message: Detach) -> Done:
+        ifindex = netdev.ifindex_of(message.ifname)
+        live = [lease for lease in self.leases.by_id.values() if lease.info.ifindex == ifindex]
+        if live and not message.force:
+            raise LeasesLive(
+                f"{message.ifname} has {len(live)} live lease(s) ("
+                + ", ".join(f"{x.info.lease_id} for pid {x.info.consumer_pid}" for x in live)
+                + "); stop their consumers or pass --force"
+            )
+        for lease in live:
+            self._end(lease, "revoked", f"{message.ifname} detached by uid {caller.uid}")
+        attached = ifindex in self.loader.attachments or self.loader.adopt_one(ifindex)
+        self.loader.detach(ifindex)
+        log_event(
+            log,
+            f"detached {message.ifname}",
+            event="detached",
+            interface=message.ifname,
+            uid=caller.uid,
+            pid=caller.pid,
+        )
+        self._changed()
+        return Done(Detached(message.ifname, attached))
+
+    def status(self) -> Status:
+        """Attachments and at most max_status_leases leases, so the reply always fits one
+        datagram (lease_count says how many there are)."""
+        shown = list(self.leases.by_id.values())[: self.max_status_leases]
+        return Status(
+            BrokerInfo(broker_version(), os.getpid(), str(self.policy.path)),
+            [AttachmentInfo(**a.describe()) for a in self.loader.attachments.values()],
+            [lease.info for lease in shown],
+            len(self.leases.by_id),
+        )
+
+    def undelivered(self, lease_id: str) -> None:
+        """The reply carrying a lease's fds could not be sent: the lease ends."""
+        lease = self.leases.by_id.get(lease_id)
+        if lease is not None:
+            self._end(lease, "released", "the reply could not be delivered")
+
+    def consumer_exited(self, pidfd: int) -> None:
+        for lease in self.leases.by_pidfd(pidfd):
+            self._end(lease, "expired", f"consumer pid {lease.info.consumer_pid} exited")
+
+    def link_removed(self, ifindex: int, ifname: str) -> None:
+        """The kernel already detached the link: end the interface's leases and remove its
+        pins, so that a new interface starts clean."""
+        for lease in list(self.leases.by_id.values()):
+            if lease.info.ifindex == ifindex:
+                self._end(lease, "expired", f"interface {ifname} was removed")
+        if ifindex in self.loader.attachments:
+            log_event(
+                log,
+                f"{ifname} removed: attachment and pins dropped",
+                event="detached",
+                interface=ifname,
+            )
+        self.loader.forget(ifindex)
+        self._changed()
+
+    def reload_policy(self) -> None:
+        """SIGHUP: use the new policy only if it loads whole; leases are never touched."""
+        try:
+            policy = load_policy(self.policy_path)
+        except PolicyError as error:
+            log_event(
+                log,
+                f"policy reload refused, the old policy stays: {error.message}",
+                logging.ERROR,
+                event="policy",
+                reason=error.message,
+            )
+            return
+        self.policy = policy
+        log_event(
+            log,
+            f"policy reloaded from {policy.path}",
+            event="policy",
+            reason=f"{len(policy.allow)} allow, {len(policy.deny)} deny rule(s)",
+        )
+
+    def _end(self, lease: LiveLease, event: str, reason: str) -> None:
+        """Forget the lease and empty its slots: sockets its consumer (or a child) may still
+        hold no longer receive, so nobody keeps queues the quota no longer counts."""
+        self._release_slots(lease.info)
+        with contextlib.suppress(KeyError, ValueError):
+            self.watch.unwatch(lease.pidfd)
+        self.leases.end(lease.info.lease_id)
+        self.fdstore.remove_fds(FDSTORE_PREFIX + lease.info.lease_id)
+        self._audit(event, lease.info, reason)
+        self._changed()
+
+    def _release_slots(self, info: LeaseInfo) -> None:
+        attachment = self.loader.attachments.get(info.ifindex)
+        if attachment is not None:
+            xsk.release_slots(attachment, info.queue_ids)
+
+    def _audit(self, event: str, info: LeaseInfo, reason: str) -> None:
+        """One structured line per decision (journal fields; key=value on stderr)."""
+        log_event(
+            log,
+            f"{event} lease {info.lease_id}: {info.ifname} queues {info.queue_ids} "
+            f"for pid {info.consumer_pid} ({reason})",
+            event=event,
+            lease=info.lease_id,
+            interface=info.ifname,
+            queues=info.queue_ids,
+            uid=info.uid,
+            pid=info.pid,
+            consumer_pid=info.consumer_pid,
+            tag=info.tag or "",
+            reason=reason,
+        )
+
+    def _audit_refusal(self, caller: Caller, request: Request, error: BrokerError) -> None:
+        queues = list(request.queue_ids)
+        log_event(
+            log,
+            f"denied {request.ifname} queues {queues} to uid {caller.uid}: {error}",
+            event="denied",
+            interface=request.ifname,
+            queues=queues,
+            uid=caller.uid,
+            pid=caller.pid,
+            consumer_pid=request.consumer_pid or caller.pid,
+            tag=request.tag or "",
+            code=error.code,
+            reason=error.message,
+        )
+
+    def _changed(self) -> None:
+        self.on_change(self.status_line())
+
+    def status_line(self) -> str:
+        """The one line `systemctl status` shows."""
+        attachments = ", ".join(f"{a.ifname}/{a.mode}" for a in self.loader.attachments.values())
+        return f"{len(self.leases.by_id)} lease(s); attached: {attachments or 'none'}"
+
+
+def _held_by(lease: LiveLease, request: Request) -> str:
+    """'queue 2 of eth0 is leased to pid 4242 (uid 1000, tag vm7, lease ...)'."""
+    info = lease.info
+    taken = [q for q in info.queue_ids if q in request.queue_ids]
+    which = f"queue {taken[0]}" if len(taken) == 1 else f"queues {taken}"
+    verb = "is" if len(taken) == 1 else "are"
+    tag = f", tag {info.tag}" if info.tag else ""
+    return (
+        f"{which} of {request.ifname} {verb} leased to pid {info.consumer_pid} "
+        f"(uid {info.consumer_uid}{tag}, lease {info.lease_id})"
+    )

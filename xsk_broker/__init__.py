@@ -1,0 +1,1 @@
+"""The `xsk-broker` command: client, operator and lab commands in one parser."""

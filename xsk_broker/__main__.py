@@ -1,0 +1,3 @@
+from xsk_broker.cli import main
+
+raise SystemExit(main())

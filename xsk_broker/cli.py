@@ -1,0 +1,116 @@
+"""The `xsk-broker` command: the client commands (client/cli.py), the daemon (`serve`), and
+the operator commands that need both sides: doctor, policy check, install-units, demo.
+
+Only this package imports client/, broker/ and lab/ together; each command's module is
+imported when that command runs, so `xsk-broker request` loads no daemon code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+from broker import config
+from broker.errors import BrokerError
+from broker.protocol import MODES
+from client import cli as client_cli
+from client.cli import Parser
+
+
+def cmd_serve(opts: argparse.Namespace) -> int:
+    from broker import daemon
+
+    return daemon.main(config.from_flags(opts))
+
+
+def cmd_policy_check(opts: argparse.Namespace) -> int:
+    from xsk_broker import policycheck
+
+    return policycheck.main(opts.file, opts.as_user, as_json=opts.json)
+
+
+def cmd_doctor(opts: argparse.Namespace) -> int:
+    from xsk_broker.doctor import doctor_main
+
+    return doctor_main(opts)
+
+
+def cmd_install_units(opts: argparse.Namespace) -> int:
+    """Put units, polkit actions and examples in place; print what makes them live."""
+    from broker import units
+
+    exec_path = opts.exec_path or os.path.abspath(sys.argv[0])
+    try:
+        written = units.install_units(Path(opts.prefix), exec_path)
+    except (OSError, ValueError) as exc:
+        raise BrokerError(f"cannot install units under {opts.prefix}: {exc}") from None
+    then = [" ".join(c) for c in units.POST_INSTALL]
+    if opts.json:
+        print(json.dumps({"installed": [str(p) for p in written], "then": then}))
+    else:
+        print("\n".join(str(p) for p in written))
+        print("then run:\n  " + "\n  ".join(then))
+    return 0
+
+
+def cmd_demo(opts: argparse.Namespace) -> int:
+    from lab import demo
+
+    return demo.main(opts.queues, opts.mode, opts.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="xsk-broker", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('xsk-broker')}")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+
+    serve = sub.add_parser("serve", help="run the privileged broker daemon")
+    config.add_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    client_cli.add_commands(sub)
+
+    pol = sub.add_parser("policy", help="policy file tools")
+    pol_sub = pol.add_subparsers(dest="policy_cmd", required=True, parser_class=Parser)
+    chk = pol_sub.add_parser("check", help="validate a policy file and explain it for a user")
+    chk.add_argument("file", nargs="?", help=f"policy file (default {config.DEFAULT_POLICY_PATH})")
+    chk.add_argument("--as", dest="as_user", metavar="USER", help="explain what USER may have")
+    chk.add_argument("--json", action="store_true", help="print JSON instead of text")
+    chk.set_defaults(func=cmd_policy_check)
+
+    doc = sub.add_parser("doctor", help="check kernel, bpffs, broker, socket, policy, memlock")
+    client_cli.add_socket(doc)
+    client_cli.add_json(doc)
+    doc.add_argument("--policy", help="policy file to check (default the broker's)")
+    doc.add_argument("--pid", type=int, help="consumer pid whose memlock limit to check")
+    doc.add_argument("--queues", type=int, default=1, help="queues that consumer would take")
+    doc.set_defaults(func=cmd_doctor)
+
+    ins = sub.add_parser(
+        "install-units", help="install the systemd units, polkit actions, examples"
+    )
+    client_cli.add_json(ins)
+    ins.add_argument("--prefix", default="/", help="root to install under (default /)")
+    ins.add_argument("--exec-path", help="ExecStart= path (default: this xsk-broker)")
+    ins.set_defaults(func=cmd_install_units)
+
+    dmo = sub.add_parser(
+        "demo", help="the whole product on a private veth pair (root; cleans up after itself)"
+    )
+    client_cli.add_json(dmo)
+    dmo.add_argument("--queues", type=int, default=4, help="veth queues (default 4)")
+    dmo.add_argument("--mode", choices=MODES, default="auto", help="XDP mode wish")
+    dmo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    if getattr(opts, "command", None) and opts.command[0] == "--":
+        opts.command = opts.command[1:]
+    return client_cli.run(opts.func, opts)
