@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 
+from broker.protocol import Request
 from client.aio import AsyncClient
 from client.qmp import QmpError, attach
 
@@ -45,7 +46,7 @@ async def run_vm_in(rundir: str, ifname: str, qemu: str, extra: list[str]) -> in
         )  # fmt: skip
     await wait_for(qmp_path, proc)
     try:
-        nic = await attach(qmp_path, ifname, queues=1, netdev_id="net1", start_queue=1)
+        nic = await attach(qmp_path, Request(ifname, queues=1, start_queue=1), "net1")
     except QmpError as error:
         print(f"hot-plug of net1 failed: {error}", file=sys.stderr)
         proc.terminate()

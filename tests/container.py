@@ -28,7 +28,8 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from broker import labcache, units
+from broker import units
+from lab import cache as labcache
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "container-rootfs.sh"

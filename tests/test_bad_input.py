@@ -12,6 +12,7 @@ import pytest
 from broker import fdpass
 from broker.loader import netns_key
 from broker.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode_reply
+from broker.protocol import Request as RequestMessage
 from client.sync import Client
 from lab.brokerproc import BrokerProcess
 from lab.netlab import VethLab, in_netns, run
@@ -139,6 +140,6 @@ def test_error_reply_decodes_to_the_typed_exception(broker4: BrokerProcess) -> N
         sock.send(body(ifname="xskt-nonesuch", queues=1))
         data = sock.recv(65536)
     with pytest.raises(Exception) as caught:
-        decode_reply(data)
+        decode_reply(data, RequestMessage)
     assert type(caught.value).__name__ == "NoSuchDevice"
     assert caught.value.errno == 19

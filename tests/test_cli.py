@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import build_parser
 from lab.brokerproc import REPO, BrokerProcess
+from xsk_broker.cli import build_parser
 
 
 def xsk(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from broker import netlab
 from broker.fdpass import close_all
 from broker.loader import Loader
 from broker.xsk import create_sockets
 from client.consumer import ETH_P_EXPERIMENTAL, XskSocket, mac_bytes, make_frame
+from lab import netlab
 from lab.netlab import Endpoint, QueueSender, VethLab, in_netns, steer_queue, xdp_socket
 
 pytestmark = [

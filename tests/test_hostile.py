@@ -164,7 +164,7 @@ def test_rate_limit_per_uid_spares_other_uids(broker_factory) -> None:
     flood = "\n".join(
         [
             "from client.sync import Client",
-            "from broker.protocol import RateLimited",
+            "from broker.errors import RateLimited",
             "limited = 0",
             "for _ in range(40):",
             "    try: Client().ping()",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import labcache
+from lab import cache as labcache
 from lab.brokerproc import REPO
 from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, run_unprivileged
 

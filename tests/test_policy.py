@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,10 +20,10 @@ from broker.policy import (
     Caller,
     Policy,
     PolicyError,
-    explain,
-    policy_check_main,
 )
 from broker.protocol import Request
+from xsk_broker.policycheck import explain
+from xsk_broker.policycheck import main as policy_check_main
 
 ALICE = Caller(uid=1000, gid=1000, groups=(), pid=4242)
 BASE = """
@@ -255,6 +256,14 @@ def test_check_main(tmp_path, capsys) -> None:
     assert "policy.toml:1" in capsys.readouterr().err
 
 
+def test_check_main_json(tmp_path, capsys) -> None:
+    path = write(tmp_path, "policy.toml", BASE)
+    assert policy_check_main(path, "1000", as_json=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["allow_rules"], report["deny_rules"], report["caller"]["uid"]) == (1, 1, 1000)
+    assert any("matches uid 1000" in line for line in report["explanation"])
+
+
 def test_explain_shows_deny(tmp_path) -> None:
     text = explain(load(tmp_path), Caller(1000, 1000, (1002,), 0))
     assert "DENIED by deny rule 'quarantine' (policy.toml:2) (matches group 1002)" in text
@@ -265,7 +274,7 @@ def test_example_policy_with_its_groups() -> None:
     """The shipped example loads once its groups exist, and explains real users."""
     example = REPO / "examples" / "policy.toml"
     code = (
-        "import sys; from broker.policy import policy_check_main as m; sys.exit(m(*sys.argv[1:]))"
+        "import sys; from xsk_broker.policycheck import main as m; sys.exit(m(*sys.argv[1:]))"
     )
     with identities() as ids:
         for user, expected in (

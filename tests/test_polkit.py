@@ -155,7 +155,7 @@ def test_only_the_broker_user_may_ask_about_others(env, process_of, checker, out
     which is what lets polkitd answer it about another process (root is always allowed)."""
     child = process_of("xsktest-user")
     code = (
-        "import sys; from broker import polkit; from broker.protocol import Denied\n"
+        "import sys; from broker import polkit; from broker.errors import Denied\n"
         "subject = polkit.subject_of(int(sys.argv[1]), 61001)\n"
         "try: polkit.check(subject, 'org.xsk-broker.request', {'interface': 'veth0',"
         " 'queues': '1'}, bus_address=sys.argv[2]); print('granted')\n"

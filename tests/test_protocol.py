@@ -7,18 +7,22 @@ import json
 
 import pytest
 
-from broker.errors import BadQueues, BrokerError, QueueBusy
+from broker.errors import BadQueues, BrokerError, ProtocolViolation, QueueBusy
 from broker.protocol import (
+    Granted,
     LeaseInfo,
+    Ping,
+    Pong,
     Request,
+    StatusQuery,
     decode_message,
     decode_reply,
     encode_error,
     encode_message,
-    netdev_arg,
-    netdev_qmp,
+    encode_reply,
     netdev_template,
 )
+from client.lease import Lease
 
 LEASE = LeaseInfo("abc", "eth,0", 3, [2, 3], "skb")
 
@@ -35,7 +39,7 @@ def test_defaults_are_qemu_s() -> None:
 
 def test_error_reply_becomes_the_typed_exception_with_errno() -> None:
     with pytest.raises(QueueBusy) as caught:
-        decode_reply(encode_error(QueueBusy("queue 2 of eth0 is leased to pid 1")))
+        decode_reply(encode_error(QueueBusy("queue 2 of eth0 is leased to pid 1")), Request)
     assert caught.value.errno == errno.EBUSY
     assert str(caught.value) == "QUEUE_BUSY: queue 2 of eth0 is leased to pid 1"
 
@@ -43,7 +47,7 @@ def test_error_reply_becomes_the_typed_exception_with_errno() -> None:
 def test_unknown_error_code_keeps_its_code() -> None:
     data = json.dumps({"version": 1, "ok": False, "error": {"code": "NEW", "message": "m"}})
     with pytest.raises(BrokerError) as caught:
-        decode_reply(data.encode())
+        decode_reply(data.encode(), Ping)
     assert caught.value.code == "NEW"
 
 
@@ -52,17 +56,30 @@ def test_queue_count_beyond_scm_max_fd_is_refused() -> None:
         decode_message(b'{"version":1,"op":"request","ifname":"eth0","queues":254}')
 
 
+def test_typed_replies_round_trip_and_keep_v1_fields() -> None:
+    granted = Granted(LeaseInfo("abc", "eth0", 3, [2], "skb", consumer_uid=7, rule="r"))
+    body = json.loads(encode_reply(granted))
+    assert body["lease"]["extra"] == {"consumer_uid": 7, "rule": "r"}  # where v1 put them
+    assert body["netdev_template"] == netdev_template(granted.lease)  # deprecated, still sent
+    assert decode_reply(encode_reply(granted), Request) == granted
+    assert decode_reply(encode_reply(Pong("1.0", 5)), Ping) == Pong("1.0", 5)
+
+
+def test_a_reply_missing_a_field_is_a_protocol_violation() -> None:
+    data = json.dumps({"version": 1, "ok": True, "op": "status", "broker": {}})
+    with pytest.raises(ProtocolViolation, match="status reply lacks a valid field"):
+        decode_reply(data.encode(), StatusQuery)
+
+
 def test_netdev_argument_escapes_commas_and_carries_mode() -> None:
-    assert netdev_arg("n0", LEASE, [5, 6]) == (
+    assert Lease(LEASE, [5, 6]).netdev_arg("n0") == (
         "af-xdp,id=n0,ifname=eth,,0,mode=skb,queues=2,start-queue=2,inhibit=on,sock-fds=5:6"
     )
     assert netdev_template(LEASE).endswith("sock-fds={sock-fds}")
-    with pytest.raises(ValueError):
-        netdev_arg("n0", LEASE, [5])
 
 
 def test_netdev_qmp_arguments() -> None:
-    assert netdev_qmp("n0", LEASE, ["x0", "x1"]) == {
+    assert Lease(LEASE, [5, 6]).netdev_qmp("n0", ["x0", "x1"]) == {
         "type": "af-xdp",
         "id": "n0",
         "ifname": "eth,0",
