@@ -279,20 +279,21 @@ class LeaseInfo:
 
     @classmethod
     def from_wire(cls, body: Body) -> LeaseInfo:
-        extra = body.get("extra") or {}
+        extra: Body = body.get("extra") or {}
+        uid: int = body.get("uid", -1)
         return cls(
             lease_id=body["lease_id"],
             ifname=body["ifname"],
             ifindex=body["ifindex"],
             queue_ids=list(body["queue_ids"]),
             mode=body["mode"],
-            uid=body.get("uid", -1),
+            uid=uid,
             pid=body.get("pid", 0),
             consumer_pid=body.get("consumer_pid", 0),
             tag=body.get("tag"),
             umem_bytes=body.get("umem_bytes", QEMU_UMEM_BYTES),
             created=body.get("created", 0.0),
-            consumer_uid=extra.get("consumer_uid", body.get("uid", -1)),
+            consumer_uid=extra.get("consumer_uid", uid),
             rule=extra.get("rule", ""),
         )
 

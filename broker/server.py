@@ -20,6 +20,7 @@ import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from broker import fdpass
 from broker.config import ServeConfig
@@ -30,6 +31,9 @@ from broker.limits import UidLimits
 from broker.linkwatch import LinkWatch
 from broker.policy import Caller
 from broker.protocol import encode_error
+
+if TYPE_CHECKING:  # imported when a check is first parked: jeepney is off the cold path
+    from broker import polkit
 
 log = logging.getLogger("xsk-broker")
 SO_PEERGROUPS = 59
@@ -64,7 +68,7 @@ class Parked:
 
     conn: Connection
     waiting: Waiting
-    future: Future[object]
+    future: Future[polkit.Granted]
 
 
 @dataclass(frozen=True)
@@ -260,15 +264,14 @@ class Server:
             self._drop(conn.sock.fileno())
             return
         answer = self.front.handle(conn.peer, data)
-        if isinstance(answer, Waiting):
-            answer = self._park(conn, answer)
-        if answer is not None:
-            self._reply(conn, answer)
+        now = self._park(conn, answer) if isinstance(answer, Waiting) else answer
+        if now is not None:
+            self._reply(conn, now)
 
     def _reply(self, conn: Connection, answer: Answer) -> None:
         """Send, then close the broker's copies; a lease whose fds never arrived ends."""
         try:
-            fdpass.send(conn.sock, answer.data, answer.fds)
+            fdpass.send(conn.sock, answer.data, list(answer.fds))
         except OSError:
             self._drop(conn.sock.fileno())
             if answer.lease_id is not None:

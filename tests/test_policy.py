@@ -273,9 +273,7 @@ def test_explain_shows_deny(tmp_path) -> None:
 def test_example_policy_with_its_groups() -> None:
     """The shipped example loads once its groups exist, and explains real users."""
     example = REPO / "examples" / "policy.toml"
-    code = (
-        "import sys; from xsk_broker.policycheck import main as m; sys.exit(m(*sys.argv[1:]))"
-    )
+    code = "import sys; from xsk_broker.policycheck import main as m; sys.exit(m(*sys.argv[1:]))"
     with identities() as ids:
         for user, expected in (
             ("xsktest-user", "allow rule 'vm-hosts' (policy.toml:19) matches group 61001"),
