@@ -164,7 +164,7 @@ class Service:
                 self.fdstore.store_fds(name, [lease.pidfd])
             if lease.info.ifindex not in self.loader.attachments:
                 self._end(lease, "expired", "its interface vanished while the broker was down")
-        self._changed()
+        self._report_status()
 
     def close(self) -> None:
         """Close fds; leases and attachments stay (journal and pins) for the next broker."""
@@ -330,7 +330,7 @@ class Service:
         self.watch.watch(pidfd)
         self.fdstore.store_fds(FDSTORE_PREFIX + info.lease_id, [pidfd])
         self._audit("granted", info, f"{info.mode} mode, rule {grant.rule}")
-        self._changed()
+        self._report_status()
         return info
 
     def _lease(self, lease_id: str) -> LiveLease:
@@ -400,7 +400,7 @@ class Service:
             uid=caller.uid,
             pid=caller.pid,
         )
-        self._changed()
+        self._report_status()
         return Done(Detached(message.ifname, attached))
 
     def status(self) -> Status:
@@ -438,7 +438,7 @@ class Service:
                 interface=ifname,
             )
         self.loader.forget(ifindex)
-        self._changed()
+        self._report_status()
 
     def reload_policy(self) -> None:
         """SIGHUP: use the new policy only if it loads whole; leases are never touched."""
@@ -470,7 +470,7 @@ class Service:
         self.leases.end(lease.info.lease_id)
         self.fdstore.remove_fds(FDSTORE_PREFIX + lease.info.lease_id)
         self._audit(event, lease.info, reason)
-        self._changed()
+        self._report_status()
 
     def _release_slots(self, info: LeaseInfo) -> None:
         attachment = self.loader.attachments.get(info.ifindex)
@@ -510,7 +510,7 @@ class Service:
             reason=error.message,
         )
 
-    def _changed(self) -> None:
+    def _report_status(self) -> None:
         self.on_change(self.status_line())
 
     def status_line(self) -> str:

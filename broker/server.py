@@ -152,7 +152,7 @@ class Server:
                 if event.kind == "removed":
                     self.service.link_removed(event.ifindex, event.ifname)
         elif what == "decided":
-            self._decided()
+            self._polkit_answered()
         else:
             self._signalled()
 
@@ -308,7 +308,7 @@ class Server:
         future.add_done_callback(lambda _: os.eventfd_write(self.wakeup, 1))
         return None
 
-    def _decided(self) -> None:
+    def _polkit_answered(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.wakeup)
         for parked in [p for p in self.parked if p.future.done()]:

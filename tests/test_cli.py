@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import config
 from lab.brokerproc import REPO, BrokerProcess
 from xsk_broker.cli import build_parser
 
@@ -20,6 +23,37 @@ def xsk(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]
         [sys.executable, "-m", "xsk_broker", *args],
         cwd=REPO, capture_output=True, text=True, timeout=30, env=env,
     )  # fmt: skip
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    result = xsk("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"xsk-broker {importlib.metadata.version('xsk-broker')}\n"
+
+
+def test_attach_remains_an_alias_of_attach_nic() -> None:
+    parser = build_parser()
+    old = parser.parse_args(
+        ["attach", "--qmp", "q", "--id", "n1", "--ifname", "e", "--queues", "1"]
+    )
+    new = parser.parse_args(
+        ["attach-nic", "--qmp", "q", "--id", "n1", "--ifname", "e", "--queues", "1"]
+    )
+    assert old.func is new.func and vars(old) | {"cmd": None} == vars(new) | {"cmd": None}
+
+
+def test_serve_flags_are_the_config_table() -> None:
+    """Every ServeConfig field is a serve flag, and unset flags keep the table's defaults."""
+    parser = build_parser()
+    opts = parser.parse_args(["serve", "--max-status-leases", "7", "--allow-root"])
+    built = config.from_flags(opts)
+    assert (built.max_status_leases, built.allow_root) == (7, True)
+    assert dataclasses.replace(
+        built, max_status_leases=200, allow_root=False
+    ) == config.ServeConfig(socket_path=built.socket_path)
+    usage = xsk("serve", "--help").stdout
+    for field in dataclasses.fields(config.ServeConfig):
+        assert config.flag_of(field.name) in usage, field.name
 
 
 def test_usage_error_is_one_coded_line_with_exit_2() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def test_real_broker_passes_every_check_but_a_missing_host_bpffs(
 ) -> None:
     checks = run_checks(str(broker4.socket_path), None, None, 4)
     seen = by_name(checks)
-    assert seen["broker reachable"].detail == f"xsk-broker 0.1.0 pid {broker4.pid}"
+    version = importlib.metadata.version("xsk-broker")
+    assert seen["broker reachable"].detail == f"xsk-broker {version} pid {broker4.pid}"
     assert (
         seen["broker capabilities"].detail
         == f"pid {broker4.pid} holds exactly bpf,net_admin,net_raw"
