@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 import prctl
 
@@ -295,6 +295,36 @@ def unprivileged_preexec(
     return preexec
 
 
+@overload
+def spawn_unprivileged(
+    argv: Sequence[str],
+    uid: int = ...,
+    gid: int = ...,
+    *,
+    netns: str | None = ...,
+    extra_groups: Sequence[int] = ...,
+    env: Mapping[str, str] | None = ...,
+    pass_fds: Sequence[int] = ...,
+    text: Literal[True],
+    **popen_kwargs: Any,
+) -> subprocess.Popen[str]: ...
+
+
+@overload
+def spawn_unprivileged(
+    argv: Sequence[str],
+    uid: int = ...,
+    gid: int = ...,
+    *,
+    netns: str | None = ...,
+    extra_groups: Sequence[int] = ...,
+    env: Mapping[str, str] | None = ...,
+    pass_fds: Sequence[int] = ...,
+    text: Literal[False] = ...,
+    **popen_kwargs: Any,
+) -> subprocess.Popen[bytes]: ...
+
+
 def spawn_unprivileged(
     argv: Sequence[str],
     uid: int = UNPRIVILEGED_UID,
@@ -304,8 +334,9 @@ def spawn_unprivileged(
     extra_groups: Sequence[int] = (),
     env: Mapping[str, str] | None = None,
     pass_fds: Sequence[int] = (),
-    **popen_kwargs: Any,
-) -> subprocess.Popen:
+    text: bool = False,
+    **popen_kwargs: Any,  # the rest of subprocess.Popen's keyword arguments, passed on
+) -> subprocess.Popen[str] | subprocess.Popen[bytes]:
     """Start argv as uid/gid with no capabilities, optionally inside a network namespace.
 
     The namespace is checked here because an error inside preexec_fn loses its message.
@@ -319,6 +350,7 @@ def spawn_unprivileged(
             env=dict(DEFAULT_ENV if env is None else env),
             pass_fds=tuple(pass_fds),
             preexec_fn=unprivileged_preexec(uid, gid, netns=netns, extra_groups=extra_groups),
+            text=text,
             **popen_kwargs,
         )
 
