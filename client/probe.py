@@ -54,6 +54,14 @@ class ProbeReportJson(TypedDict):
     queues: list[QueueReportJson]
 
 
+class BoundEvent(TypedDict):
+    """The line announce_bound() prints once every socket is bound."""
+
+    event: str
+    mode: str
+    queues: list[int]
+
+
 class ExerciseOptions(TypedDict, total=False):
     """exercise()'s keyword arguments besides frames, as probe() passes them on."""
 
@@ -156,5 +164,9 @@ def probe(
 
 def announce_bound(lease: Lease, sockets: list[XskSocket]) -> None:
     """For a parent process: one JSON line once every socket is bound."""
-    event = {"event": "bound", "mode": lease.mode, "queues": [s.queue_id for s in sockets]}
+    event: BoundEvent = {
+        "event": "bound",
+        "mode": lease.mode,
+        "queues": [s.queue_id for s in sockets],
+    }
     print(json.dumps(event), flush=True)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypedDict, overload
 
 import prctl
 
@@ -110,6 +110,13 @@ def in_netns(name: str) -> Iterator[None]:
         os.close(original)
 
 
+class _IpLink(TypedDict):
+    """The part of an `ip -j link show` entry that the lab reads."""
+
+    ifindex: int
+    address: str
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One end of the veth pair: where it lives and how to address it."""
@@ -187,7 +194,10 @@ class VethLab:
     @staticmethod
     def _up(ns: str, ifname: str) -> Endpoint:
         run(["ip", "-n", ns, "link", "set", ifname, "up"])
-        (link,) = json.loads(run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname]))
+        links: list[_IpLink] = json.loads(
+            run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname])
+        )
+        (link,) = links
         return Endpoint(ns, ifname, link["ifindex"], link["address"])
 
     def teardown(self) -> None:

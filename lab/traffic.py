@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from client.consumer import make_frame
-from client.probe import ProbeReportJson
+from client.probe import BoundEvent, ProbeReportJson
 from lab.brokerproc import REPO, BrokerProcess
 from lab.netlab import (
     DEFAULT_ENV,
@@ -79,7 +79,7 @@ def running_probe(
             proc.wait(timeout=10)
             stderr = proc.stderr.read() if proc.stderr else ""
             raise AssertionError(f"probe exited before binding: {stderr}")
-        bound = json.loads(line)
+        bound: BoundEvent = json.loads(line)
         yield RunningProbe(proc, bound["queues"], bound["mode"])
     finally:
         if proc.poll() is None:
