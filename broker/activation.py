@@ -41,7 +41,7 @@ def inherited_fds() -> list[tuple[str, int]]:
     Besides the socket unit's listener these include whatever the previous broker parked in
     the fd store (FDSTORE=1), under the names it gave them. Call it once, at start.
     """
-    fds = daemon.listen_fds_with_names()
+    fds: dict[int, str] = daemon.listen_fds_with_names()  # systemd-python: fd -> FDNAME
     # libsystemd unsets them in C; os.environ (what subprocess passes on) keeps its copy.
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(key, None)

@@ -25,7 +25,7 @@ SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 # Capabilities newer than python-prctl's table (it names bit 40 "last_cap").
 _NEWER_NAMES = {40: "checkpoint_restore"}
-_NAMES = {
+_NAMES: dict[int, str] = {
     getattr(prctl, f"CAP_{name.upper()}"): name
     for name in prctl.ALL_CAP_NAMES
     if name != "last_cap" and not name.startswith("unknown_")

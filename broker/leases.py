@@ -14,12 +14,29 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, final
 
 from broker import procinfo
 from broker.errors import BrokerError
-from broker.protocol import LeaseInfo
+from broker.protocol import Body, LeaseInfo
 
 STATE_FILE = "leases.jsonl"
+
+
+@final  # so that `"add" in entry` tells the two kinds of line apart
+class _Added(TypedDict):
+    """A journal line for a new lease: its wire form and the consumer's start time."""
+
+    add: Body
+    start_time: int
+
+
+@final
+class _Ended(TypedDict):
+    end: str
+
+
+_JournalEntry = _Added | _Ended
 
 
 @dataclass
@@ -56,7 +73,7 @@ class LeaseTable:
         to the caller)."""
         self._index(lease)
         try:
-            self._append({"add": lease.info.to_wire(), "start_time": lease.start_time})
+            self._append(_added(lease))
         except BaseException:
             self._unindex(lease.info.lease_id)
             raise
@@ -97,12 +114,12 @@ class LeaseTable:
         rewritten to hold just the live leases.
         """
         stored = dict(stored_pidfds or {})
-        records: dict[str, dict] = {}
+        records: dict[str, _Added] = {}
         for entry in self._read_journal():
             if "add" in entry:
                 records[entry["add"]["lease_id"]] = entry
-            else:
-                records.pop(entry.get("end"), None)
+            elif (ended_id := entry.get("end")) is not None:
+                records.pop(ended_id, None)
         ended: list[LeaseInfo] = []
         for record in records.values():
             info = LeaseInfo.from_wire(record["add"])
@@ -141,7 +158,7 @@ class LeaseTable:
         for key in lease.key_queues():
             self.by_queue[key] = lease
 
-    def _append(self, entry: dict) -> None:
+    def _append(self, entry: _JournalEntry) -> None:
         """One line per change; rewritten to the live leases once mostly history, so a busy
         broker's journal (in RAM, on /run) stays in proportion to its leases."""
         if self._journal is None:
@@ -151,10 +168,11 @@ class LeaseTable:
         if self._journal_lines > 2 * len(self.by_id) + 64:
             self._compact()
 
-    def _read_journal(self) -> list[dict]:
+    def _read_journal(self) -> list[_JournalEntry]:
+        """The journal's entries as written (by _append and _compact); torn lines skipped."""
         if self.state_path is None or not self.state_path.exists():
             return []
-        entries = []
+        entries: list[_JournalEntry] = []
         for line in self.state_path.read_bytes().splitlines():
             with contextlib.suppress(ValueError):
                 entries.append(json.loads(line))
@@ -165,16 +183,17 @@ class LeaseTable:
         if self.state_path is None:
             return
         tmp = self.state_path.with_suffix(".tmp")
-        lines = [
-            json.dumps({"add": lease.info.to_wire(), "start_time": lease.start_time}) + "\n"
-            for lease in self.by_id.values()
-        ]
+        lines = [json.dumps(_added(lease)) + "\n" for lease in self.by_id.values()]
         tmp.write_text("".join(lines))
         os.replace(tmp, self.state_path)
         if self._journal is not None:
             os.close(self._journal)
         self._journal = os.open(self.state_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._journal_lines = len(lines)
+
+
+def _added(lease: LiveLease) -> _Added:
+    return {"add": lease.info.to_wire(), "start_time": lease.start_time}
 
 
 def _alive(pidfd: int | None) -> int | None:

@@ -23,9 +23,9 @@ import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TypeGuard
 
 from broker.config import DEFAULT_POLICY_PATH
 from broker.errors import BadInput, BadRequest, Denied
@@ -321,10 +321,14 @@ def _read(path: Path) -> str:
         raise PolicyError(path, line, f"is not UTF-8: {exc.reason}") from None
 
 
-def _includes(source: _Source, value: Any) -> list[Path]:
+def _is_str_list(value: object) -> TypeGuard[list[str]]:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _includes(source: _Source, value: object) -> list[Path]:
     """include = ["file.toml", "dir/*.toml"], relative to the including file's directory."""
     line = source.key_line("include")
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not _is_str_list(value):
         raise source.error("include must be a list of file names or glob patterns", line)
     found = []
     for entry in value:
@@ -359,7 +363,7 @@ class _Rule:
     )
     DENY_KEYS = frozenset(("name", "users", "groups", "interfaces"))
 
-    def __init__(self, source: _Source, kind: str, index: int, table: dict) -> None:
+    def __init__(self, source: _Source, kind: str, index: int, table: dict[str, object]) -> None:
         self.source = source
         self.kind = kind
         self.table = table
@@ -388,7 +392,7 @@ class _Rule:
         name = self.table.get("name", f"#{self.index + 1}")
         if not isinstance(name, str) or not name:
             raise self.fail("name", "must be a non-empty string")
-        common = dict(
+        common = Rule(
             kind=self.kind,
             name=name,
             file=self.source.path,
@@ -399,12 +403,14 @@ class _Rule:
             interfaces=self.strings("interfaces", (EVERYONE,), _check_pattern),
         )
         if self.kind == "deny":
-            return Rule(**common)
-        return Rule(
-            **common,
-            queues=self.queueranges_text(),
-            max_queues_per_lease=self.count("max_queues_per_lease", MAX_QUEUES_PER_LEASE),
-            max_queues_per_uid=self.count("max_queues_per_uid", None),
+            return common
+        queues = self.queueranges_text()
+        per_lease = self.count("max_queues_per_lease")
+        return replace(
+            common,
+            queues=queues,
+            max_queues_per_lease=MAX_QUEUES_PER_LEASE if per_lease is None else per_lease,
+            max_queues_per_uid=self.count("max_queues_per_uid"),
             modes=self.strings("modes", RULE_MODES, _check_mode),
             other_consumers=self.flag("other_consumers"),
             polkit=self.flag("polkit"),
@@ -417,7 +423,8 @@ class _Rule:
         values = self.table.get(key, [])
         if not isinstance(values, list):
             raise self.fail(key, 'must be a list of names, numbers or "*"')
-        ids, everyone = set(), False
+        ids: set[int] = set()
+        everyone = False
         for value in values:
             if value == EVERYONE:
                 everyone = True
@@ -433,23 +440,26 @@ class _Rule:
         return ids, everyone
 
     def strings(
-        self, key: str, default: tuple[str, ...], check: Callable[[Any], str | None]
+        self, key: str, default: tuple[str, ...], check: Callable[[object], str | None]
     ) -> tuple[str, ...]:
+        """A non-empty list whose every entry check() accepts (it accepts only strings)."""
         values = self.table.get(key, list(default))
         if not isinstance(values, list) or not values:
             raise self.fail(key, "must be a non-empty list of strings")
+        strings: list[str] = []
         for value in values:
             reason = check(value)
-            if reason:
-                raise self.fail(key, reason)
-        return tuple(values)
+            if reason or not isinstance(value, str):
+                raise self.fail(key, reason or f"{value!r} is not a string")
+            strings.append(value)
+        return tuple(strings)
 
     def queueranges_text(self) -> tuple[tuple[int, int], ...]:
         """queues = [0, "4-7", "8-"]: single queues and inclusive ranges; default all."""
         values = self.table.get("queues", ["0-"])
         if not isinstance(values, list) or not values:
             raise self.fail("queues", 'must be a non-empty list like [0, "2-5", "8-"]')
-        ranges = []
+        ranges: list[tuple[int, int]] = []
         for value in values:
             parsed = _queue_range(value)
             if parsed is None:
@@ -457,9 +467,10 @@ class _Rule:
             ranges.append(parsed)
         return tuple(ranges)
 
-    def count(self, key: str, default: int | None) -> int | None:
+    def count(self, key: str) -> int | None:
+        """A positive whole number, or None when the key is not given."""
         if key not in self.table:
-            return default
+            return None
         value = self.table[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise self.fail(key, f"must be a positive whole number, got {value!r}")
@@ -482,19 +493,19 @@ def _gid_of(name: str) -> int:
     return grp.getgrnam(name).gr_gid
 
 
-def _check_pattern(value: Any) -> str | None:
+def _check_pattern(value: object) -> str | None:
     if not isinstance(value, str) or not value or len(value) > 64:
         return f"{value!r} is not an interface name pattern"
     return None
 
 
-def _check_mode(value: Any) -> str | None:
+def _check_mode(value: object) -> str | None:
     if value not in RULE_MODES:
         return f"{value!r} is not one of {', '.join(RULE_MODES)}"
     return None
 
 
-def _queue_range(value: Any) -> tuple[int, int] | None:
+def _queue_range(value: object) -> tuple[int, int] | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value, value) if value >= 0 else None
     found = re.fullmatch(r"\s*(\d+)\s*-\s*(\d*)\s*", value) if isinstance(value, str) else None

@@ -130,7 +130,9 @@ def check(
         if error.name in _UNREACHABLE:
             raise Denied(f"polkit is unreachable: {error.name}: {text}")
         raise Denied(f"polkit could not check {action_id} for pid {subject.pid}: {text}")
-    authorized, challenge, result_details = reply.body[0]
+    # CheckAuthorization returns one AuthorizationResult (bba{ss}); jeepney is untyped.
+    result: tuple[bool, bool, dict[str, str]] = reply.body[0]
+    authorized, challenge, result_details = result
     if authorized:
         return Granted(action_id, dict(result_details))
     if challenge:

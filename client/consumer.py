@@ -23,6 +23,7 @@ import select
 import socket
 import time
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 AF_XDP = 44
 FRAME_SIZE = 4096
@@ -143,11 +144,21 @@ def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
-class _Ring:
+# A ring's entry: a UMEM address (fill and completion rings) or a descriptor (rx and tx).
+_Entry = TypeVar("_Entry", ctypes.c_uint64, _Desc)
+
+
+class _Ring(Generic[_Entry]):
     """One mmapped ring: the shared producer/consumer indexes, flags and entries."""
 
     def __init__(
-        self, fd: int, size: int, entry: type, offsets: _RingOffset, pgoff: int, name: str
+        self,
+        fd: int,
+        size: int,
+        entry: type[_Entry],
+        offsets: _RingOffset,
+        pgoff: int,
+        name: str,
     ) -> None:
         length = offsets.desc + size * ctypes.sizeof(entry)
         try:
@@ -165,7 +176,7 @@ class _Ring:
         self._producer = ctypes.c_uint32.from_buffer(self._map, offsets.producer)
         self._consumer = ctypes.c_uint32.from_buffer(self._map, offsets.consumer)
         self._flags = ctypes.c_uint32.from_buffer(self._map, offsets.flags)
-        self.entries = (entry * size).from_buffer(self._map, offsets.desc)
+        self.entries: ctypes.Array[_Entry] = (entry * size).from_buffer(self._map, offsets.desc)
 
     @property
     def needs_wakeup(self) -> bool:
@@ -197,6 +208,9 @@ class _Ring:
     def close(self) -> None:
         del self._producer, self._consumer, self._flags, self.entries
         self._map.close()
+
+
+_RingT = TypeVar("_RingT", _Ring[ctypes.c_uint64], _Ring[_Desc])
 
 
 class XskSocket:
@@ -234,7 +248,7 @@ class XskSocket:
         self.frame_size = frame_size
         self.copy = copy
         self.umem_bytes = frames * frame_size
-        self._rings: list[_Ring] = []
+        self._rings: list[_Ring[ctypes.c_uint64] | _Ring[_Desc]] = []
         self._umem = mmap.mmap(-1, self.umem_bytes, flags=mmap.MAP_PRIVATE)
         self._fd = os.dup(fd)
         try:
@@ -289,15 +303,19 @@ class XskSocket:
         optlen = ctypes.c_uint32(ctypes.sizeof(off))
         ret = _libc.getsockopt(fd, SOL_XDP, XDP_MMAP_OFFSETS, ctypes.byref(off), optlen)
         _check(ret, "getsockopt XDP_MMAP_OFFSETS", fd)
-        for ring_offsets, entry, pgoff, name in (
-            (off.fr, ctypes.c_uint64, XDP_UMEM_PGOFF_FILL_RING, "fill"),
-            (off.cr, ctypes.c_uint64, XDP_UMEM_PGOFF_COMPLETION_RING, "completion"),
-            (off.rx, _Desc, XDP_PGOFF_RX_RING, "rx"),
-            (off.tx, _Desc, XDP_PGOFF_TX_RING, "tx"),
-        ):
-            self._rings.append(_Ring(fd, ring_size, entry, ring_offsets, pgoff, name))
-        self._fq, self._cq, self._rx, self._tx = self._rings
+        u64, desc = ctypes.c_uint64, _Desc
+        self._fq = self._ring(_Ring(fd, ring_size, u64, off.fr, XDP_UMEM_PGOFF_FILL_RING, "fill"))
+        self._cq = self._ring(
+            _Ring(fd, ring_size, u64, off.cr, XDP_UMEM_PGOFF_COMPLETION_RING, "completion")
+        )
+        self._rx = self._ring(_Ring(fd, ring_size, desc, off.rx, XDP_PGOFF_RX_RING, "rx"))
+        self._tx = self._ring(_Ring(fd, ring_size, desc, off.tx, XDP_PGOFF_TX_RING, "tx"))
         self._bind()
+
+    def _ring(self, ring: _RingT) -> _RingT:
+        """Keep ring for close() (also when a later step of the setup fails)."""
+        self._rings.append(ring)
+        return ring
 
     def _setsockopt(
         self,

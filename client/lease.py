@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, TypedDict
 
 from broker.fdpass import close_all
 from broker.protocol import LeaseInfo, netdev_value
+
+# QMP's netdev_add arguments for an af-xdp netdev (NetdevAFXDPOptions plus type and id).
+NetdevQmpArgs = TypedDict(
+    "NetdevQmpArgs",
+    {
+        "type": Literal["af-xdp"],
+        "id": str,
+        "ifname": str,
+        "mode": str,
+        "queues": int,
+        "start-queue": int,
+        "inhibit": bool,
+        "sock-fds": str,
+    },
+)
 
 
 @dataclass
@@ -55,7 +70,7 @@ class Lease:
         """The complete `-netdev` value for a QEMU that inherits these fd numbers."""
         return netdev_value(netdev_id, self.info, self.sock_fds)
 
-    def netdev_qmp(self, netdev_id: str, fd_names: list[str]) -> dict[str, Any]:
+    def netdev_qmp(self, netdev_id: str, fd_names: list[str]) -> NetdevQmpArgs:
         """`netdev_add` arguments for these sockets once sent to QEMU with `getfd` names."""
         if len(fd_names) != len(self.info.queue_ids):
             raise ValueError(f"{len(self.info.queue_ids)} queues need as many fd names")

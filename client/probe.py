@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TypedDict, Unpack
 
 from broker.protocol import Request
 from client.consumer import FRAME_SIZE, XskSocket, make_frame
@@ -29,6 +30,46 @@ class QueueReport:
     received: int = 0
     sent: int = 0
     payloads: list[str] = field(default_factory=list)
+
+
+class QueueReportJson(TypedDict):
+    """A QueueReport in ProbeReport.to_json()."""
+
+    queue: int
+    received: int
+    sent: int
+    payloads: list[str]
+
+
+class ProbeReportJson(TypedDict):
+    """What ProbeReport.to_json() prints, for those that read it back."""
+
+    lease_id: str
+    ifname: str
+    ifindex: int
+    mode: str
+    fds: list[int]
+    netdev: str
+    request_ms: float
+    queues: list[QueueReportJson]
+
+
+class BoundEvent(TypedDict):
+    """The line announce_bound() prints once every socket is bound."""
+
+    event: str
+    mode: str
+    queues: list[int]
+
+
+class ExerciseOptions(TypedDict, total=False):
+    """exercise()'s keyword arguments besides frames, as probe() passes them on."""
+
+    duration: float
+    expect: int
+    reply: bool
+    send: int
+    on_bound: Callable[[Lease, list[XskSocket]], None] | None
 
 
 @dataclass
@@ -97,14 +138,18 @@ def exercise(
 
 
 def probe(
-    client: Client, request: Request, *, frames: int = 256, **exercise_args: object
+    client: Client,
+    request: Request,
+    *,
+    frames: int = 256,
+    **exercise_args: Unpack[ExerciseOptions],
 ) -> ProbeReport:
     """Request, bind, move frames; the UMEM declared to the broker is the one registered."""
     started = time.perf_counter()
     lease = client.lease(dataclasses.replace(request, umem_bytes=frames * FRAME_SIZE))
     request_ms = (time.perf_counter() - started) * 1000
     with lease:
-        reports = exercise(lease, frames=frames, **exercise_args)  # type: ignore[arg-type]
+        reports = exercise(lease, frames=frames, **exercise_args)
         return ProbeReport(
             lease.lease_id,
             lease.ifname,
@@ -119,5 +164,9 @@ def probe(
 
 def announce_bound(lease: Lease, sockets: list[XskSocket]) -> None:
     """For a parent process: one JSON line once every socket is bound."""
-    event = {"event": "bound", "mode": lease.mode, "queues": [s.queue_id for s in sockets]}
+    event: BoundEvent = {
+        "event": "bound",
+        "mode": lease.mode,
+        "queues": [s.queue_id for s in sockets],
+    }
     print(json.dumps(event), flush=True)

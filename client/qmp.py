@@ -16,9 +16,9 @@ import os
 import re
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.events import EventListener
@@ -26,7 +26,7 @@ from qemu.qmp.events import EventListener
 from broker.errors import BrokerError, LocalError, NoSuchLease
 from broker.protocol import LeaseInfo, Request
 from client.aio import AsyncClient
-from client.lease import Lease
+from client.lease import Lease, NetdevQmpArgs
 
 DEFAULT_DEVICE = "virtio-net-pci"
 # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
@@ -47,7 +47,7 @@ class HotplugResult:
     netdev_id: str
     device_id: str | None
     fd_names: list[str]
-    netdev_args: dict
+    netdev_args: NetdevQmpArgs
     lease: LeaseInfo
 
 
@@ -63,15 +63,24 @@ class UnplugResult:
     leases_released: list[str] = field(default_factory=list)
 
 
+class UndoStep(TypedDict):
+    """One entry of a QmpError's details["rolled_back"]: an undo command and how it went."""
+
+    command: str
+    args: dict[str, str]
+    ok: bool
+    error: NotRequired[str]
+
+
 @dataclass
 class _Undo:
     """Commands that reverse what a hot-plug did so far, run last-first."""
 
-    steps: list[tuple[str, dict]] = field(default_factory=list)
+    steps: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
-    async def run(self, qmp: QMPClient) -> list[dict]:
+    async def run(self, qmp: QMPClient) -> list[UndoStep]:
         """Run every step even if some fail; a name QEMU already consumed is not an error."""
-        report = []
+        report: list[UndoStep] = []
         for command, args in reversed(self.steps):
             try:
                 await qmp.execute(command, args)
@@ -134,7 +143,9 @@ def _qmp_error(command: str, exc: Exception) -> QmpError:
     return QmpError(f"{command}: lost the QMP connection: {exc}", errno=errno_mod.EPIPE)
 
 
-async def _execute(qmp: QMPClient, command: str, args: dict | None = None) -> Any:
+async def _execute(
+    qmp: QMPClient, command: str, args: Mapping[str, object] | None = None
+) -> object:
     try:
         return await qmp.execute(command, args)
     except (QMPError, OSError) as exc:
@@ -143,7 +154,8 @@ async def _execute(qmp: QMPClient, command: str, args: dict | None = None) -> An
 
 def _peer_pid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[0]
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid
 
 
 @contextlib.asynccontextmanager
@@ -215,8 +227,12 @@ async def hotplug(
 
 
 async def _released(events: EventListener, dev_id: str) -> None:
-    while (await events.get()).get("data", {}).get("device") != dev_id:
-        pass
+    while True:
+        data = (await events.get()).get("data", {})
+        if not isinstance(data, Mapping):
+            raise TypeError(f"DEVICE_DELETED data is not an object: {data!r}")
+        if data.get("device") == dev_id:
+            return
 
 
 async def unplug(

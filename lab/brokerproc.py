@@ -98,7 +98,7 @@ class BrokerProcess:
             "--policy", str(self.policy_path),
             *extra,
         ]  # fmt: skip
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:

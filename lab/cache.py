@@ -37,7 +37,7 @@ def entry(kind: str, *inputs: bytes) -> Path:
 
 
 # Builds that failed in this process: not tried again by the next test that wants them.
-_failed: dict[Path, str] = {}
+_failed: dict[str, str] = {}  # by entry name
 
 
 def ensure(path: Path, build: Callable[[Path], Sequence[str]], timeout: float) -> Path:

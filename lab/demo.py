@@ -13,10 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from client.probe import REPLY_PREFIX
+from client.probe import REPLY_PREFIX, QueueReportJson
 from lab.brokerproc import BrokerProcess, public_tempdir
 from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, bpffs, steer_queue
 from lab.traffic import Capture, running_probe, send_to_queue
+
+
+class DemoQueue(QueueReportJson):
+    """A queue of the probe's report, and how many frames the peer sent it."""
+
+    expected: int
 
 
 @dataclass
@@ -27,7 +33,7 @@ class DemoResult:
     request_ms: float
     netdev: str
     fds: list[int]
-    per_queue: list[dict]
+    per_queue: list[DemoQueue]
     replies_seen: int
     broker_caps: str
 
@@ -98,7 +104,7 @@ def _exchange(
             send_to_queue(lab.b, lab.a, tx, f"demo q={queue}", frames)
         replies = capture.frames(5.0, want=frames * len(probe.queues))
         report = probe.result()
-    per_queue = [{**q, "expected": frames} for q in report["queues"]]
+    per_queue: list[DemoQueue] = [{**q, "expected": frames} for q in report["queues"]]
     result = DemoResult(
         report["mode"],
         report["request_ms"],

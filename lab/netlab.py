@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, TypedDict, overload
 
 import prctl
 
@@ -110,6 +110,13 @@ def in_netns(name: str) -> Iterator[None]:
         os.close(original)
 
 
+class _IpLink(TypedDict):
+    """The part of an `ip -j link show` entry that the lab reads."""
+
+    ifindex: int
+    address: str
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One end of the veth pair: where it lives and how to address it."""
@@ -187,7 +194,10 @@ class VethLab:
     @staticmethod
     def _up(ns: str, ifname: str) -> Endpoint:
         run(["ip", "-n", ns, "link", "set", ifname, "up"])
-        (link,) = json.loads(run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname]))
+        links: list[_IpLink] = json.loads(
+            run(["ip", "-n", ns, "-j", "link", "show", "dev", ifname])
+        )
+        (link,) = links
         return Endpoint(ns, ifname, link["ifindex"], link["address"])
 
     def teardown(self) -> None:
@@ -295,6 +305,36 @@ def unprivileged_preexec(
     return preexec
 
 
+@overload
+def spawn_unprivileged(
+    argv: Sequence[str],
+    uid: int = ...,
+    gid: int = ...,
+    *,
+    netns: str | None = ...,
+    extra_groups: Sequence[int] = ...,
+    env: Mapping[str, str] | None = ...,
+    pass_fds: Sequence[int] = ...,
+    text: Literal[True],
+    **popen_kwargs: Any,
+) -> subprocess.Popen[str]: ...
+
+
+@overload
+def spawn_unprivileged(
+    argv: Sequence[str],
+    uid: int = ...,
+    gid: int = ...,
+    *,
+    netns: str | None = ...,
+    extra_groups: Sequence[int] = ...,
+    env: Mapping[str, str] | None = ...,
+    pass_fds: Sequence[int] = ...,
+    text: Literal[False] = ...,
+    **popen_kwargs: Any,
+) -> subprocess.Popen[bytes]: ...
+
+
 def spawn_unprivileged(
     argv: Sequence[str],
     uid: int = UNPRIVILEGED_UID,
@@ -304,8 +344,9 @@ def spawn_unprivileged(
     extra_groups: Sequence[int] = (),
     env: Mapping[str, str] | None = None,
     pass_fds: Sequence[int] = (),
-    **popen_kwargs: Any,
-) -> subprocess.Popen:
+    text: bool = False,
+    **popen_kwargs: Any,  # the rest of subprocess.Popen's keyword arguments, passed on
+) -> subprocess.Popen[str] | subprocess.Popen[bytes]:
     """Start argv as uid/gid with no capabilities, optionally inside a network namespace.
 
     The namespace is checked here because an error inside preexec_fn loses its message.
@@ -319,6 +360,7 @@ def spawn_unprivileged(
             env=dict(DEFAULT_ENV if env is None else env),
             pass_fds=tuple(pass_fds),
             preexec_fn=unprivileged_preexec(uid, gid, netns=netns, extra_groups=extra_groups),
+            text=text,
             **popen_kwargs,
         )
 

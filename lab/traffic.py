@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from client.consumer import make_frame
+from client.probe import BoundEvent, ProbeReportJson
 from lab.brokerproc import REPO, BrokerProcess
 from lab.netlab import (
     DEFAULT_ENV,
@@ -34,14 +35,16 @@ def client_env(broker: BrokerProcess) -> dict[str, str]:
 class RunningProbe:
     """An unprivileged `xsk-broker probe` that has bound its sockets and is listening."""
 
-    proc: subprocess.Popen
+    proc: subprocess.Popen[str]
     queues: list[int]
     mode: str
 
-    def result(self, timeout: float = 30.0) -> dict:
+    def result(self, timeout: float = 30.0) -> ProbeReportJson:
+        """The probe's report (its last line of output) once it has finished."""
         out, err = self.proc.communicate(timeout=timeout)
         assert self.proc.returncode == 0, f"probe failed ({self.proc.returncode}): {err}"
-        return json.loads(out.strip().splitlines()[-1])
+        report: ProbeReportJson = json.loads(out.strip().splitlines()[-1])
+        return report
 
 
 @contextmanager
@@ -74,8 +77,9 @@ def running_probe(
         line = proc.stdout.readline() if proc.stdout else ""
         if not line:
             proc.wait(timeout=10)
-            raise AssertionError(f"probe exited before binding: {proc.stderr.read()}")
-        bound = json.loads(line)
+            stderr = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"probe exited before binding: {stderr}")
+        bound: BoundEvent = json.loads(line)
         yield RunningProbe(proc, bound["queues"], bound["mode"])
     finally:
         if proc.poll() is None:

@@ -232,7 +232,8 @@ def check_policy(policy_path: str | None) -> Check:
     """Load the file exactly as the broker would; nothing is half-used on an error."""
     if importlib.util.find_spec("broker.policy") is None:
         return Check("policy", True, "no policy support in this version: not checked")
-    from broker.policy import DEFAULT_POLICY_PATH, Policy, PolicyError
+    from broker.config import DEFAULT_POLICY_PATH
+    from broker.policy import Policy, PolicyError
 
     path = Path(policy_path) if policy_path else DEFAULT_POLICY_PATH
     if policy_path is None and not path.exists():

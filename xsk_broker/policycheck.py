@@ -9,7 +9,7 @@ import os
 import pwd
 import sys
 from pathlib import Path
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from broker.config import DEFAULT_POLICY_PATH
 from broker.errors import UsageError
@@ -78,9 +78,26 @@ def caller_for_user(user: str) -> Caller:
     return Caller(entry.pw_uid, entry.pw_gid, tuple(g for g in groups if g != entry.pw_gid), 0)
 
 
-def report(policy: Policy, caller: Caller | None) -> dict[str, Any]:
+class CallerJson(TypedDict):
+    uid: int
+    gid: int
+    groups: list[int]
+
+
+class ReportJson(TypedDict):
+    """`policy check --json`: caller and explanation only with --as."""
+
+    ok: bool
+    files: list[str]
+    allow_rules: int
+    deny_rules: int
+    caller: NotRequired[CallerJson]
+    explanation: NotRequired[list[str]]
+
+
+def report(policy: Policy, caller: Caller | None) -> ReportJson:
     """The --json form: the files and rule counts, and for a caller the explanation."""
-    body: dict[str, Any] = {
+    body: ReportJson = {
         "ok": True,
         "files": [str(f) for f in policy.files],
         "allow_rules": len(policy.allow),
