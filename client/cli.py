@@ -14,13 +14,15 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
-from typing import Any, NoReturn, get_type_hints
+from typing import TYPE_CHECKING, Any, NoReturn, get_type_hints
 
 from broker.errors import BrokerError, UsageError
 from broker.protocol import Request, Status
 from client.lease import Lease
-from client.probe import ProbeReport, announce_bound, probe
 from client.sync import Client
+
+if TYPE_CHECKING:
+    from client.probe import ProbeReport
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -143,6 +145,8 @@ def _print_probe(report: ProbeReport) -> None:
 
 def cmd_probe(opts: argparse.Namespace) -> int:
     """Bind every socket as QEMU would and move frames; exit 1 if a queue fell short."""
+    from client.probe import announce_bound, probe  # its consumer maps rings: only here
+
     report = probe(
         Client(opts.socket),
         request_from(opts),

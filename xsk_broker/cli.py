@@ -12,7 +12,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from importlib.metadata import version
 from pathlib import Path
 
 from broker import config
@@ -64,9 +63,20 @@ def cmd_demo(opts: argparse.Namespace) -> int:
     return demo.main(opts.queues, opts.mode, opts.json)
 
 
+class _Version(argparse.Action):
+    """--version, read from the package metadata only when asked (importlib.metadata is
+    ~10 ms that socket activation's first reply should not wait for)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from importlib.metadata import version
+
+        print(f"{parser.prog} {version('xsk-broker')}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="xsk-broker", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('xsk-broker')}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=Parser)
 
     serve = sub.add_parser("serve", help="run the privileged broker daemon")
