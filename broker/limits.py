@@ -7,6 +7,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from broker.errors import BrokerError, RateLimited, TooManyConnections
+
 
 @dataclass
 class TokenBucket:
@@ -37,14 +39,29 @@ class UidLimits:
     """Connection counts and message rates by uid; idle buckets are forgotten, so the table
     never grows beyond the uids active in the last few seconds."""
 
+    max_connections: int
     max_connections_per_uid: int
     rate_per_uid: float
     burst_per_uid: float
     connections: Counter[int] = field(default_factory=Counter)
     buckets: dict[int, TokenBucket] = field(default_factory=dict)
 
-    def may_connect(self, uid: int) -> bool:
-        return self.connections[uid] < self.max_connections_per_uid
+    def refuse_connection(self, uid: int) -> BrokerError | None:
+        """Caps on open connections, overall and per uid, so idle hoarders cannot lock
+        everyone else out."""
+        total = self.connections.total()
+        if total >= self.max_connections:
+            return TooManyConnections(f"the broker holds {total} connections; retry later")
+        if self.connections[uid] >= self.max_connections_per_uid:
+            return TooManyConnections(
+                f"uid {uid} already has {self.max_connections_per_uid} connections open; close some"
+            )
+        return None
+
+    def refuse_message(self, uid: int) -> BrokerError | None:
+        if self.may_send(uid):
+            return None
+        return RateLimited(f"uid {uid} sends more than {self.rate_per_uid:g} messages a second")
 
     def connected(self, uid: int) -> None:
         self.connections[uid] += 1

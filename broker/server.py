@@ -10,13 +10,11 @@ message means is the front end's business (jsonfront.py) and what it does is the
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import selectors
 import signal
 import socket
-import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,10 +23,11 @@ from typing import TYPE_CHECKING
 from broker import fdpass
 from broker.config import ServeConfig
 from broker.core import Service
-from broker.errors import BrokerError, RateLimited, TooManyConnections
+from broker.errors import BrokerError, RateLimited
 from broker.jsonfront import Answer, JsonFrontEnd, Waiting
 from broker.limits import UidLimits
 from broker.linkwatch import LinkWatch
+from broker.peer import peer_of
 from broker.policy import Caller
 from broker.protocol import encode_error
 
@@ -36,22 +35,6 @@ if TYPE_CHECKING:  # imported when a check is first parked: jeepney is off the c
     from broker import polkit
 
 log = logging.getLogger("xsk-broker")
-SO_PEERGROUPS = 59
-SO_PEERPIDFD = 77
-
-
-def peer_of(conn: socket.socket) -> Caller:
-    """Who is on the other end, as the kernel says (never the message), with a pidfd on it
-    (SO_PEERPIDFD, Linux 6.5+) that the caller of this function owns."""
-    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    try:
-        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
-    except OSError as exc:  # ERANGE: more than 256 groups; NGROUPS_MAX is 65536
-        if exc.errno != errno.ERANGE:
-            raise
-        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 65536)
-    groups = struct.unpack(f"{len(raw) // 4}I", raw)
-    return Caller(uid, gid, groups, pid, conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
 
 
 @dataclass
@@ -103,7 +86,12 @@ class Server:
         self.connections: dict[int, Connection] = {}
         self.parked: list[Parked] = []
         self.executor: ThreadPoolExecutor | None = None
-        self.limits = UidLimits(config.max_connections_per_uid, config.rate_per_uid, config.burst)
+        self.limits = UidLimits(
+            config.max_connections,
+            config.max_connections_per_uid,
+            config.rate_per_uid,
+            config.burst,
+        )
         self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.signals, self.signals_w = socket.socketpair()
         for end in (self.signals, self.signals_w):
@@ -204,7 +192,7 @@ class Server:
         except OSError:
             sock.close()
             return
-        refusal = self._connection_refusal(peer)
+        refusal = self.limits.refuse_connection(peer.uid)
         if refusal is not None:
             os.close(peer.pidfd)
             with sock, contextlib.suppress(OSError):
@@ -215,20 +203,6 @@ class Server:
         deadline = self.last_activity + self.config.connection_deadline
         self.connections[sock.fileno()] = Connection(sock, peer, deadline)
         self.selector.register(sock, selectors.EVENT_READ, "conn")
-
-    def _connection_refusal(self, peer: Caller) -> BrokerError | None:
-        """Caps on open connections, overall and per uid, so idle hoarders cannot lock
-        everyone else out."""
-        if len(self.connections) >= self.config.max_connections:
-            return TooManyConnections(
-                f"the broker holds {len(self.connections)} connections; retry later"
-            )
-        if not self.limits.may_connect(peer.uid):
-            return TooManyConnections(
-                f"uid {peer.uid} already has {self.config.max_connections_per_uid} "
-                "connections open; close some"
-            )
-        return None
 
     def _drop(self, fd: int) -> None:
         conn = self.connections.pop(fd, None)
@@ -242,12 +216,11 @@ class Server:
     def _readable(self, conn: Connection) -> None:
         self.last_activity = time.monotonic()
         conn.deadline = self.last_activity + self.config.connection_deadline
-        if not self.limits.may_send(conn.peer.uid):
+        refusal = self.limits.refuse_message(conn.peer.uid)
+        if refusal is not None:
             with contextlib.suppress(OSError):
                 fdpass.close_all(fdpass.receive(conn.sock, max_fds=0).fds)
-            limit = self.config.rate_per_uid
-            error = RateLimited(f"uid {conn.peer.uid} sends more than {limit:g} messages a second")
-            self._reply(conn, Answer(encode_error(error)))
+            self._reply(conn, Answer(encode_error(refusal)))
             self._drop(conn.sock.fileno())
             return
         try:
