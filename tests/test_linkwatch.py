@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from broker.labbroker import REPO
-from broker.linkwatch import LinkEvent, LinkWatch, dump_links
+from broker.linkwatch import LinkEvent, LinkWatch
+from broker.netdev import dump_links
 from broker.netlab import VethLab, in_netns, run, run_unprivileged
 
 pytestmark = pytest.mark.kernel
