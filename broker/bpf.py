@@ -114,7 +114,7 @@ def load_xdp_program(name: str, instructions: bytes, license_: str = "GPL") -> i
     opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), log_level=1, log_size=len(log))
     opts.log_buf = ctypes.cast(log, ctypes.c_char_p)
     insns = ctypes.create_string_buffer(instructions, len(instructions))
-    fd = _libbpf().bpf_prog_load(
+    fd: int = _libbpf().bpf_prog_load(
         BPF_PROG_TYPE_XDP,
         name.encode()[:15],
         license_.encode(),
