@@ -12,7 +12,9 @@ import contextlib
 import errno
 import os
 import socket
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker import bpf, netdev, xdpprog
@@ -23,6 +25,8 @@ from broker.protocol import AttachFailed, BadQueues, ModeUnsupported, XdpConflic
 MODE_FLAGS = {"native": bpf.XDP_FLAGS_DRV_MODE, "skb": bpf.XDP_FLAGS_SKB_MODE}
 # Errnos that mean "this mode is not possible here", after which auto tries the next mode.
 _MODE_REFUSALS = {errno.EOPNOTSUPP, errno.EINVAL, errno.ERANGE}
+# Seconds a cached attachment is trusted before the kernel is asked again (Loader.ensure).
+LIVENESS_RECHECK = 1.0
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Attachment:
     prog_id: int
     pin_dir: Path
     adopted: bool
+    checked_at: float = field(default_factory=time.monotonic)
 
     def is_live(self) -> bool:
         """False once the link no longer holds the device (removed, or detached by someone)."""
@@ -73,10 +78,13 @@ def netns_key() -> str:
 class Loader:
     """Keeps one Attachment per interface of the broker's network namespace."""
 
-    def __init__(self, pin_root: Path = DEFAULT_PIN_ROOT) -> None:
+    def __init__(
+        self, pin_root: Path = DEFAULT_PIN_ROOT, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.pin_root = pin_root
         self.ns_dir = pin_root / netns_key()
         self.attachments: dict[int, Attachment] = {}
+        self.clock = clock
 
     def ensure(self, ifname: str, mode: str = "auto", queue_ids: range = range(1)) -> Attachment:
         """The attachment for ifname: cached, adopted from pins, or attached now.
@@ -86,7 +94,7 @@ class Loader:
         """
         ifindex = netdev.ifindex_of(ifname)
         current = self.attachments.get(ifindex)
-        if current is not None and not current.is_live():
+        if current is not None and not self._still_live(current):
             self.forget(ifindex)
             current = None
         if current is None:
@@ -104,6 +112,25 @@ class Loader:
             )
         current.ifname = ifname
         return current
+
+    def _still_live(self, attachment: Attachment) -> bool:
+        """Whether a cached attachment still holds its device, asking the kernel at most
+        once per LIVENESS_RECHECK seconds.
+
+        A removed device (or one moved to another namespace) needs no asking: the link
+        watch reports it (RTM_DELLINK) and the server forgets the attachment. Only a
+        privileged process detaching the link itself (BPF_LINK_DETACH, `bpftool link
+        detach`) goes unreported: the kernel sends no netlink event for it and a link fd
+        cannot be polled. Asking on every request cost a bpf syscall per request and did not
+        close that race either (the detach can come right after the check, or during a
+        lease); asking once the last answer is a second old keeps the repair (the next
+        request attaches anew) at one syscall per second under load.
+        """
+        now = self.clock()
+        if now - attachment.checked_at < LIVENESS_RECHECK:
+            return True
+        attachment.checked_at = now
+        return attachment.is_live()
 
     def adopt_all(self) -> list[Attachment]:
         """Pick up every pinned attachment after a restart; clean pins of vanished links."""
@@ -185,6 +212,7 @@ class Loader:
             prog_id=info.prog_id,
             pin_dir=pin_dir,
             adopted=True,
+            checked_at=self.clock(),
         )
 
     def _attach(self, state: netdev.LinkState, ifname: str, mode: str) -> Attachment:
@@ -228,6 +256,7 @@ class Loader:
             prog_id=info.prog_id,
             pin_dir=pin_dir,
             adopted=False,
+            checked_at=self.clock(),
         )
 
 

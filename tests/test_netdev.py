@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from broker import netdev
+from broker import bpf, netdev
 from broker.bpffs import remove_pins
-from broker.loader import Loader
+from broker.loader import LIVENESS_RECHECK, Loader
 from broker.netlab import VethLab, in_netns, run
 from broker.protocol import NoSuchDevice
 
@@ -54,6 +54,24 @@ def test_dump_links_names_every_link_of_the_namespace(lab: VethLab) -> None:
     with in_netns(lab.ns_a):
         links = netdev.dump_links()
     assert sorted(links.values()) == ["lo", lab.ifname_a]
+
+
+def test_link_detached_by_someone_else_is_replaced_once_the_recheck_is_due(
+    lab: VethLab, pin_root: Path
+) -> None:
+    """No per-request bpf syscall: a cached attachment is trusted for LIVENESS_RECHECK s."""
+    now = [0.0]
+    with in_netns(lab.ns_a):
+        loader = Loader(pin_root, clock=lambda: now[0])
+        first = loader.ensure(lab.ifname_a)
+        bpf.detach_link(first.link_fd)  # what `bpftool link detach` does
+        assert loader.ensure(lab.ifname_a) is first  # not asked yet
+        now[0] += LIVENESS_RECHECK
+        second = loader.ensure(lab.ifname_a)
+        assert second.is_live() and second.link_id != first.link_id
+        assert netdev.link_state(second.ifindex).xdp_prog_id == second.prog_id
+        loader.detach(second.ifindex)
+        loader.close()
 
 
 def test_remove_pins_takes_the_directory_and_its_files_and_tolerates_absence(
