@@ -21,8 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from broker.netdev import (
     IFLA_IFNAME,
@@ -42,8 +41,7 @@ RCVBUF_BYTES = 1 << 20
 Kind = Literal["added", "removed", "renamed"]
 
 
-@dataclass(frozen=True)
-class LinkEvent:
+class LinkEvent(NamedTuple):
     """One interface appearing, disappearing or being renamed (see the module docstring)."""
 
     kind: Kind

@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from broker.protocol import NoSuchDevice
 
@@ -44,8 +44,7 @@ _ERRNO = struct.Struct("=i")
 _ATTACH_MODES = {0: None, 1: "native", 2: "skb", 3: "hw", 4: "multi"}
 
 
-@dataclass(frozen=True)
-class LinkState:
+class LinkState(NamedTuple):
     """The part of an interface's netlink description the loader needs."""
 
     ifindex: int
