@@ -6,7 +6,9 @@ took 95-130 ms by `-X importtime` (every import path runs the package `__init__`
 in ndb, ipdb, conntrack and asyncio), which made the first request on a fresh interface take
 174 ms at p99 against a 16 ms kernel attach, and it kept 13.5 MiB of the broker's 36.2 MiB
 RSS. The two queries the broker makes need nlmsghdr, ifinfomsg and four attributes; this
-module costs well under 1 ms to import and a query takes about 0.1 ms.
+module imports in about 1 ms and link_state() takes 0.08 ms (pyroute2's get_links: 1.6 ms
+even once imported). Not /sys/class/net/IF/queues: sysfs shows the network namespace it was
+mounted in, not the one the broker entered; not ETHTOOL_GCHANNELS: it says nothing of XDP.
 """
 
 from __future__ import annotations
