@@ -19,7 +19,7 @@ from pathlib import Path
 
 from broker import bpf, netdev, xdpprog
 from broker.bpffs import DEFAULT_PIN_ROOT, ensure_bpffs, remove_pins
-from broker.bpffs import is_bpffs as is_bpffs  # tests/test_detach.py still imports it here
+from broker.bpffs import is_bpffs as is_bpffs  # test_detach and test_doctor import it here
 from broker.protocol import AttachFailed, BadQueues, ModeUnsupported, XdpConflict
 
 MODE_FLAGS = {"native": bpf.XDP_FLAGS_DRV_MODE, "skb": bpf.XDP_FLAGS_SKB_MODE}
