@@ -98,8 +98,8 @@ def main() -> int:
     print(
         goal_line(
             f"RSS after {cycles} cycles <= 30 MiB and flat",
-            f"{final_mib:.1f} MiB (last {cycles - cycles // 4}: {growth_kib:+d} KiB, "
-            f"fds {after[1] - warm[1]:+d})",
+            f"{final_mib:.1f} MiB ({growth_kib:+d} KiB over the last {cycles - cycles // 4}, "
+            f"fds {after[1] - warm[1]:+d} over all)",
             f"{GOAL_MIB:.0f} MiB and flat (<= {NOISE_KIB} KiB, fds +0)",
             final_mib <= GOAL_MIB and flat,
         )
