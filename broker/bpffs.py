@@ -59,8 +59,8 @@ def ensure_bpffs(pin_root: Path) -> None:
 def remove_pins(pin_dir: Path) -> None:
     """Remove one interface's pin directory, if any; it only ever holds pin files.
 
-    Not shutil.rmtree: shutil's import (it loads bz2 and lzma) cost 4-6 ms of the
-    socket-activated broker's start-up on this VM, for a directory of two files.
+    Not shutil.rmtree: importing shutil (it loads bz2 and lzma) costs 3-6 ms on this VM,
+    for a directory of two files.
     """
     with contextlib.suppress(OSError):
         for entry in os.scandir(pin_dir):
