@@ -7,8 +7,6 @@ import logging
 import os
 import sys
 
-from systemd import journal
-
 SYSLOG_IDENTIFIER = "xsk-broker"
 log = logging.getLogger(SYSLOG_IDENTIFIER)
 
@@ -49,6 +47,8 @@ def setup_logging(verbose: bool = False) -> logging.Handler:
     """
     handler: logging.Handler
     if stderr_is_journal():
+        from systemd import journal  # uuid, datetime, platform: ~6 ms, only under journald
+
         handler = journal.JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
@@ -59,10 +59,7 @@ def setup_logging(verbose: bool = False) -> logging.Handler:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    # Only the broker's own debug lines: pyroute2's would flood the journal, and its
-    # warnings about /proc/net (hidden by the unit's ProcSubset=pid) concern tc, unused here.
     logging.getLogger(SYSLOG_IDENTIFIER).setLevel(logging.DEBUG if verbose else logging.INFO)
-    logging.getLogger("pyroute2").setLevel(logging.ERROR)
     return handler
 
 

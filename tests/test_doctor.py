@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.loader import is_bpffs
+from broker.bpffs import is_bpffs
 from lab.brokerproc import REPO, BrokerProcess
 from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, run_unprivileged, spawn_unprivileged
 from xsk_broker.doctor import Check, check_memlock, check_xdp_links, doctor_main, run_checks

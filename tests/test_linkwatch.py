@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.linkwatch import LinkEvent, LinkWatch, dump_links
+from broker.linkwatch import LinkEvent, LinkWatch
+from broker.netdev import dump_links
 from lab.brokerproc import REPO
 from lab.netlab import VethLab, in_netns, run, run_unprivileged
 
