@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,23 @@ def pin_root(bpf_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     path = bpf_root / request.node.name[:40].replace("[", "_").replace("]", "")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start children (`sleep 60` unless told otherwise, with Popen's keyword arguments);
+    all are killed and reaped after the test."""
+    children: list[subprocess.Popen] = []
+
+    def start(argv: list[str] | None = None, **kwargs: Any) -> subprocess.Popen:
+        child = subprocess.Popen(argv or ["sleep", "60"], **kwargs)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+        child.wait()
 
 
 @pytest.fixture

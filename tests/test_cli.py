@@ -5,21 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import xsk_cli as xsk
 
-from lab.brokerproc import REPO, BrokerProcess
+from lab.brokerproc import BrokerProcess
 from xsk_broker.cli import build_parser
-
-
-def xsk(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xsk_broker", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=30, env=env,
-    )  # fmt: skip
 
 
 def test_usage_error_is_one_coded_line_with_exit_2() -> None:

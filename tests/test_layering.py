@@ -85,8 +85,7 @@ def test_the_checker_catches_each_wrong_direction(tmp_path: Path) -> None:
     """The rule itself, on imports written the ways that matter."""
     bad = tmp_path / "bad.py"
     bad.write_text(
-        "import client.sync\nfrom broker import server\n"
-        "def later():\n    from lab import netlab\n"
+        "import client.sync\nfrom broker import server\ndef later():\n    from lab import netlab\n"
     )
     assert violations("broker", project_imports(bad)) == ["client.sync", "lab", "lab.netlab"]
     assert violations("client", project_imports(bad)) == ["broker.server", "lab", "lab.netlab"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -24,22 +24,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="spawns children as ot
 
 def _limit(soft: int, hard: int) -> Callable[[], None]:
     return lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
-    """Start sleeping children; all are killed and reaped after the test."""
-    children: list[subprocess.Popen] = []
-
-    def start(argv: list[str] | None = None, **kwargs) -> subprocess.Popen:
-        child = subprocess.Popen(argv or ["sleep", "60"], **kwargs)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.kill()
-        child.wait()
 
 
 def test_8mib_consumer_is_refused_32mib_with_numbers_and_fix(spawn) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-from polkit_env import REPO, USERS, PolkitEnv, gid_of, missing_prerequisites, polkit_env
+from polkit_env import USERS, PolkitEnv, gid_of, missing_prerequisites, polkit_env
+from support import REPO, actor
 
 from broker import polkit
 from broker.errors import ConsumerGone, Denied
@@ -31,20 +31,13 @@ def env() -> Iterator[PolkitEnv]:
 
 
 @pytest.fixture
-def process_of() -> Iterator[Callable[[str], subprocess.Popen]]:
+def process_of(spawn: Callable[..., subprocess.Popen]) -> Callable[[str], subprocess.Popen]:
     """Real processes running as a test user with that user's primary gid."""
-    children: list[subprocess.Popen] = []
 
     def start(user: str) -> subprocess.Popen:
-        uid = USERS[user][0]
-        child = subprocess.Popen(["sleep", "60"], user=uid, group=gid_of(user), extra_groups=[])
-        children.append(child)
-        return child
+        return spawn(user=USERS[user][0], group=gid_of(user), extra_groups=[])
 
-    yield start
-    for child in children:
-        child.kill()
-        child.wait()
+    return start
 
 
 def _check(env: PolkitEnv, child: subprocess.Popen, user: str, action: str, details: dict):
@@ -154,16 +147,9 @@ def test_only_the_broker_user_may_ask_about_others(env, process_of, checker, out
     """The broker runs as user xsk-broker: the action file names it as the actions' owner,
     which is what lets polkitd answer it about another process (root is always allowed)."""
     child = process_of("xsktest-user")
-    code = (
-        "import sys; from broker import polkit; from broker.errors import Denied\n"
-        "subject = polkit.subject_of(int(sys.argv[1]), 61001)\n"
-        "try: polkit.check(subject, 'org.xsk-broker.request', {'interface': 'veth0',"
-        " 'queues': '1'}, bus_address=sys.argv[2]); print('granted')\n"
-        "except Denied as exc: print(exc)\n"
-    )
     uid = USERS[checker][0]
     done = subprocess.run(
-        [sys.executable, "-c", code, str(child.pid), env.bus_address],
+        actor("polkit_check", str(child.pid), env.bus_address),
         user=uid,
         group=gid_of(checker),
         extra_groups=[],
