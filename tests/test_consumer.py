@@ -26,10 +26,7 @@ from client.consumer import ETH_P_EXPERIMENTAL, XskSocket, mac_bytes, make_frame
 from lab import netlab
 from lab.netlab import Endpoint, QueueSender, VethLab, in_netns, steer_queue, xdp_socket
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and AF_XDP"),
-]
+pytestmark = pytest.mark.kernel
 
 QUEUES = 3
 UID = GID = 61317

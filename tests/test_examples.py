@@ -22,6 +22,7 @@ from support import wait_until
 from client.sync import Client
 from lab.brokerproc import REPO, BrokerEnv
 
+pytestmark = pytest.mark.kernel  # every recipe asks the session's broker
 EXAMPLES = REPO / "examples"
 FAKE_QEMU = EXAMPLES / "fake-qemu"
 NO_AFXDP = "Parameter 'type' does not accept value 'af-xdp'"

@@ -19,7 +19,7 @@ from broker.protocol import QEMU_UMEM_BYTES
 
 MIB = 1024 * 1024
 UID = 61011
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="spawns children as other uids")
+pytestmark = pytest.mark.kernel  # children as other uids, with CAP_IPC_LOCK
 
 
 def _limit(soft: int, hard: int) -> Callable[[], None]:

@@ -269,7 +269,7 @@ def test_explain_shows_deny(tmp_path) -> None:
     assert "DENIED by deny rule 'quarantine' (policy.toml:2) (matches group 1002)" in text
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs a mount namespace for test users")
+@pytest.mark.kernel  # a mount namespace for the test users
 def test_example_policy_with_its_groups() -> None:
     """The shipped example loads once its groups exist, and explains real users."""
     example = REPO / "examples" / "policy.toml"

@@ -19,9 +19,10 @@ from broker.errors import ConsumerGone, Denied
 from broker.policy import ADMIN_ACTION, REQUEST_ACTION, Caller, Policy
 from broker.protocol import Request
 
-pytestmark = pytest.mark.skipif(
-    missing_prerequisites() is not None, reason=str(missing_prerequisites())
-)
+pytestmark = [
+    pytest.mark.kernel,  # processes of the test users, a private mount namespace
+    pytest.mark.skipif(missing_prerequisites() is not None, reason=str(missing_prerequisites())),
+]
 
 
 @pytest.fixture(scope="module")

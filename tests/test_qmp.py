@@ -36,6 +36,7 @@ from client.qmp import (
 )
 from lab.brokerproc import BrokerEnv
 
+pytestmark = pytest.mark.kernel  # real AF_XDP sockets (CAP_NET_RAW), the session's broker
 AF_XDP = 44
 NO_AFXDP = "Parameter 'type' does not accept value 'af-xdp'"
 
