@@ -12,7 +12,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from broker.loader import netns_key
 from lab.brokerproc import REPO, wait_until
@@ -24,9 +27,11 @@ __all__ = [
     "actor",
     "fd_count",
     "open_fds",
+    "pidfd_of_dead",
     "pin_dir",
     "pins_of",
     "quiet_fd_count",
+    "run_captured",
     "settled_fd_count",
     "wait_until",
     "xdp_of",
@@ -47,14 +52,34 @@ def actor(name: str, *args: str, python: str = sys.executable, checkout: Path = 
     return [python, str(checkout / path.relative_to(REPO)), *args]
 
 
+def run_captured(
+    argv: Sequence[str | os.PathLike[str]], *, timeout: float = 30, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    """argv run to its end with stdout and stderr captured as text; from the checkout, and
+    not checked, unless `options` say otherwise (any of subprocess.run's)."""
+    options.setdefault("cwd", REPO)
+    options.setdefault("check", False)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **options)
+
+
 def xsk_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     """`xsk-broker ARGS` as root from the checkout, output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "xsk_broker", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, check=False,
-    )  # fmt: skip
+    return run_captured([sys.executable, "-m", "xsk_broker", *args], env=env, timeout=timeout)
+
+
+@contextmanager
+def pidfd_of_dead(child: subprocess.Popen) -> Iterator[int]:
+    """A pidfd of child opened while it lived, once child has been killed and reaped: what
+    a recycled pid looks like to whoever holds the pidfd."""
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.kill()
+        child.wait()
+        yield pidfd
+    finally:
+        os.close(pidfd)
 
 
 def xdp_of(lab: VethLab) -> dict:

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import REPO, actor
+from support import REPO, actor, run_captured
 
 from broker import caps
 
@@ -20,14 +20,7 @@ pytestmark = pytest.mark.kernel
 
 def run_child(prefix: list[str], *args: str) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")}
-    return subprocess.run(
-        [*prefix, *actor("least_privilege", *args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return run_captured([*prefix, *actor("least_privilege", *args)], env=env)
 
 
 def setpriv(ambient: set[str], bounding: set[str] | None) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import actor, pins_of, xdp_of, xsk_cli
+from support import actor, pins_of, run_captured, xdp_of, xsk_cli
 
 from broker.errors import LeasesLive
 from lab.brokerproc import REPO, BrokerProcess, wait_until
@@ -56,10 +56,9 @@ def test_detach_is_refused_under_a_live_lease_then_forced(
 def test_broker_mounts_bpffs_when_none_is_mounted() -> None:
     """In a private mount namespace with /sys/fs/bpf unmounted, so the host keeps its own."""
     script = 'umount /sys/fs/bpf 2>/dev/null; exec "$@"'
-    result = subprocess.run(
+    result = run_captured(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-         *actor("mount_bpffs")],
-        cwd=REPO, capture_output=True, text=True, timeout=30,
+         *actor("mount_bpffs")]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"before": False, "after": True, "dir": True}
@@ -92,11 +91,10 @@ def test_adoption_that_cannot_open_the_pins_keeps_them(
     with broker4.client().request(lab4.ifname_a, 1, umem_bytes=1 << 20) as lease:
         ifindex = lease.ifindex
     before = pins_of(lab4, pin_root)
-    result = subprocess.run(
+    result = run_captured(
         actor("adopt_without_fds", str(pin_root), str(ifindex)),
-        cwd=REPO, capture_output=True, text=True, timeout=30,
         preexec_fn=lambda: enter_netns(lab4.ns_a),
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"code": "ATTACH_FAILED", "errno": errno.EMFILE}
     assert pins_of(lab4, pin_root) == before and before

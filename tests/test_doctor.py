@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from support import actor
+from support import actor, run_captured
 
 from broker.loader import is_bpffs
 from lab.brokerproc import REPO, BrokerProcess
@@ -23,14 +22,8 @@ def by_name(checks: list[Check]) -> dict[str, Check]:
 
 
 def doctor_child(argv_prefix: list[str], socket_path: Path, queues: int = 1) -> dict[str, dict]:
-    result = subprocess.run(
-        [*argv_prefix, *actor("doctor_checks", str(socket_path), str(queues))],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    argv = [*argv_prefix, *actor("doctor_checks", str(socket_path), str(queues))]
+    result = run_captured(argv, check=True)
     return json.loads(result.stdout)
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import REPO, run_captured
 
 TESTS = REPO / "tests"
 
@@ -27,10 +27,10 @@ def collect(tmp_path: Path, module: str) -> subprocess.CompletedProcess[str]:
     """Collect one module beside a copy of this suite's conftest.py (nothing runs)."""
     shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_probe.py").write_text(module)
-    return subprocess.run(
+    return run_captured(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
          "--rootdir", str(tmp_path), str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        cwd=tmp_path, timeout=60,
     )  # fmt: skip
 
 
@@ -57,10 +57,10 @@ def test_the_mark_on_module_or_test_satisfies_it(tmp_path: Path, mark: str) -> N
 def test_the_suites_root_tests_are_marked() -> None:
     """What collecting without the kernel tests leaves: none of the modules that need root,
     and none of test_aio's tests that ask the session's broker."""
-    result = subprocess.run(
+    result = run_captured(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not kernel",
          "-p", "no:cacheprovider", str(TESTS)],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        timeout=120,
     )  # fmt: skip
     assert result.returncode == pytest.ExitCode.OK, result.stdout + result.stderr
     left = [line for line in result.stdout.splitlines() if "::" in line]

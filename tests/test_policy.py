@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from polkit_env import USERS, identities
-from support import REPO, actor
+from support import REPO, actor, run_captured
 
 from broker.errors import BadRequest, Denied
 from broker.policy import (
@@ -280,13 +279,7 @@ def test_example_policy_with_its_groups() -> None:
             ("xsktest-quarantined", "DENIED by deny rule 'quarantine'"),
             ("xsktest-other", "no allow rule matches"),
         ):
-            done = subprocess.run(
-                ids.namespaced(actor("policy_check", str(example), user)),
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            done = run_captured(ids.namespaced(actor("policy_check", str(example), user)))
             assert done.returncode == 0, done.stderr
             assert expected in done.stdout, (user, USERS[user], done.stdout)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from polkit_env import USERS, PolkitEnv, gid_of, missing_prerequisites, polkit_env
-from support import REPO, actor
+from support import actor, pidfd_of_dead, run_captured
 
 from broker import polkit
 from broker.errors import ConsumerGone, Denied
@@ -90,14 +90,8 @@ def test_recycled_pid_is_refused(env, process_of) -> None:
 
 def test_subject_read_through_a_dead_pidfd_is_refused(process_of) -> None:
     child = process_of("xsktest-user")
-    pidfd = os.pidfd_open(child.pid)
-    try:
-        child.kill()
-        child.wait()
-        with pytest.raises(ConsumerGone):
-            polkit.subject_of(os.getpid(), 0, pidfd)
-    finally:
-        os.close(pidfd)
+    with pidfd_of_dead(child) as pidfd, pytest.raises(ConsumerGone):
+        polkit.subject_of(os.getpid(), 0, pidfd)
 
 
 def test_policy_delegates_and_polkit_decides(env, process_of, tmp_path) -> None:
@@ -149,14 +143,11 @@ def test_only_the_broker_user_may_ask_about_others(env, process_of, checker, out
     which is what lets polkitd answer it about another process (root is always allowed)."""
     child = process_of("xsktest-user")
     uid = USERS[checker][0]
-    done = subprocess.run(
+    done = run_captured(
         actor("polkit_check", str(child.pid), env.bus_address),
         user=uid,
         group=gid_of(checker),
         extra_groups=[],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         check=True,
     )
     assert outcome in done.stdout, done.stdout + done.stderr
