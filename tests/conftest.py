@@ -1,8 +1,14 @@
 """Shared fixtures, and the CI rule that a skipped kernel test is a failed one.
 
-XSKT_STRICT=1 (set by .ci/run) turns every skip into a failure; XSKT_REPORT=FILE receives
-how many kernel tests, and of those how many real-QEMU tests, passed, so CI can prove that
-the kernel suite really ran.
+A test that needs root (namespaces, veths, bpf, AF_XDP, other uids) is marked `kernel`,
+on its module (`pytestmark = pytest.mark.kernel`) or on itself. Without root, and without
+XSKT_STRICT, those are skipped. XSKT_STRICT=1 (set by .ci/run) turns every skip into a
+failure; XSKT_REPORT=FILE receives how many kernel tests, and of those how many real-QEMU
+tests, passed, so CI can prove that the kernel suite really ran.
+
+Collection fails if a test uses a lab or broker fixture (bpf_root, or one that yields a
+VethLab, BrokerProcess, BrokerEnv or BootedContainer) without the mark: such a test would
+otherwise run unmarked, uncounted, and fail rather than skip for a non-root developer.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,37 @@ STRICT = os.environ.get("XSKT_STRICT") == "1"
 _passed = {"kernel": 0, "qemu": 0}
 
 
+# Fixtures that need root whatever they return, and the types a kernel fixture yields.
+KERNEL_FIXTURES = frozenset({"bpf_root"})
+KERNEL_TYPES = ("VethLab", "BrokerProcess", "BrokerEnv", "BootedContainer")
+
+
+def kernel_fixtures(item: pytest.Item) -> list[str]:
+    """The fixtures item uses (directly or through others) that need the kernel suite."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return []
+    found = []
+    for name, definitions in info.name2fixturedefs.items():
+        for definition in definitions:
+            returns = str(getattr(definition.func, "__annotations__", {}).get("return", ""))
+            if name in KERNEL_FIXTURES or any(kind in returns for kind in KERNEL_TYPES):
+                found.append(name)
+                break
+    return sorted(found)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [
+        f"  {item.nodeid} (uses {', '.join(names)})"
+        for item in items
+        if "kernel" not in item.keywords and (names := kernel_fixtures(item))
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use lab or broker fixtures but are not marked kernel "
+            "(add pytestmark = pytest.mark.kernel or @pytest.mark.kernel):\n" + "\n".join(unmarked)
+        )
     if os.geteuid() != 0 and not STRICT:
         skip = pytest.mark.skip(reason="kernel tests need root (CI runs them as root)")
         for item in items:
@@ -61,6 +98,23 @@ def pin_root(bpf_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     path = bpf_root / request.node.name[:40].replace("[", "_").replace("]", "")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start children (`sleep 60` unless told otherwise, with Popen's keyword arguments);
+    all are killed and reaped after the test."""
+    children: list[subprocess.Popen] = []
+
+    def start(argv: list[str] | None = None, **kwargs: Any) -> subprocess.Popen:
+        child = subprocess.Popen(argv or ["sleep", "60"], **kwargs)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+        child.wait()
 
 
 @pytest.fixture

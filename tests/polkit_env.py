@@ -24,9 +24,9 @@ from pathlib import Path
 
 from jeepney import DBusAddress, new_method_call
 from jeepney.io.blocking import open_dbus_connection
+from support import REPO
 
 POLKITD = "/usr/lib/polkit-1/polkitd"
-REPO = Path(__file__).resolve().parent.parent
 ACTIONS = REPO / "polkit" / "org.xsk-broker.policy"
 EXAMPLE_RULES = REPO / "polkit" / "50-xsk-broker.rules.example"
 

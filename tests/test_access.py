@@ -10,16 +10,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from polkit_env import PolkitEnv, polkit_env
+from support import actor, xdp_of, xsk_cli
 
 from lab.brokerproc import REPO, BrokerProcess, wait_until
-from lab.netlab import VethLab, run, run_unprivileged, spawn_unprivileged
+from lab.netlab import VethLab, run_unprivileged, spawn_unprivileged
 from lab.traffic import Capture, client_env, running_probe, send_to_queue
 
 pytestmark = pytest.mark.kernel
@@ -48,28 +48,11 @@ users = [0]
 admin = true
 """
 
-ASK = r"""
-import json, os, sys
-from broker.errors import BrokerError
-from client.sync import Client
-args = json.loads(sys.argv[1])
-client = Client()
-try:
-    if "revoke" in args:
-        client.revoke(args["revoke"])
-        print(json.dumps({"ok": True}))
-    else:
-        with client.request(**args) as lease:
-            print(json.dumps({"ok": True, "queues": lease.queue_ids}))
-except BrokerError as error:
-    print(json.dumps({"ok": False, "code": error.code, "message": error.message}))
-"""
-
 
 def ask_as(broker: BrokerProcess, uid: int, groups: Sequence[int] = (), **args: object) -> dict:
     """One request (or revoke) from a fresh process of uid, with supplementary groups."""
     result = run_unprivileged(
-        [sys.executable, "-c", ASK, json.dumps(args)],
+        actor("ask", json.dumps(args)),
         uid,
         extra_groups=groups,
         netns=broker.netns,
@@ -78,11 +61,6 @@ def ask_as(broker: BrokerProcess, uid: int, groups: Sequence[int] = (), **args: 
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def xdp_of(lab: VethLab) -> dict:
-    (link,) = json.loads(run(["ip", "-n", lab.ns_a, "-j", "-d", "link", "show", lab.ifname_a]))
-    return link.get("xdp", {})
 
 
 @pytest.fixture
@@ -223,17 +201,11 @@ def test_polkit_decides_where_the_policy_delegates(
 def test_policy_check_command_explains_a_user(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
     path.write_text(POLICY)
-    ok = subprocess.run(
-        [sys.executable, "-m", "xsk_broker", "policy", "check", str(path), "--as", "root"],
-        cwd=REPO, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    ok = xsk_cli("policy", "check", str(path), "--as", "root")
     assert ok.returncode == 0, ok.stderr
     assert "root" in ok.stdout
     path.write_text('[[allow]]\nname = "x"\nusers = ["*"]\nqueues = "all"\n')
-    broken = subprocess.run(
-        [sys.executable, "-m", "xsk_broker", "policy", "check", str(path)],
-        cwd=REPO, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    broken = xsk_cli("policy", "check", str(path))
     assert broken.returncode == 1
     assert broken.stderr.startswith(f"BAD_POLICY: {path}:4: ")
 
@@ -253,7 +225,7 @@ def test_waiting_polkit_checks_are_bounded_per_uid(
     try:
         for _ in range(2):
             waiting.append(spawn_unprivileged(
-                [sys.executable, "-c", ASK, args], 61001, netns=broker.netns,
+                actor("ask", args), 61001, netns=broker.netns,
                 env=client_env(broker), cwd=str(REPO), stdout=subprocess.PIPE, text=True,
             ))  # fmt: skip
         time.sleep(1.0)  # both start (~50 ms) and send; their checks then wait on polkitd

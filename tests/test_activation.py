@@ -16,26 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import REPO, actor, wait_until
 
 from broker import activation, audit
-
-REPO = Path(__file__).resolve().parent.parent
-# A minimal broker: take the socket, say READY, answer one connection, say STOPPING.
-CHILD = """
-import json, os, sys
-from broker import activation
-sock = activation.listening_socket(sys.argv[1])
-notifier = activation.Notifier()
-notifier.ready("serving")
-notifier.status("0 leases")
-conn, _ = sock.accept()
-conn.send(json.dumps({
-    "sockname": sock.getsockname(), "fd": sock.fileno(), "inheritable": sock.get_inheritable(),
-    "listen_env": sorted(k for k in os.environ if k.startswith("LISTEN_")),
-}).encode())
-conn.close()
-notifier.stopping()
-"""
 
 
 @pytest.fixture
@@ -72,7 +55,7 @@ def socket_activate(
     path = tmp_path / "broker.sock"
     argv = ["systemd-socket-activate", *flags, "-l", str(path)]
     argv += ["-E", f"PYTHONPATH={REPO}", "-E", f"NOTIFY_SOCKET={notify.getsockname()}"]
-    argv += [sys.executable, "-c", CHILD, str(tmp_path / "not-used.sock")]
+    argv += actor("activated_broker", str(tmp_path / "not-used.sock"))
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return child, path
 
@@ -105,9 +88,7 @@ def test_inherited_stream_socket_is_refused_with_the_fix(
     child, path = socket_activate(tmp_path, notify_socket)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            deadline = time.monotonic() + 10
-            while not path.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(path.exists, 10)
             conn.connect(str(path))
             assert child.wait(10) == 1
     finally:

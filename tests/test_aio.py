@@ -34,6 +34,7 @@ AF_XDP = 44
 QUEUES = 64
 
 
+@pytest.mark.kernel
 def test_fifty_concurrent_requests_from_one_loop(broker: BrokerEnv) -> None:
     client = AsyncClient(broker.socket_path)
 
@@ -63,6 +64,7 @@ def test_fifty_concurrent_requests_from_one_loop(broker: BrokerEnv) -> None:
             lease.close()
 
 
+@pytest.mark.kernel
 def test_broker_errors_arrive_as_their_types(broker: BrokerEnv) -> None:
     client = AsyncClient(broker.socket_path)
     gone = subprocess.Popen(["true"])
@@ -98,6 +100,7 @@ def test_broker_errors_arrive_as_their_types(broker: BrokerEnv) -> None:
         assert error.code == kind.code and error.errno and error.message
 
 
+@pytest.mark.kernel
 def test_ping_reports_the_broker(broker: BrokerEnv) -> None:
     reply = asyncio.run(AsyncClient(broker.socket_path).ping())
     assert reply.broker and reply.pid > 0

@@ -8,14 +8,14 @@ import socket
 from pathlib import Path
 
 import pytest
+from support import pins_of, xdp_of
 
 from broker import fdpass
-from broker.loader import netns_key
 from broker.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode_reply
 from broker.protocol import Request as RequestMessage
 from client.sync import Client
 from lab.brokerproc import BrokerProcess
-from lab.netlab import VethLab, in_netns, run
+from lab.netlab import VethLab
 
 pytestmark = pytest.mark.kernel
 
@@ -37,15 +37,8 @@ def ask(broker: BrokerProcess, data: bytes, fds: list[int] | None = None) -> dic
 
 
 def nothing_attached(lab: VethLab, pin_root: Path) -> None:
-    (link,) = json.loads(run(["ip", "-n", lab.ns_a, "-j", "-d", "link", "show", lab.ifname_a]))
-    assert "xdp" not in link, link["xdp"]
-    ns_dir = pin_root / netns_key_of(lab)
-    assert not ns_dir.exists() or not any(ns_dir.iterdir()), list(ns_dir.iterdir())
-
-
-def netns_key_of(lab: VethLab) -> str:
-    with in_netns(lab.ns_a):
-        return netns_key()
+    assert xdp_of(lab) == {}
+    assert pins_of(lab, pin_root) == []
 
 
 def bad_requests(ifname: str) -> list[tuple[str, bytes, str]]:

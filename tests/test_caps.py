@@ -5,44 +5,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import REPO, actor, run_captured
 
 from broker import caps
 
-REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
 THREE = {"net_admin", "bpf", "net_raw"}
-# What `serve` does first, then proof that the kept capabilities still work (AF_XDP socket).
-CHILD = """
-import json, socket, sys
-from broker import caps
-from broker.errors import BrokerError
-try:
-    caps.enter_least_privilege(allow_root=len(sys.argv) > 1)
-except BrokerError as err:
-    sys.exit(str(err))
-socket.socket(44, socket.SOCK_RAW, 0).close()
-status = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().splitlines())
-print(json.dumps({k: sorted(v) for k, v in caps.current().items()} | {"nnp": status["NoNewPrivs"]}))
-"""
-
 # Root sets up the credentials; tests/conftest.py skips kernel tests without it.
 pytestmark = pytest.mark.kernel
 
 
 def run_child(prefix: list[str], *args: str) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")}
-    return subprocess.run(
-        [*prefix, sys.executable, "-c", CHILD, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return run_captured([*prefix, *actor("least_privilege", *args)], env=env)
 
 
 def setpriv(ambient: set[str], bounding: set[str] | None) -> list[str]:

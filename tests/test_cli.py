@@ -7,22 +7,15 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import xsk_cli as xsk
 
 from broker import config
-from lab.brokerproc import REPO, BrokerProcess
+from lab.brokerproc import BrokerProcess
+from tests.support import xsk_cli as xsk
 from xsk_broker.cli import build_parser
-
-
-def xsk(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xsk_broker", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=30, env=env,
-    )  # fmt: skip
 
 
 def test_version_comes_from_the_package_metadata() -> None:

@@ -12,12 +12,12 @@ import errno
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import REPO, actor
 
 from broker.fdpass import close_all
 from broker.loader import Loader
@@ -26,12 +26,8 @@ from client.consumer import ETH_P_EXPERIMENTAL, XskSocket, mac_bytes, make_frame
 from lab import netlab
 from lab.netlab import Endpoint, QueueSender, VethLab, in_netns, steer_queue, xdp_socket
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and AF_XDP"),
-]
+pytestmark = pytest.mark.kernel
 
-REPO = Path(__file__).resolve().parent.parent
 QUEUES = 3
 UID = GID = 61317
 BURST = 40
@@ -181,10 +177,10 @@ def test_rx_through_the_brokers_xskmap(mode: str) -> None:
         assert all(c.stats()["rx_dropped"] == 0 for c in consumers)
 
 
-def child(code: str, *args: str, netns: str | None = None, pass_fds: tuple[int, ...] = ()):
-    """Run Python code as UID/GID with no capabilities; its last stdout line is JSON."""
+def child(name: str, *args: str, netns: str | None = None, pass_fds: tuple[int, ...] = ()):
+    """Run the actor `name` as UID/GID with no capabilities; its last stdout line is JSON."""
     result = netlab.run_unprivileged(
-        [sys.executable, "-c", code, *args],
+        actor(name, *args),
         UID,
         GID,
         netns=netns,
@@ -196,17 +192,8 @@ def child(code: str, *args: str, netns: str | None = None, pass_fds: tuple[int, 
     return json.loads(result.stdout.splitlines()[-1])
 
 
-IDENTITY = """
-import json, os
-status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
-keys = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
-net = os.stat("/proc/self/ns/net").st_ino
-print(json.dumps({k: status[k].split() for k in keys} | {"net": net}))
-"""
-
-
 def test_unprivileged_child_has_no_privileges(lab: VethLab) -> None:
-    seen = child(IDENTITY, netns=lab.ns_b)
+    seen = child("identity", netns=lab.ns_b)
     assert seen["Uid"] == [str(UID)] * 4
     assert seen["Gid"] == [str(GID)] * 4
     assert seen["Groups"] == [str(GID + 1)]
@@ -214,21 +201,6 @@ def test_unprivileged_child_has_no_privileges(lab: VethLab) -> None:
         assert int(seen[caps][0], 16) == 0, caps
     assert seen["NoNewPrivs"] == ["1"]
     assert seen["net"] == os.stat(netlab.netns_path(lab.ns_b)).st_ino
-
-
-CONSUMER = """
-import json, sys
-from broker.xsk import create_sockets
-from client.consumer import XskSocket, make_frame
-fd, ifindex, frames = map(int, sys.argv[1:4])
-dst, src = sys.argv[4:]
-try:
-    with XskSocket(fd, ifindex, 0, frames=frames) as xsk:
-        sent = xsk.send([make_frame(dst, src, b"unprivileged %d" % i) for i in range(8)])
-    print(json.dumps({"sent": sent}))
-except OSError as err:
-    print(json.dumps({"errno": err.errno, "message": err.strerror}))
-"""
 
 
 def lease_like_socket(endpoint: Endpoint) -> socket.socket:
@@ -242,7 +214,9 @@ def lease_like_socket(endpoint: Endpoint) -> socket.socket:
 def test_unprivileged_consumer_transmits_on_a_lent_socket(lab: VethLab) -> None:
     with capture(lab.b) as cap, lease_like_socket(lab.a) as sock:
         argv = (str(sock.fileno()), str(lab.a.ifindex), "256", lab.b.mac, lab.a.mac)
-        assert child(CONSUMER, *argv, netns=lab.ns_a, pass_fds=(sock.fileno(),)) == {"sent": 8}
+        assert child("lent_socket_tx", *argv, netns=lab.ns_a, pass_fds=(sock.fileno(),)) == {
+            "sent": 8
+        }
         assert len(collect(cap, 8)) == 8
 
 
@@ -250,7 +224,7 @@ def test_umem_over_rlimit_memlock_is_enobufs_with_advice(lab: VethLab) -> None:
     with lease_like_socket(lab.a) as sock:
         frames = 4096  # 16 MiB, over the 8 MiB hard limit
         argv = (str(sock.fileno()), str(lab.a.ifindex), str(frames), lab.b.mac, lab.a.mac)
-        seen = child(CONSUMER, *argv, netns=lab.ns_a, pass_fds=(sock.fileno(),))
+        seen = child("lent_socket_tx", *argv, netns=lab.ns_a, pass_fds=(sock.fileno(),))
     assert seen["errno"] == errno.ENOBUFS
     assert "RLIMIT_MEMLOCK" in seen["message"] and "16 MiB UMEM" in seen["message"]
 

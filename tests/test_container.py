@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from container import CLIENT_USER, EXEC_PATH, BootedContainer
+from container import CLIENT_USER, EXEC_PATH, SOURCE_MOUNT, BootedContainer
+from support import actor
 
 from broker import caps
 from lab.brokerproc import wait_until
@@ -82,20 +84,17 @@ def test_the_service_logs_structured_entries_to_the_journal(box: BootedContainer
 
 
 def test_log_event_fields_are_journal_fields(box: BootedContainer) -> None:
-    code = (
-        "import logging; from broker import audit; audit.setup_logging(); "
-        "audit.log_event(logging.getLogger('xsk-broker'), 'granted', "
-        "interface='xskt-a', queues=[0, 1], uid=1000, lease='L1')"
-    )
     box.exec(
         [
             "systemd-run",
             "--wait",
             "--quiet",
             "--collect",
-            "/opt/xsk-broker/bin/python3",
-            "-c",
-            code,
+            *actor(
+                "journal_event",
+                python="/opt/xsk-broker/bin/python3",
+                checkout=Path(SOURCE_MOUNT),
+            ),
         ],
         check=True,
     )

@@ -9,21 +9,16 @@ import subprocess
 import sys
 
 import pytest
+from support import actor, xdp_of
 
 from broker.errors import QueueBusy
 from broker.protocol import Request, encode_message
 from lab.brokerproc import REPO, BrokerProcess, wait_until
-from lab.netlab import VethLab, run, run_unprivileged, steer_queue
+from lab.netlab import VethLab, run_unprivileged, steer_queue
 from lab.traffic import Capture, client_env, running_probe, send_to_queue
 
 pytestmark = pytest.mark.kernel
 FRAMES_PER_QUEUE = 8
-
-
-def xdp_attachments(lab: VethLab) -> str:
-    """What `ip` says is attached to the broker's end (empty when nothing is)."""
-    (link,) = json.loads(run(["ip", "-n", lab.ns_a, "-d", "-j", "link", "show", lab.ifname_a]))
-    return json.dumps(link.get("xdp", {}))
 
 
 def reachable_queues(mode: str, queues: int) -> int:
@@ -59,21 +54,6 @@ def test_unprivileged_consumer_receives_and_sends_on_every_queue(
     assert all(frame[14:].startswith(b"reply:to-q=") for frame in replies)
 
 
-INSPECT_FDS = r"""
-import ctypes, json, os, sys
-libc = ctypes.CDLL(None)
-fds = [int(f) for f in os.environ["XSK_BROKER_SOCK_FDS"].split(":")]
-families = []
-for fd in fds:  # SO_DOMAIN; Python's socket() cannot wrap AF_XDP (no getsockname)
-    value, size = ctypes.c_int(), ctypes.c_uint(4)
-    libc.getsockopt(fd, 1, 39, ctypes.byref(value), ctypes.byref(size))
-    families.append(value.value)
-with open(sys.argv[1], "w") as out:
-    json.dump({"argv": sys.argv[2:], "fds": fds, "families": families,
-               "netdev": os.environ["XSK_BROKER_NETDEV"], "uid": os.getuid()}, out)
-"""
-
-
 def test_request_execs_command_with_fds_above_stdio_in_queue_order(
     broker4: BrokerProcess, lab4: VethLab, workdir
 ) -> None:
@@ -84,7 +64,7 @@ def test_request_execs_command_with_fds_above_stdio_in_queue_order(
     argv = [
         sys.executable, "-m", "xsk_broker", "request", "--ifname", lab4.ifname_a,
         "--queues", "3", "--start-queue", "1", "--id", "vnet7", "--umem-bytes", "1048576", "--",
-        sys.executable, "-c", INSPECT_FDS, str(out), "{sock-fds}", "-netdev", "{netdev}",
+        *actor("report_fds", str(out), "{sock-fds}", "-netdev", "{netdev}"),
     ]  # fmt: skip
     shell = 'exec 0<&- 1>&-; exec "$@"'
     result = run_unprivileged(
@@ -127,28 +107,11 @@ def test_slots_free_and_stack_gets_traffic_after_consumer_exits(
         assert lease.queue_ids == [0, 1, 2, 3]
 
 
-BIND_ELSEWHERE = r"""
-import errno, json, os
-from client.sync import request
-from client.consumer import XskSocket
-with request(os.environ["IFNAME"], 2, umem_bytes=1 << 20) as lease:
-    try:
-        XskSocket(lease.fds[0], 1, 0, frames=64)
-        outcome = "bound"
-    except OSError as exc:
-        outcome = errno.errorcode[exc.errno]
-    XskSocket(lease.fds[1], lease.ifindex, 1, frames=64).close()
-print(json.dumps({"loopback": outcome}))
-"""
-
-
 def test_consumer_cannot_bind_a_socket_to_another_interface(
     broker4: BrokerProcess, lab4: VethLab
 ) -> None:
     env = {**client_env(broker4), "IFNAME": lab4.ifname_a}
-    result = run_unprivileged(
-        [sys.executable, "-c", BIND_ELSEWHERE], netns=lab4.ns_a, env=env, cwd=str(REPO)
-    )
+    result = run_unprivileged(actor("bind_elsewhere"), netns=lab4.ns_a, env=env, cwd=str(REPO))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"loopback": "EINVAL"}
 
@@ -170,7 +133,7 @@ def test_restart_adopts_pinned_attachment_and_traffic_keeps_flowing(
         assert [lease.lease_id for lease in after.leases] == [
             lease.lease_id for lease in before.leases
         ]
-        assert json.loads(xdp_attachments(lab4))["prog"]["id"] == old.prog_id
+        assert xdp_of(lab4)["prog"]["id"] == old.prog_id
         with pytest.raises(QueueBusy, match=r"queue 1 of .* is leased to pid \d+ \(uid 61000"):
             broker4.client().request(lab4.ifname_a, 1, 1)
         for queue in (0, 1):

@@ -9,32 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import actor, pins_of, run_captured, xdp_of, xsk_cli
 
 from broker.errors import LeasesLive
-from broker.loader import netns_key
 from lab.brokerproc import REPO, BrokerProcess, wait_until
-from lab.netlab import VethLab, enter_netns, in_netns, run, run_unprivileged
+from lab.netlab import VethLab, enter_netns, run, run_unprivileged
 from lab.traffic import client_env, running_probe
 
 pytestmark = pytest.mark.kernel
 
 
-def xdp_of(lab: VethLab) -> dict:
-    (link,) = json.loads(run(["ip", "-n", lab.ns_a, "-j", "-d", "link", "show", lab.ifname_a]))
-    return link.get("xdp", {})
-
-
-def pins_of(lab: VethLab, pin_root: Path) -> list[str]:
-    with in_netns(lab.ns_a):
-        ns_dir = pin_root / netns_key()
-    return sorted(str(p.relative_to(ns_dir)) for p in ns_dir.rglob("*")) if ns_dir.exists() else []
-
-
 def cli(broker: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xsk_broker", *args, "--socket", str(broker.socket_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    return xsk_cli(*args, "--socket", str(broker.socket_path))
 
 
 def test_detach_is_refused_under_a_live_lease_then_forced(
@@ -67,24 +53,12 @@ def test_detach_is_refused_under_a_live_lease_then_forced(
         assert lease.mode == "native" and xdp_of(lab4)
 
 
-MOUNT_CHECK = r"""
-import json, sys
-from pathlib import Path
-from broker.bpffs import DEFAULT_PIN_ROOT, is_bpffs, ensure_bpffs
-before = is_bpffs(DEFAULT_PIN_ROOT.parent)
-ensure_bpffs(DEFAULT_PIN_ROOT)
-print(json.dumps({"before": before, "after": is_bpffs(DEFAULT_PIN_ROOT.parent),
-                  "dir": DEFAULT_PIN_ROOT.is_dir()}))
-"""
-
-
 def test_broker_mounts_bpffs_when_none_is_mounted() -> None:
     """In a private mount namespace with /sys/fs/bpf unmounted, so the host keeps its own."""
     script = 'umount /sys/fs/bpf 2>/dev/null; exec "$@"'
-    result = subprocess.run(
+    result = run_captured(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-         sys.executable, "-c", MOUNT_CHECK],
-        cwd=REPO, capture_output=True, text=True, timeout=30,
+         *actor("mount_bpffs")]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"before": False, "after": True, "dir": True}
@@ -109,24 +83,6 @@ def test_removed_interface_ends_its_leases_and_pins_and_a_new_one_works(
     assert "event=expired" in broker4.log() and "was removed" in broker4.log()
 
 
-ADOPT_WITHOUT_FDS = r"""
-import json, os, resource, sys
-from pathlib import Path
-from broker import bpf
-from broker.loader import Loader
-from broker.errors import BrokerError
-loader = Loader(Path(sys.argv[1]))
-bpf._libbpf()  # loaded before the limit: only the pins' fds must be refused
-in_use = len(os.listdir("/proc/self/fd")) - 1  # one more fits: the listing, then the link
-resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 1, in_use + 1))
-try:
-    loader.adopt_one(int(sys.argv[2]))
-    print(json.dumps({"code": None}))
-except BrokerError as error:
-    print(json.dumps({"code": error.code, "errno": error.errno}))
-"""
-
-
 def test_adoption_that_cannot_open_the_pins_keeps_them(
     broker4: BrokerProcess, lab4: VethLab, pin_root: Path
 ) -> None:
@@ -135,11 +91,10 @@ def test_adoption_that_cannot_open_the_pins_keeps_them(
     with broker4.client().request(lab4.ifname_a, 1, umem_bytes=1 << 20) as lease:
         ifindex = lease.ifindex
     before = pins_of(lab4, pin_root)
-    result = subprocess.run(
-        [sys.executable, "-c", ADOPT_WITHOUT_FDS, str(pin_root), str(ifindex)],
-        cwd=REPO, capture_output=True, text=True, timeout=30,
+    result = run_captured(
+        actor("adopt_without_fds", str(pin_root), str(ifindex)),
         preexec_fn=lambda: enter_netns(lab4.ns_a),
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"code": "ATTACH_FAILED", "errno": errno.EMFILE}
     assert pins_of(lab4, pin_root) == before and before

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import actor, run_captured
 
 from broker.bpffs import is_bpffs
 from lab.brokerproc import REPO, BrokerProcess
@@ -17,13 +16,6 @@ from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, run_unprivileged, spa
 from xsk_broker.doctor import Check, check_memlock, check_xdp_links, doctor_main, run_checks
 
 pytestmark = pytest.mark.kernel
-# Prints run_checks() as JSON, for running it under another uid or mount namespace.
-AS_CHILD = """
-import dataclasses, json, sys
-from xsk_broker.doctor import run_checks
-checks = run_checks(sys.argv[1], None, None, int(sys.argv[2]))
-print(json.dumps({c.name: dataclasses.asdict(c) for c in checks}))
-"""
 
 
 def by_name(checks: list[Check]) -> dict[str, Check]:
@@ -31,20 +23,14 @@ def by_name(checks: list[Check]) -> dict[str, Check]:
 
 
 def doctor_child(argv_prefix: list[str], socket_path: Path, queues: int = 1) -> dict[str, dict]:
-    result = subprocess.run(
-        [*argv_prefix, sys.executable, "-c", AS_CHILD, str(socket_path), str(queues)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    argv = [*argv_prefix, *actor("doctor_checks", str(socket_path), str(queues))]
+    result = run_captured(argv, check=True)
     return json.loads(result.stdout)
 
 
 def as_uid(uid: int, socket_path: Path, queues: int = 1) -> dict[str, dict]:
     result = run_unprivileged(
-        [sys.executable, "-c", AS_CHILD, str(socket_path), str(queues)],
+        actor("doctor_checks", str(socket_path), str(queues)),
         uid,
         uid,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},

@@ -14,14 +14,15 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from support import wait_until
 
 from client.sync import Client
 from lab.brokerproc import REPO, BrokerEnv
 
+pytestmark = pytest.mark.kernel  # every recipe asks the session's broker
 EXAMPLES = REPO / "examples"
 FAKE_QEMU = EXAMPLES / "fake-qemu"
 NO_AFXDP = "Parameter 'type' does not accept value 'af-xdp'"
@@ -50,10 +51,9 @@ def report(env: dict[str, str]) -> dict:
 
 def assert_lease_ends(broker: BrokerEnv, tag: str) -> None:
     """The consumer has exited, so the broker ends its lease (pidfd readable)."""
-    deadline = time.monotonic() + 5
-    while any(x.tag == tag for x in Client(broker.socket_path).status().leases):
-        assert time.monotonic() < deadline, f"lease {tag} outlived its consumer"
-        time.sleep(0.02)
+    client = Client(broker.socket_path)
+    ended = wait_until(lambda: all(x.tag != tag for x in client.status().leases), fail=False)
+    assert ended, f"lease {tag} outlived its consumer"
 
 
 def test_launch_vm_sh(env: dict[str, str], broker: BrokerEnv) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import actor
 
 from broker.errors import BrokerError
 from broker.protocol import Request as RequestMessage
@@ -58,51 +59,6 @@ def test_parser_survives_mutated_valid_messages(flips: list[tuple[int, int]]) ->
     parses_or_refuses(bytes(data))
 
 
-ATTACKER = r"""
-import array, json, os, random, socket, sys, collections
-path, idle_count, garbage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-def connect():
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(5)
-    s.connect(path)
-    return s
-idle = [connect() for _ in range(idle_count)]
-print("idle", flush=True)
-rng = random.Random(7)
-r, w = os.pipe()
-kinds = [
-    lambda: (rng.randbytes(rng.randint(1, 200)), []),
-    lambda: (b'{"version":1,"op":"request","ifname":"eth0","queues":', []),
-    lambda: (json.dumps({"version": 1, "op": "request", "ifname": 7, "queues": "x"}).encode(), []),
-    lambda: (json.dumps({"version": 1, "op": rng.choice(["x", "", None, 5])}).encode(), []),
-    lambda: (b"{" * 70000, []),
-    lambda: (b'{"version":1,"op":"ping"}', [r, w]),
-    lambda: (b'{"version":1,"op":"ping"}', [r] * 40),
-]
-codes = collections.Counter()
-conn = connect()
-for i in range(garbage):
-    data, fds = rng.choice(kinds)()
-    try:
-        if fds:
-            conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        else:
-            conn.send(data)
-        reply = conn.recv(65536)
-    except OSError:
-        reply = b""
-    if not reply:
-        codes["closed"] += 1
-        conn.close()
-        conn = connect()
-        continue
-    body = json.loads(reply)
-    codes[body["error"]["code"] if not body["ok"] else "ok"] += 1
-print(json.dumps(codes), flush=True)
-sys.stdin.readline()
-"""
-
-
 @pytest.mark.kernel
 def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
     lab4: VethLab, pin_root: Path, workdir: Path
@@ -115,7 +71,7 @@ def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
             client.release(lease.lease_id)  # the attachment's map and link fds stay
         baseline = broker.quiet_fd_count()
         attacker = spawn_unprivileged(
-            [sys.executable, "-c", ATTACKER, str(broker.socket_path), "500", "10000"],
+            actor("attacker", str(broker.socket_path), "500", "10000"),
             uid=61002, gid=61000, netns=lab4.ns_a, env=client_env(broker), cwd=str(REPO),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -141,7 +97,7 @@ def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
 def test_connection_cap_per_uid_spares_other_uids(broker_factory) -> None:
     broker, lab = broker_factory("--max-connections-per-uid", "4")
     hog = spawn_unprivileged(
-        [sys.executable, "-c", ATTACKER, str(broker.socket_path), "4", "0"],
+        actor("attacker", str(broker.socket_path), "4", "0"),
         netns=lab.ns_a, env=client_env(broker), cwd=str(REPO),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -161,19 +117,8 @@ def test_connection_cap_per_uid_spares_other_uids(broker_factory) -> None:
 @pytest.mark.kernel
 def test_rate_limit_per_uid_spares_other_uids(broker_factory) -> None:
     broker, lab = broker_factory("--rate-per-uid", "5")
-    flood = "\n".join(
-        [
-            "from client.sync import Client",
-            "from broker.errors import RateLimited",
-            "limited = 0",
-            "for _ in range(40):",
-            "    try: Client().ping()",
-            "    except RateLimited: limited += 1",
-            "print(limited)",
-        ]
-    )
     result = run_unprivileged(
-        [sys.executable, "-c", flood], netns=lab.ns_a, env=client_env(broker), cwd=str(REPO)
+        actor("ping_flood"), netns=lab.ns_a, env=client_env(broker), cwd=str(REPO)
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) >= 20

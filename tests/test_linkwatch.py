@@ -6,15 +6,14 @@ import json
 import os
 import select
 import socket
-import sys
 import tempfile
 from collections.abc import Iterator
 
 import pytest
+from support import REPO, actor, open_fds
 
 from broker.linkwatch import LinkEvent, LinkWatch
 from broker.netdev import dump_links
-from lab.brokerproc import REPO
 from lab.netlab import VethLab, in_netns, run, run_unprivileged
 
 pytestmark = pytest.mark.kernel
@@ -24,10 +23,6 @@ pytestmark = pytest.mark.kernel
 def lab() -> Iterator[VethLab]:
     with VethLab() as lab:
         yield lab
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 def collect(watch: LinkWatch, want: int, timeout: float = 2.0) -> list[LinkEvent]:
@@ -114,12 +109,8 @@ def test_overflow_is_resynchronised_from_a_dump(lab: VethLab) -> None:
 
 def test_works_without_any_capability(lab: VethLab) -> None:
     """Subscribing and dumping need no privilege, so it works after the broker drops its caps."""
-    script = (
-        "import json; from broker.linkwatch import LinkWatch\n"
-        "with LinkWatch() as w: print(json.dumps(sorted(w.links.values())))"
-    )
     result = run_unprivileged(
-        [sys.executable, "-c", script], netns=lab.ns_a, env={"PYTHONPATH": str(REPO)}
+        actor("linkwatch_links"), netns=lab.ns_a, env={"PYTHONPATH": str(REPO)}
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == sorted(["lo", lab.ifname_a])

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
+from support import pidfd_of_dead, wait_until
 
 from broker import memlock, procinfo
 from broker.errors import ConsumerGone, MemlockExceeded
@@ -19,27 +20,11 @@ from broker.protocol import QEMU_UMEM_BYTES
 
 MIB = 1024 * 1024
 UID = 61011
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="spawns children as other uids")
+pytestmark = pytest.mark.kernel  # children as other uids, with CAP_IPC_LOCK
 
 
 def _limit(soft: int, hard: int) -> Callable[[], None]:
     return lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
-    """Start sleeping children; all are killed and reaped after the test."""
-    children: list[subprocess.Popen] = []
-
-    def start(argv: list[str] | None = None, **kwargs) -> subprocess.Popen:
-        child = subprocess.Popen(argv or ["sleep", "60"], **kwargs)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.kill()
-        child.wait()
 
 
 def test_8mib_consumer_is_refused_32mib_with_numbers_and_fix(spawn) -> None:
@@ -87,11 +72,7 @@ def test_cap_ipc_lock_bypasses_the_limit(spawn) -> None:
 
 def _wait_until(pid: int, ready: Callable[[procinfo.ProcStatus], bool]) -> None:
     """setpriv changes credentials after fork; wait until the exec'd sleep has them."""
-    for _ in range(10000):
-        if ready(procinfo.read_status(pid)):
-            return
-        os.sched_yield()
-    raise AssertionError(f"pid {pid} never got the credentials it was started for")
+    wait_until(lambda: ready(procinfo.read_status(pid)))
 
 
 def _root_without_ipc_lock(spawn, soft: int, hard: int) -> subprocess.Popen:
@@ -135,17 +116,12 @@ def test_ensure_without_permission_to_raise_reports_the_shortfall(spawn) -> None
 
 def test_gone_consumer(spawn) -> None:
     child = spawn()
-    pidfd = os.pidfd_open(child.pid)
-    try:
-        child.kill()
-        child.wait()
+    with pidfd_of_dead(child) as pidfd:
         with pytest.raises(ConsumerGone):
             memlock.check(child.pid, MIB, 0)
         # A live process under a pid whose pidfd has exited is what a recycled pid looks like.
         with pytest.raises(ConsumerGone):
             procinfo.read_status(os.getpid(), pidfd)
-    finally:
-        os.close(pidfd)
 
 
 def test_unlimited_and_page_rounding() -> None:

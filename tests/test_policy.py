@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from polkit_env import REPO, USERS, identities
+from polkit_env import USERS, identities
+from support import REPO, actor, run_captured
 
 from broker.errors import BadRequest, Denied
 from broker.policy import (
@@ -269,11 +268,10 @@ def test_explain_shows_deny(tmp_path) -> None:
     assert "DENIED by deny rule 'quarantine' (policy.toml:2) (matches group 1002)" in text
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs a mount namespace for test users")
+@pytest.mark.kernel  # a mount namespace for the test users
 def test_example_policy_with_its_groups() -> None:
     """The shipped example loads once its groups exist, and explains real users."""
     example = REPO / "examples" / "policy.toml"
-    code = "import sys; from xsk_broker.policycheck import main as m; sys.exit(m(*sys.argv[1:]))"
     with identities() as ids:
         for user, expected in (
             ("xsktest-user", "allow rule 'vm-hosts' (policy.toml:19) matches group 61001"),
@@ -281,13 +279,7 @@ def test_example_policy_with_its_groups() -> None:
             ("xsktest-quarantined", "DENIED by deny rule 'quarantine'"),
             ("xsktest-other", "no allow rule matches"),
         ):
-            done = subprocess.run(
-                ids.namespaced([sys.executable, "-c", code, str(example), user]),
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            done = run_captured(ids.namespaced(actor("policy_check", str(example), user)))
             assert done.returncode == 0, done.stderr
             assert expected in done.stdout, (user, USERS[user], done.stdout)
 

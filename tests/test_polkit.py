@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-from polkit_env import REPO, USERS, PolkitEnv, gid_of, missing_prerequisites, polkit_env
+from polkit_env import USERS, PolkitEnv, gid_of, missing_prerequisites, polkit_env
+from support import actor, pidfd_of_dead, run_captured
 
 from broker import polkit
 from broker.errors import ConsumerGone, Denied
 from broker.policy import ADMIN_ACTION, REQUEST_ACTION, Caller, Policy
 from broker.protocol import Request
 
-pytestmark = pytest.mark.skipif(
-    missing_prerequisites() is not None, reason=str(missing_prerequisites())
-)
+pytestmark = [
+    pytest.mark.kernel,  # processes of the test users, a private mount namespace
+    pytest.mark.skipif(missing_prerequisites() is not None, reason=str(missing_prerequisites())),
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +32,13 @@ def env() -> Iterator[PolkitEnv]:
 
 
 @pytest.fixture
-def process_of() -> Iterator[Callable[[str], subprocess.Popen]]:
+def process_of(spawn: Callable[..., subprocess.Popen]) -> Callable[[str], subprocess.Popen]:
     """Real processes running as a test user with that user's primary gid."""
-    children: list[subprocess.Popen] = []
 
     def start(user: str) -> subprocess.Popen:
-        uid = USERS[user][0]
-        child = subprocess.Popen(["sleep", "60"], user=uid, group=gid_of(user), extra_groups=[])
-        children.append(child)
-        return child
+        return spawn(user=USERS[user][0], group=gid_of(user), extra_groups=[])
 
-    yield start
-    for child in children:
-        child.kill()
-        child.wait()
+    return start
 
 
 def _check(env: PolkitEnv, child: subprocess.Popen, user: str, action: str, details: dict):
@@ -96,14 +90,8 @@ def test_recycled_pid_is_refused(env, process_of) -> None:
 
 def test_subject_read_through_a_dead_pidfd_is_refused(process_of) -> None:
     child = process_of("xsktest-user")
-    pidfd = os.pidfd_open(child.pid)
-    try:
-        child.kill()
-        child.wait()
-        with pytest.raises(ConsumerGone):
-            polkit.subject_of(os.getpid(), 0, pidfd)
-    finally:
-        os.close(pidfd)
+    with pidfd_of_dead(child) as pidfd, pytest.raises(ConsumerGone):
+        polkit.subject_of(os.getpid(), 0, pidfd)
 
 
 def test_policy_delegates_and_polkit_decides(env, process_of, tmp_path) -> None:
@@ -154,22 +142,12 @@ def test_only_the_broker_user_may_ask_about_others(env, process_of, checker, out
     """The broker runs as user xsk-broker: the action file names it as the actions' owner,
     which is what lets polkitd answer it about another process (root is always allowed)."""
     child = process_of("xsktest-user")
-    code = (
-        "import sys; from broker import polkit; from broker.errors import Denied\n"
-        "subject = polkit.subject_of(int(sys.argv[1]), 61001)\n"
-        "try: polkit.check(subject, 'org.xsk-broker.request', {'interface': 'veth0',"
-        " 'queues': '1'}, bus_address=sys.argv[2]); print('granted')\n"
-        "except Denied as exc: print(exc)\n"
-    )
     uid = USERS[checker][0]
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(child.pid), env.bus_address],
+    done = run_captured(
+        actor("polkit_check", str(child.pid), env.bus_address),
         user=uid,
         group=gid_of(checker),
         extra_groups=[],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         check=True,
     )
     assert outcome in done.stdout, done.stdout + done.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from qemu.qmp import QMPClient
+from support import run_captured
 
 from broker.protocol import LeaseInfo
 from lab.brokerproc import BrokerProcess, wait_until
@@ -262,13 +263,10 @@ def hmp(qmp_path: Path, command: str) -> str:
 
 
 def cli_as_qemu_user(broker: BrokerProcess, lab: VethLab, *args: str) -> dict:
-    done = subprocess.run(
+    done = run_captured(
         as_qemu_user([sys.executable, "-m", "xsk_broker", *args, "--json"]),
         env=client_env(broker),
-        capture_output=True,
-        text=True,
         timeout=60,
-        check=False,
         cwd="/",
     )
     assert done.returncode == 0, done.stderr

@@ -12,14 +12,13 @@ import errno
 import os
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
+from support import open_fds, quiet_fd_count, settled_fd_count, wait_until, xsk_cli
 
 from broker.errors import BrokerError
 from broker.protocol import LeaseInfo, Request
@@ -35,8 +34,9 @@ from client.qmp import (
     session,
     unplug,
 )
-from lab.brokerproc import REPO, BrokerEnv
+from lab.brokerproc import BrokerEnv
 
+pytestmark = pytest.mark.kernel  # real AF_XDP sockets (CAP_NET_RAW), the session's broker
 AF_XDP = 44
 NO_AFXDP = "Parameter 'type' does not accept value 'af-xdp'"
 
@@ -52,29 +52,16 @@ class Qemu:
     def pid(self) -> int:
         return self.proc.pid
 
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
     def quiet_fd_count(self) -> int:
         """The fd count once it has not changed for 100 ms (a QMP connection just closed)."""
-        count, since = self.fd_count(), time.monotonic()
-        while time.monotonic() - since < 0.1:
-            time.sleep(0.01)
-            if self.fd_count() != count:
-                count, since = self.fd_count(), time.monotonic()
-        return count
+        return quiet_fd_count(self.pid)
 
     def settled_fd_count(self, expected: int) -> int:
         """The fd count once QEMU's main loop has closed a just-ended QMP connection."""
-        deadline = time.monotonic() + 2
-        while self.fd_count() != expected and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.fd_count()
+        return settled_fd_count(self.pid, expected)
 
     def socket_inodes(self) -> set[str]:
-        links = (
-            os.readlink(f"/proc/{self.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{self.pid}/fd")
-        )
+        links = (os.readlink(f"/proc/{self.pid}/fd/{fd}") for fd in open_fds(self.pid))
         return {link for link in links if link.startswith("socket:")}
 
 
@@ -95,11 +82,8 @@ def start_qemu(directory: Path, *extra: str) -> Qemu:
         ],
         stdin=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path):
-        assert proc.poll() is None, "qemu-system-x86_64 exited during start-up"
-        assert time.monotonic() < deadline, "QEMU did not create its QMP socket"
-        time.sleep(0.01)
+    wait_until(lambda: os.path.exists(path) or proc.poll() is not None, 10)
+    assert proc.poll() is None, "qemu-system-x86_64 exited during start-up"
     return Qemu(proc, path)
 
 
@@ -311,19 +295,15 @@ def test_qmp_client_may_be_shared_with_a_vm_manager(qemu: Qemu) -> None:
 def test_cli_attach_reports_qemus_error_verbatim_and_ends_the_lease(
     broker: BrokerEnv, qemu: Qemu
 ) -> None:
-    argv = [sys.executable, "-m", "xsk_broker", "attach-nic", "--qmp", qemu.qmp_path,
+    argv = ["attach-nic", "--qmp", qemu.qmp_path,
             "--socket", broker.socket_path, "--ifname", broker.ifname, "--queues", "2",
             "--start-queue", "20", "--id", "cli1", "--tag", "cli-attach"]  # fmt: skip
-    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = xsk_cli(*argv, timeout=60)
     assert result.returncode == 1
     assert result.stderr.startswith("QMP_ERROR: Parameter 'type' does not accept value 'af-xdp'")
     assert result.stderr.count("\n") == 1
     leases = asyncio.run(AsyncClient(broker.socket_path).status()).leases
     assert not [lease for lease in leases if lease.tag == "cli-attach"]
-    gone = subprocess.run(
-        [sys.executable, "-m", "xsk_broker", "detach-nic", "--qmp", qemu.qmp_path, "--id", "cli1",
-         "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    gone = xsk_cli("detach-nic", "--qmp", qemu.qmp_path, "--id", "cli1", "--json", timeout=60)
     assert gone.returncode == 1
     assert gone.stderr == "QMP_ERROR: QEMU has neither a netdev 'cli1' nor a device 'cli1-dev'\n"

@@ -5,18 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import run_captured
 
 from broker import caps
 from broker.protocol import Request, encode_message
 from client.sync import Client
-from lab.brokerproc import REPO, BrokerProcess
+from lab.brokerproc import BrokerProcess
 from lab.netlab import UNPRIVILEGED_GID, VethLab, enter_netns
 from lab.traffic import running_probe, send_to_queue
 
@@ -161,15 +161,7 @@ def test_non_root_broker_missing_one_cap_exits_with_one_line(
     lab4: VethLab, pin_root: Path, workdir: Path, missing: str
 ) -> None:
     broker = SetprivBroker(lab4.ns_a, pin_root, workdir, THREE - {missing})
-    done = subprocess.run(
-        broker.argv,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        preexec_fn=lambda: enter_netns(lab4.ns_a),
-    )
+    done = run_captured(broker.argv, preexec_fn=lambda: enter_netns(lab4.ns_a))
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

@@ -1,0 +1,10 @@
+"""ensure_bpffs() where none is mounted: prints whether bpffs was there before and after."""
+
+import json
+
+from broker.bpffs import DEFAULT_PIN_ROOT, ensure_bpffs, is_bpffs
+
+before = is_bpffs(DEFAULT_PIN_ROOT.parent)
+ensure_bpffs(DEFAULT_PIN_ROOT)
+after = is_bpffs(DEFAULT_PIN_ROOT.parent)
+print(json.dumps({"before": before, "after": after, "dir": DEFAULT_PIN_ROOT.is_dir()}))

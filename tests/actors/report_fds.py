@@ -1,0 +1,30 @@
+"""The COMMAND of `xsk-broker request`: writes what it inherited to the file argv[1].
+
+The fds named by XSK_BROKER_SOCK_FDS, their socket families (SO_DOMAIN; Python's socket()
+cannot wrap AF_XDP, which has no getsockname), the rest of its argv, XSK_BROKER_NETDEV and
+its uid, as JSON.
+"""
+
+import ctypes
+import json
+import os
+import sys
+
+SOL_SOCKET, SO_DOMAIN = 1, 39
+
+libc = ctypes.CDLL(None)
+fds = [int(f) for f in os.environ["XSK_BROKER_SOCK_FDS"].split(":")]
+families = []
+for fd in fds:
+    value, size = ctypes.c_int(), ctypes.c_uint(4)
+    libc.getsockopt(fd, SOL_SOCKET, SO_DOMAIN, ctypes.byref(value), ctypes.byref(size))
+    families.append(value.value)
+with open(sys.argv[1], "w") as out:
+    seen = {
+        "argv": sys.argv[2:],
+        "fds": fds,
+        "families": families,
+        "netdev": os.environ["XSK_BROKER_NETDEV"],
+        "uid": os.getuid(),
+    }
+    json.dump(seen, out)

@@ -1,0 +1,126 @@
+"""Helpers the test modules share: the command line, an interface's XDP state and pins,
+a process's fds, and the argv of the actor scripts in tests/actors/.
+
+Each helper exists once, here; lab/ keeps what the demo and the benchmarks use as well
+(wait_until, BrokerProcess and its fd counts), and this module re-exports wait_until.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from broker.loader import netns_key
+from lab.brokerproc import REPO, wait_until
+from lab.netlab import VethLab, in_netns, run
+
+__all__ = [
+    "ACTORS",
+    "REPO",
+    "actor",
+    "fd_count",
+    "open_fds",
+    "pidfd_of_dead",
+    "pin_dir",
+    "pins_of",
+    "quiet_fd_count",
+    "run_captured",
+    "settled_fd_count",
+    "wait_until",
+    "xdp_of",
+    "xsk_cli",
+]
+
+# Small programs the tests run as other processes (often as other uids): real files, so
+# ruff reads them, reached by path so any uid that can reach the checkout can run them.
+ACTORS = REPO / "tests" / "actors"
+
+
+def actor(name: str, *args: str, python: str = sys.executable, checkout: Path = REPO) -> list[str]:
+    """The argv that runs tests/actors/<name>.py with this interpreter (the venv's python
+    finds the checkout through its .pth, whatever the cwd); `python` and `checkout` name
+    them where another view of the checkout runs it (the container's)."""
+    path = ACTORS / f"{name}.py"
+    assert path.is_file(), f"no actor {path}"
+    return [python, str(checkout / path.relative_to(REPO)), *args]
+
+
+def run_captured(
+    argv: Sequence[str | os.PathLike[str]], *, timeout: float = 30, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    """argv run to its end with stdout and stderr captured as text; from the checkout, and
+    not checked, unless `options` say otherwise (any of subprocess.run's)."""
+    options.setdefault("cwd", REPO)
+    options.setdefault("check", False)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **options)
+
+
+def xsk_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """`xsk-broker ARGS` as root from the checkout, output captured as text."""
+    return run_captured([sys.executable, "-m", "xsk_broker", *args], env=env, timeout=timeout)
+
+
+@contextmanager
+def pidfd_of_dead(child: subprocess.Popen) -> Iterator[int]:
+    """A pidfd of child opened while it lived, once child has been killed and reaped: what
+    a recycled pid looks like to whoever holds the pidfd."""
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.kill()
+        child.wait()
+        yield pidfd
+    finally:
+        os.close(pidfd)
+
+
+def xdp_of(lab: VethLab) -> dict:
+    """What `ip` says is attached to the lab's `a` end ({} when nothing is)."""
+    (link,) = json.loads(run(["ip", "-n", lab.ns_a, "-j", "-d", "link", "show", lab.ifname_a]))
+    return link.get("xdp", {})
+
+
+def pin_dir(lab: VethLab, pin_root: Path) -> Path:
+    """Where a broker pins its attachments for the lab's `a` namespace."""
+    with in_netns(lab.ns_a):
+        return pin_root / netns_key()
+
+
+def pins_of(lab: VethLab, pin_root: Path) -> list[str]:
+    """Every pin (and directory) below pin_dir(), relative to it."""
+    ns_dir = pin_dir(lab, pin_root)
+    return sorted(str(p.relative_to(ns_dir)) for p in ns_dir.rglob("*")) if ns_dir.exists() else []
+
+
+def open_fds(pid: int | str = "self") -> set[str]:
+    """The fd numbers a process has open."""
+    return set(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_count(pid: int) -> int:
+    return len(open_fds(pid))
+
+
+def quiet_fd_count(pid: int, still: float = 0.1) -> int:
+    """The fd count once it has not changed for `still` seconds (a connection just closed
+    is still being reaped before that)."""
+    count, since = fd_count(pid), time.monotonic()
+    while time.monotonic() - since < still:
+        time.sleep(0.01)
+        if (now := fd_count(pid)) != count:
+            count, since = now, time.monotonic()
+    return count
+
+
+def settled_fd_count(pid: int, expected: int, timeout: float = 2.0) -> int:
+    """The fd count once it reaches expected, or whatever it is after timeout."""
+    wait_until(lambda: fd_count(pid) == expected, timeout, fail=False)
+    return fd_count(pid)
