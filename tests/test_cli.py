@@ -14,7 +14,6 @@ from support import xsk_cli as xsk
 
 from broker import config
 from lab.brokerproc import BrokerProcess
-from tests.support import xsk_cli as xsk
 from xsk_broker.cli import build_parser
 
 
