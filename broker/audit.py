@@ -11,22 +11,27 @@ SYSLOG_IDENTIFIER = "xsk-broker"
 log = logging.getLogger(SYSLOG_IDENTIFIER)
 
 
+# The record attribute holding an event's fields as key=value text. Lower-case, so the
+# journal, which takes upper-case record attributes as fields, leaves it out.
+_FIELDS_TEXT = "xsk_fields_text"
+
+
 def _field_value(value: object) -> str:
-    if isinstance(value, list | tuple | set | frozenset):
-        return ",".join(str(item) for item in value)
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
     return str(value)
 
 
+def _pair(key: str, value: str) -> str:
+    return f"{key}={value!r}" if " " in value else f"{key}={value}"
+
+
 class _StderrFormatter(logging.Formatter):
-    """Message followed by the event's fields as key=value (the upper-case record keys)."""
+    """Message followed by the event's fields as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        fields = " ".join(
-            f"{key.lower()}={value!r}" if " " in value else f"{key.lower()}={value}"
-            for key, value in vars(record).items()
-            if key.isupper() and isinstance(value, str)
-        )
+        fields: str = getattr(record, _FIELDS_TEXT, "")
         return f"{text} {fields}" if fields else text
 
 
@@ -71,5 +76,9 @@ def log_event(
     The fields become journal fields (INTERFACE=eth0, QUEUES=0,1) so that
     `journalctl -u xsk-broker INTERFACE=eth0` finds them, and key=value on stderr.
     """
-    extra = {key.upper(): _field_value(value) for key, value in fields.items()}
+    if not logger.isEnabledFor(level):
+        return
+    values = {key: _field_value(value) for key, value in fields.items()}
+    extra = {key.upper(): value for key, value in values.items()}
+    extra[_FIELDS_TEXT] = " ".join(_pair(key, value) for key, value in values.items())
     logger.log(level, message, extra=extra, stacklevel=2)

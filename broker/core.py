@@ -278,7 +278,8 @@ class Service:
         """Busy queues, memory budget, attachment, sockets, lease: every refusal comes before
         any socket, and all of them before anything is attached."""
         queue_ids = list(request.queue_ids)
-        busy = self.leases.holders(netdev.ifindex_of(request.ifname), queue_ids)
+        ifindex = netdev.ifindex_of(request.ifname)
+        busy = self.leases.holders(ifindex, queue_ids)
         if busy:
             raise QueueBusy("; ".join(_held_by(lease, request) for lease in busy))
         memlock.ensure(
@@ -289,7 +290,7 @@ class Service:
             pidfd=consumer.pidfd,
         )
         start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
-        attachment = self.loader.ensure(request.ifname, grant.mode, request.queue_ids)
+        attachment = self.loader.ensure(request.ifname, grant.mode, request.queue_ids, ifindex)
         fds = xsk.create_sockets(attachment, queue_ids)
         try:
             info = self._record(caller, request, grant, consumer, attachment, start_time)

@@ -87,13 +87,20 @@ class Loader:
         self.attachments: dict[int, Attachment] = {}
         self.clock = clock
 
-    def ensure(self, ifname: str, mode: str = "auto", queue_ids: range = range(1)) -> Attachment:
-        """The attachment for ifname: cached, adopted from pins, or attached now.
+    def ensure(
+        self,
+        ifname: str,
+        mode: str = "auto",
+        queue_ids: range = range(1),
+        ifindex: int | None = None,
+    ) -> Attachment:
+        """The attachment for ifname (whose ifindex the caller may have looked up already):
+        cached, adopted from pins, or attached now.
 
         Every check (queue range, mode) runs before anything is attached, so a refused
         request leaves the interface as it was.
         """
-        ifindex = netdev.ifindex_of(ifname)
+        ifindex = netdev.ifindex_of(ifname) if ifindex is None else ifindex
         current = self.attachments.get(ifindex)
         if current is not None and not self._still_live(current):
             self.forget(ifindex)

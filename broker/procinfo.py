@@ -11,6 +11,7 @@ the pid had not been recycled yet).
 from __future__ import annotations
 
 import errno
+import os
 import select
 from dataclasses import dataclass
 
@@ -48,9 +49,14 @@ class Limit:
 
 
 def _read(pid: int, name: str, pidfd: int | None) -> str:
+    """One read of a /proc file (they are generated whole on the first read, and all that
+    are read here fit in 4 KiB); plain os calls, a third of what open() costs per request."""
     try:
-        with open(f"/proc/{pid}/{name}", encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 65536).decode("utf-8", "replace")
+        finally:
+            os.close(fd)
     except (FileNotFoundError, ProcessLookupError):
         raise ConsumerGone(f"process {pid} does not exist (any more)") from None
     except OSError as exc:

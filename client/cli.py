@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
-from typing import TYPE_CHECKING, Any, NoReturn, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from broker.errors import BrokerError, UsageError
 from broker.protocol import Request, Status
@@ -25,15 +25,6 @@ if TYPE_CHECKING:
     from client.probe import ProbeReport
 
 EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line with a code like every other error."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"USAGE: {self.prog}: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
 
 
 def add_socket(parser: argparse.ArgumentParser) -> None:
@@ -236,7 +227,7 @@ def cmd_revoke(opts: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
+def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """The client commands, each with --socket and, where it reports, --json."""
     req = sub.add_parser(
         "request",
@@ -311,15 +302,3 @@ def add_commands(sub: argparse._SubParsersAction[Parser]) -> None:
     add_socket(ping)
     add_json(ping)
     ping.set_defaults(func=cmd_ping)
-
-
-def run(func: Any, opts: argparse.Namespace) -> int:
-    """Run one command: 0 on success; an error is one stderr line starting with its code."""
-    try:
-        return int(func(opts))
-    except BrokerError as error:
-        print(f"{error.code}: {error.message}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("INTERRUPTED: stopped by the user", file=sys.stderr)
-        return 130

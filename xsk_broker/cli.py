@@ -13,12 +13,22 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from broker import config
-from broker.errors import BrokerError
+from broker.errors import BrokerError, UsageError
 from broker.protocol import MODES
-from client import cli as client_cli
-from client.cli import Parser
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line with a code like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"USAGE: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def cmd_serve(opts: argparse.Namespace) -> int:
@@ -74,7 +84,9 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, serve_only: bool = False) -> argparse.ArgumentParser:
+    """Every command; only `serve` when that is what runs, so a socket-activated start
+    builds one subparser and imports no client module."""
     parser = Parser(prog="xsk-broker", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=Parser)
@@ -82,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the privileged broker daemon")
     config.add_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    if serve_only:
+        return parser
+
+    from client import cli as client_cli
 
     client_cli.add_commands(sub)
 
@@ -120,7 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    opts = build_parser(serve_only=args[:1] == ["serve"]).parse_args(args)
     if getattr(opts, "command", None) and opts.command[0] == "--":
         opts.command = opts.command[1:]
-    return client_cli.run(opts.func, opts)
+    return run(opts.func, opts)
+
+
+def run(func: Any, opts: argparse.Namespace) -> int:
+    """Run one command: 0 on success; an error is one stderr line starting with its code."""
+    try:
+        return int(func(opts))
+    except BrokerError as error:
+        print(f"{error.code}: {error.message}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("INTERRUPTED: stopped by the user", file=sys.stderr)
+        return 130
