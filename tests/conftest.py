@@ -17,11 +17,13 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import pytest
+from support import BrokerFactory, Spawn
 
 from lab.brokerproc import BrokerEnv, BrokerProcess, public_tempdir
 from lab.netlab import VethLab, bpffs
@@ -69,7 +71,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
     if report.skipped and STRICT:
@@ -101,12 +105,12 @@ def pin_root(bpf_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
 
 
 @pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+def spawn() -> Iterator[Spawn]:
     """Start children (`sleep 60` unless told otherwise, with Popen's keyword arguments);
     all are killed and reaped after the test."""
-    children: list[subprocess.Popen] = []
+    children: list[subprocess.Popen[bytes]] = []
 
-    def start(argv: list[str] | None = None, **kwargs: Any) -> subprocess.Popen:
+    def start(argv: list[str] | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
         child = subprocess.Popen(argv or ["sleep", "60"], **kwargs)
         children.append(child)
         return child
@@ -138,9 +142,7 @@ def broker4(lab4: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProc
 
 
 @pytest.fixture
-def broker_factory(
-    lab4: VethLab, pin_root: Path, workdir: Path
-) -> Iterator[Callable[..., tuple[BrokerProcess, VethLab]]]:
+def broker_factory(lab4: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerFactory]:
     """Start a broker on lab4 with extra `serve` options (and BrokerProcess options such as
     policy= or env=); stopped at the end."""
     started: list[BrokerProcess] = []
