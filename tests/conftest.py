@@ -17,13 +17,12 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pluggy
 import pytest
-from support import BrokerFactory, Spawn
 
 from lab.brokerproc import BrokerEnv, BrokerProcess, public_tempdir
 from lab.netlab import VethLab, bpffs
@@ -105,7 +104,7 @@ def pin_root(bpf_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
 
 
 @pytest.fixture
-def spawn() -> Iterator[Spawn]:
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start children (`sleep 60` unless told otherwise, with Popen's keyword arguments);
     all are killed and reaped after the test."""
     children: list[subprocess.Popen[bytes]] = []
@@ -142,7 +141,9 @@ def broker4(lab4: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProc
 
 
 @pytest.fixture
-def broker_factory(lab4: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerFactory]:
+def broker_factory(
+    lab4: VethLab, pin_root: Path, workdir: Path
+) -> Iterator[Callable[..., tuple[BrokerProcess, VethLab]]]:
     """Start a broker on lab4 with extra `serve` options (and BrokerProcess options such as
     policy= or env=); stopped at the end."""
     started: list[BrokerProcess] = []

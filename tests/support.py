@@ -45,7 +45,8 @@ __all__ = [
 # ruff reads them, reached by path so any uid that can reach the checkout can run them.
 ACTORS = REPO / "tests" / "actors"
 
-# The callables the `spawn` and `broker_factory` fixtures of conftest.py give a test.
+# The callables the `spawn` and `broker_factory` fixtures of conftest.py give a test
+# (conftest.py spells them out: test_markers.py runs a copy of it without this module).
 Spawn = Callable[..., subprocess.Popen[bytes]]
 BrokerFactory = Callable[..., tuple[BrokerProcess, VethLab]]
 
