@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from lab.brokerproc import BrokerProcess, public_tempdir
 from lab.guest import GuestImage, ensure_guest
@@ -51,7 +52,7 @@ def guest_script(seconds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(name: str, report: dict) -> float:
+def figure(name: str, report: dict[str, Any]) -> float:
     """TCP: received Mbit/s. UDP: packets per second that reached the receiver, in k."""
     end = report["end"]
     if name.startswith("tcp"):
@@ -86,14 +87,18 @@ def iperf_server(lab: VethLab) -> Iterator[None]:
         server.wait()
 
 
-def run_guest(argv: list[str], lab: VethLab, env: dict[str, str], workdir: Path) -> dict:
+def run_guest(
+    argv: list[str], lab: VethLab, env: dict[str, str], workdir: Path
+) -> dict[str, float]:
     with iperf_server(lab), Vm(argv, lab.ns_a, workdir, env, "bench") as vm:
         vm.wait_for(r"^XSKT-EXIT (\d+)", 300)
         vm.wait_exit(30)
         return parse(vm.output())
 
 
-def self_managed(qemu: AfxdpQemu, guest: GuestImage, mode: str, script: str, workdir: Path) -> dict:
+def self_managed(
+    qemu: AfxdpQemu, guest: GuestImage, mode: str, script: str, workdir: Path
+) -> dict[str, float]:
     """QEMU as root: libxdp loads its own program and binds the socket."""
     with VethLab(queues=1) as lab:
         prepare_peer(lab.ns_b, lab.ifname_b)
@@ -103,7 +108,9 @@ def self_managed(qemu: AfxdpQemu, guest: GuestImage, mode: str, script: str, wor
         return run_guest(argv, lab, {**DEFAULT_ENV, **qemu.env()}, workdir)
 
 
-def brokered(qemu: AfxdpQemu, guest: GuestImage, mode: str, script: str, workdir: Path) -> dict:
+def brokered(
+    qemu: AfxdpQemu, guest: GuestImage, mode: str, script: str, workdir: Path
+) -> dict[str, float]:
     """QEMU unprivileged through `xsk-broker request`."""
     with VethLab(queues=1) as lab, bpffs() as bpf:
         prepare_peer(lab.ns_b, lab.ifname_b)

@@ -17,10 +17,11 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import pytest
 
 from lab.brokerproc import BrokerEnv, BrokerProcess, public_tempdir
@@ -69,7 +70,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
     if report.skipped and STRICT:
@@ -101,12 +104,12 @@ def pin_root(bpf_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
 
 
 @pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start children (`sleep 60` unless told otherwise, with Popen's keyword arguments);
     all are killed and reaped after the test."""
-    children: list[subprocess.Popen] = []
+    children: list[subprocess.Popen[bytes]] = []
 
-    def start(argv: list[str] | None = None, **kwargs: Any) -> subprocess.Popen:
+    def start(argv: list[str] | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
         child = subprocess.Popen(argv or ["sleep", "60"], **kwargs)
         children.append(child)
         return child

@@ -27,6 +27,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from broker import units
 from lab import cache as labcache
@@ -105,7 +106,7 @@ class BootedContainer:
         self.leader = 0
         self.boot_seconds = 0.0
         self.log = Path()
-        self._nspawn: subprocess.Popen | None = None
+        self._nspawn: subprocess.Popen[bytes] | None = None
         self._cleanup = contextlib.ExitStack()
 
     def __enter__(self) -> BootedContainer:
@@ -227,7 +228,7 @@ class BootedContainer:
         check: bool = False,
         timeout: float = 60,
         input: str | None = None,
-    ) -> subprocess.CompletedProcess:
+    ) -> subprocess.CompletedProcess[str]:
         """argv as root in all of the container's namespaces, outside any unit."""
         return subprocess.run(
             self._nsenter(argv),
@@ -247,7 +248,7 @@ class BootedContainer:
         properties: Sequence[str] = (),
         check: bool = False,
         timeout: float = 60,
-    ) -> subprocess.CompletedProcess:
+    ) -> subprocess.CompletedProcess[str]:
         """argv as a transient service (systemd-run --wait --pipe), as user if given.
 
         properties are extra unit settings ("SupplementaryGroups=...", "LimitMEMLOCK=...").
@@ -255,7 +256,7 @@ class BootedContainer:
         """
         return self.exec(_systemd_run(argv, user, properties), check=check, timeout=timeout)
 
-    def popen(self, argv: Sequence[str]) -> subprocess.Popen:
+    def popen(self, argv: Sequence[str]) -> subprocess.Popen[str]:
         """Like exec(), but running alongside the caller, with text pipes on stdin, stdout
         and stderr: for helpers a test talks to while other things happen."""
         return subprocess.Popen(
@@ -273,7 +274,7 @@ class BootedContainer:
         *,
         unit: str,
         properties: Sequence[str] = (),
-    ) -> subprocess.Popen:
+    ) -> subprocess.Popen[str]:
         """Like run(), but in the background as the named transient unit: read its stdout
         while it runs, `systemctl stop UNIT` to end it early, wait() for its exit status."""
         return self.popen(_systemd_run(argv, user, properties, unit))
@@ -293,13 +294,15 @@ class BootedContainer:
         done = self.exec(["systemctl", "show", unit, f"--property={','.join(properties)}"])
         return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
-    def journal(self, *matches: str, timeout: float = 5) -> list[dict]:
+    def journal(self, *matches: str, timeout: float = 5) -> list[dict[str, Any]]:
         """Journal entries (journalctl -o json) matching all of matches, e.g. "INTERFACE=x";
         waits up to timeout for at least one, since journald writes asynchronously."""
         deadline = time.monotonic() + timeout
         while True:
             done = self.exec(["journalctl", "--no-pager", "-o", "json", *matches])
-            entries = [json.loads(line) for line in done.stdout.splitlines() if line]
+            entries: list[dict[str, Any]] = [
+                json.loads(line) for line in done.stdout.splitlines() if line
+            ]
             if entries or time.monotonic() > deadline:
                 return entries
             time.sleep(0.05)

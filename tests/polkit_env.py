@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jeepney import DBusAddress, new_method_call
 from jeepney.io.blocking import open_dbus_connection
-from support import REPO
+from support import REPO, piped
 
 POLKITD = "/usr/lib/polkit-1/polkitd"
 ACTIONS = REPO / "polkit" / "org.xsk-broker.policy"
@@ -128,8 +128,8 @@ class PolkitEnv:
     directory: Path
     identities: Identities
     bus_address: str
-    dbus: subprocess.Popen
-    polkitd: subprocess.Popen | None = None
+    dbus: subprocess.Popen[str]
+    polkitd: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -168,7 +168,7 @@ class PolkitEnv:
             return bool(conn.send_and_get_reply(call, timeout=5).body[0])
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
         process.wait(5)
@@ -202,7 +202,7 @@ def polkit_env(rules: Path = EXAMPLE_RULES, actions: Path = ACTIONS) -> Iterator
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        address = dbus.stdout.readline().strip()  # printed once the socket listens
+        address = piped(dbus.stdout).readline().strip()  # printed once the socket listens
         if not address:
             raise RuntimeError("dbus-daemon exited before listening")
         env = PolkitEnv(directory, ids, f"unix:path={socket_path}", dbus)
@@ -213,7 +213,7 @@ def polkit_env(rules: Path = EXAMPLE_RULES, actions: Path = ACTIONS) -> Iterator
             env.stop_polkitd()
         if dbus is not None:
             _stop(dbus)
-            dbus.stdout.close()
+            piped(dbus.stdout).close()
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -12,24 +12,27 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, AnyStr
 
 from broker.loader import netns_key
-from lab.brokerproc import REPO, wait_until
+from lab.brokerproc import REPO, BrokerProcess, wait_until
 from lab.netlab import VethLab, in_netns, run
 
 __all__ = [
     "ACTORS",
     "REPO",
+    "BrokerFactory",
+    "Spawn",
     "actor",
     "fd_count",
     "open_fds",
     "pidfd_of_dead",
     "pin_dir",
     "pins_of",
+    "piped",
     "quiet_fd_count",
     "run_captured",
     "settled_fd_count",
@@ -41,6 +44,11 @@ __all__ = [
 # Small programs the tests run as other processes (often as other uids): real files, so
 # ruff reads them, reached by path so any uid that can reach the checkout can run them.
 ACTORS = REPO / "tests" / "actors"
+
+# The callables the `spawn` and `broker_factory` fixtures of conftest.py give a test
+# (conftest.py spells them out: test_markers.py runs a copy of it without this module).
+Spawn = Callable[..., subprocess.Popen[bytes]]
+BrokerFactory = Callable[..., tuple[BrokerProcess, VethLab]]
 
 
 def actor(name: str, *args: str, python: str = sys.executable, checkout: Path = REPO) -> list[str]:
@@ -69,8 +77,15 @@ def xsk_cli(
     return run_captured([sys.executable, "-m", "xsk_broker", *args], env=env, timeout=timeout)
 
 
+def piped(stream: IO[AnyStr] | None) -> IO[AnyStr]:
+    """A child's stdin, stdout or stderr that was opened with subprocess.PIPE (and so is
+    never None, whatever Popen's type says)."""
+    assert stream is not None, "the stream was not opened with subprocess.PIPE"
+    return stream
+
+
 @contextmanager
-def pidfd_of_dead(child: subprocess.Popen) -> Iterator[int]:
+def pidfd_of_dead(child: subprocess.Popen[bytes]) -> Iterator[int]:
     """A pidfd of child opened while it lived, once child has been killed and reaped: what
     a recycled pid looks like to whoever holds the pidfd."""
     pidfd = os.pidfd_open(child.pid)
@@ -82,10 +97,12 @@ def pidfd_of_dead(child: subprocess.Popen) -> Iterator[int]:
         os.close(pidfd)
 
 
-def xdp_of(lab: VethLab) -> dict:
+def xdp_of(lab: VethLab) -> dict[str, Any]:
     """What `ip` says is attached to the lab's `a` end ({} when nothing is)."""
+    link: dict[str, Any]
     (link,) = json.loads(run(["ip", "-n", lab.ns_a, "-j", "-d", "link", "show", lab.ifname_a]))
-    return link.get("xdp", {})
+    xdp: dict[str, Any] = link.get("xdp", {})
+    return xdp
 
 
 def pin_dir(lab: VethLab, pin_root: Path) -> Path:

@@ -11,12 +11,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from polkit_env import PolkitEnv, polkit_env
-from support import actor, xdp_of, xsk_cli
+from support import BrokerFactory, actor, xdp_of, xsk_cli
 
 from lab.brokerproc import REPO, BrokerProcess, wait_until
 from lab.netlab import VethLab, run_unprivileged, spawn_unprivileged
@@ -49,7 +50,9 @@ admin = true
 """
 
 
-def ask_as(broker: BrokerProcess, uid: int, groups: Sequence[int] = (), **args: object) -> dict:
+def ask_as(
+    broker: BrokerProcess, uid: int, groups: Sequence[int] = (), /, **args: object
+) -> dict[str, Any]:
     """One request (or revoke) from a fresh process of uid, with supplementary groups."""
     result = run_unprivileged(
         actor("ask", json.dumps(args)),
@@ -60,11 +63,12 @@ def ask_as(broker: BrokerProcess, uid: int, groups: Sequence[int] = (), **args: 
         cwd=str(REPO),
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
 
 
 @pytest.fixture
-def guarded(broker_factory: Callable) -> tuple[BrokerProcess, VethLab]:
+def guarded(broker_factory: BrokerFactory) -> tuple[BrokerProcess, VethLab]:
     return broker_factory(policy=POLICY)
 
 
@@ -97,16 +101,18 @@ def test_broken_reload_keeps_the_old_policy_and_a_good_one_takes_over_without_en
     guarded: tuple[BrokerProcess, VethLab],
 ) -> None:
     broker, lab = guarded
+    proc = broker.proc
+    assert proc is not None  # the fixture started it
     small = {"ifname": lab.ifname_a, "queues": 1, "umem_bytes": MIB}
     broker.policy_path.write_text(POLICY + "\n[[allow]]\nname = 'x'\nqueues = 'not a list'\n")
-    broker.proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGHUP)
     wait_until(lambda: "policy reload refused" in broker.log())
     assert "policy.toml:" in broker.log().split("policy reload refused")[1].splitlines()[0]
     assert ask_as(broker, 61001, [TENANTS], **small)["ok"]
     with running_probe(broker, lab.ifname_a, 1, "--tag", "kept", uid=61001,
                        extra_groups=[TENANTS]):  # fmt: skip
         broker.policy_path.write_text(POLICY.replace(f"groups = [{TENANTS}]", "groups = [61999]"))
-        broker.proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "policy reloaded" in broker.log())
         small["start_queue"] = 1
         assert ask_as(broker, 61001, [TENANTS], **small)["code"] == "DENIED"
@@ -179,7 +185,7 @@ def polkitd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolkitEnv]:
 
 
 def test_polkit_decides_where_the_policy_delegates(
-    broker_factory: Callable, polkitd: PolkitEnv
+    broker_factory: BrokerFactory, polkitd: PolkitEnv
 ) -> None:
     policy = '[[allow]]\nname = "via-polkit"\nusers = ["*"]\npolkit = true\n'
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": polkitd.bus_address}
@@ -211,7 +217,7 @@ def test_policy_check_command_explains_a_user(tmp_path: Path) -> None:
 
 
 def test_waiting_polkit_checks_are_bounded_per_uid(
-    broker_factory: Callable, polkitd: PolkitEnv
+    broker_factory: BrokerFactory, polkitd: PolkitEnv
 ) -> None:
     """With polkitd stopped, checks wait; a uid gets two waiting, not more, and others
     are still served."""

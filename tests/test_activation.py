@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import REPO, actor, wait_until
+from support import REPO, actor, piped, wait_until
 
 from broker import activation, audit
 
@@ -51,7 +51,7 @@ def connect(path: Path, timeout: float = 10) -> socket.socket:
 
 def socket_activate(
     tmp_path: Path, notify: socket.socket, *flags: str
-) -> tuple[subprocess.Popen, Path]:
+) -> tuple[subprocess.Popen[str], Path]:
     path = tmp_path / "broker.sock"
     argv = ["systemd-socket-activate", *flags, "-l", str(path)]
     argv += ["-E", f"PYTHONPATH={REPO}", "-E", f"NOTIFY_SOCKET={notify.getsockname()}"]
@@ -69,7 +69,7 @@ def test_socket_activated_broker_takes_the_inherited_seqpacket_socket_and_notifi
             assert received(notify_socket, 2) == ["READY=1\nSTATUS=serving", "STATUS=0 leases"]
             seen = json.loads(conn.recv(4096))
         assert received(notify_socket, 1) == ["STOPPING=1"]
-        assert child.wait(10) == 0, child.stderr.read()
+        assert child.wait(10) == 0, piped(child.stderr).read()
     finally:
         child.kill()
         child.wait()
@@ -94,7 +94,7 @@ def test_inherited_stream_socket_is_refused_with_the_fix(
     finally:
         child.kill()
         child.wait()
-    error = child.stderr.read().strip().splitlines()[-1]
+    error = piped(child.stderr).read().strip().splitlines()[-1]
     assert "AF_UNIX SOCK_STREAM, listening" in error
     assert "ListenSequentialPacket=" in error
     assert error.startswith("broker.activation.ActivationError: ACTIVATION: ")
@@ -192,7 +192,7 @@ def test_store_fds_sends_them_with_their_name(
         os.close(write)
 
 
-def test_log_event_fields_go_to_stderr_as_key_value(capfd: pytest.CaptureFixture) -> None:
+def test_log_event_fields_go_to_stderr_as_key_value(capfd: pytest.CaptureFixture[str]) -> None:
     handler = audit.setup_logging(verbose=False)
     try:
         assert isinstance(handler, logging.StreamHandler)

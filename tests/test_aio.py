@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,9 @@ from broker.errors import (
     QueueBusy,
     Timeout,
 )
+from broker.protocol import Released
 from client.aio import AsyncClient
+from client.lease import Lease
 from lab.brokerproc import BrokerEnv
 
 AF_XDP = 44
@@ -38,7 +41,7 @@ QUEUES = 64
 def test_fifty_concurrent_requests_from_one_loop(broker: BrokerEnv) -> None:
     client = AsyncClient(broker.socket_path)
 
-    async def scenario() -> tuple[list, list[str], list[str]]:
+    async def scenario() -> tuple[list[Lease], list[str], list[str]]:
         leases = await asyncio.gather(
             *(client.request(broker.ifname, 1, q, tag=f"c{q}") for q in range(50))
         )
@@ -70,15 +73,16 @@ def test_broker_errors_arrive_as_their_types(broker: BrokerEnv) -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()
 
-    async def outcome(call) -> BaseException | None:
+    async def outcome(call: Awaitable[Lease | Released]) -> BrokerError | None:
         try:
-            lease = await call
+            answer = await call
         except BrokerError as error:
             return error
-        lease.close()
+        if isinstance(answer, Lease):
+            answer.close()
         return None
 
-    async def scenario() -> list:
+    async def scenario() -> Sequence[BrokerError | None]:
         held = await client.request(broker.ifname, 1, 60)
         try:
             return await asyncio.gather(
@@ -97,6 +101,7 @@ def test_broker_errors_arrive_as_their_types(broker: BrokerEnv) -> None:
     expected = [NoSuchDevice, BadQueues, QueueBusy, BadRequest, ConsumerGone, NoSuchLease]
     assert [type(error) for error in got] == expected
     for error, kind in zip(got, expected, strict=True):
+        assert error is not None  # none is, by the assertion above
         assert error.code == kind.code and error.errno and error.message
 
 

@@ -6,11 +6,13 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import pins_of, xdp_of
 
 from broker import fdpass
+from broker.errors import BrokerError
 from broker.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode_reply
 from broker.protocol import Request as RequestMessage
 from client.sync import Client
@@ -24,7 +26,7 @@ def body(**fields: object) -> bytes:
     return json.dumps({"version": PROTOCOL_VERSION, "op": "request", **fields}).encode()
 
 
-def ask(broker: BrokerProcess, data: bytes, fds: list[int] | None = None) -> dict:
+def ask(broker: BrokerProcess, data: bytes, fds: list[int] | None = None) -> dict[str, Any]:
     """Send raw bytes, return the error object of the reply (failing if it was a success)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(5)
@@ -32,8 +34,9 @@ def ask(broker: BrokerProcess, data: bytes, fds: list[int] | None = None) -> dic
         fdpass.send(sock, data, fds or [])
         reply = json.loads(sock.recv(65536))
     assert reply["ok"] is False, reply
-    assert set(reply["error"]) >= {"code", "errno", "message"}
-    return reply["error"]
+    error: dict[str, Any] = reply["error"]
+    assert set(error) >= {"code", "errno", "message"}
+    return error
 
 
 def nothing_attached(lab: VethLab, pin_root: Path) -> None:
@@ -132,7 +135,7 @@ def test_error_reply_decodes_to_the_typed_exception(broker4: BrokerProcess) -> N
         sock.connect(str(broker4.socket_path))
         sock.send(body(ifname="xskt-nonesuch", queues=1))
         data = sock.recv(65536)
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(BrokerError) as caught:
         decode_reply(data, RequestMessage)
     assert type(caught.value).__name__ == "NoSuchDevice"
     assert caught.value.errno == 19

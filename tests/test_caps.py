@@ -18,7 +18,7 @@ THREE = {"net_admin", "bpf", "net_raw"}
 pytestmark = pytest.mark.kernel
 
 
-def run_child(prefix: list[str], *args: str) -> subprocess.CompletedProcess:
+def run_child(prefix: list[str], *args: str) -> subprocess.CompletedProcess[str]:
     env = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")}
     return run_captured([*prefix, *actor("least_privilege", *args)], env=env)
 

@@ -55,7 +55,9 @@ def test_usage_error_is_one_coded_line_with_exit_2() -> None:
 
 
 @pytest.mark.parametrize("command", [["ping"], ["status", "--json"], ["detach", "--ifname", "x"]])
-def test_unreachable_broker_is_one_coded_line_with_exit_1(tmp_path: Path, command: list) -> None:
+def test_unreachable_broker_is_one_coded_line_with_exit_1(
+    tmp_path: Path, command: list[str]
+) -> None:
     result = xsk(*command, "--socket", str(tmp_path / "none.sock"))
     assert result.returncode == 1
     assert result.stdout == ""

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypedDict, Unpack
 
 import pytest
 from support import REPO, actor
@@ -65,7 +66,16 @@ def burst(src: Endpoint, dst: Endpoint, tag: str) -> list[bytes]:
     return [make_frame(dst.mac, src.mac, f"{tag} #{i}".encode()) for i in range(BURST)]
 
 
-def consumer_on(endpoint: Endpoint, queue: int, **kwargs: int | bool) -> XskSocket:
+class Geometry(TypedDict, total=False):
+    """XskSocket's keyword arguments."""
+
+    frames: int
+    frame_size: int
+    ring_size: int
+    copy: bool
+
+
+def consumer_on(endpoint: Endpoint, queue: int, **kwargs: Unpack[Geometry]) -> XskSocket:
     """What a lease gives QEMU: a socket made as root in the namespace, then set up."""
     with in_netns(endpoint.netns), xdp_socket() as sock:
         return XskSocket(sock.fileno(), endpoint.ifindex, queue, **kwargs)
@@ -141,7 +151,8 @@ def test_a_socket_is_single_use(lab: VethLab) -> None:
 
 
 def test_bad_geometry_is_refused_before_the_kernel(lab: VethLab) -> None:
-    for kwargs in ({"frame_size": 3000}, {"ring_size": 100}, {"frames": 1}):
+    bad: tuple[Geometry, ...] = ({"frame_size": 3000}, {"ring_size": 100}, {"frames": 1})
+    for kwargs in bad:
         with pytest.raises(ValueError):
             XskSocket(-1, lab.a.ifindex, 0, **kwargs)
 
@@ -177,7 +188,9 @@ def test_rx_through_the_brokers_xskmap(mode: str) -> None:
         assert all(c.stats()["rx_dropped"] == 0 for c in consumers)
 
 
-def child(name: str, *args: str, netns: str | None = None, pass_fds: tuple[int, ...] = ()):
+def child(
+    name: str, *args: str, netns: str | None = None, pass_fds: tuple[int, ...] = ()
+) -> dict[str, Any]:
     """Run the actor `name` as UID/GID with no capabilities; its last stdout line is JSON."""
     result = netlab.run_unprivileged(
         actor(name, *args),
@@ -189,7 +202,8 @@ def child(name: str, *args: str, netns: str | None = None, pass_fds: tuple[int, 
         pass_fds=pass_fds,
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
+    last: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    return last
 
 
 def test_unprivileged_child_has_no_privileges(lab: VethLab) -> None:

@@ -13,6 +13,7 @@ import select
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from container import CLIENT_USER, EXEC_PATH, SOURCE_MOUNT, BootedContainer
@@ -66,14 +67,15 @@ class FarEnd:
         self.proc = box.popen(TRAFFIC)
         self.sent = [0] * QUEUES
 
-    def _ask(self, command: str) -> dict:
+    def _ask(self, command: str) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise AssertionError(f"traffic helper died: {self.proc.communicate()[1]}")
-        return json.loads(line)
+        reply: dict[str, Any] = json.loads(line)
+        return reply
 
     def exchange(self, count: int, label: str) -> list[int]:
         """Send count frames to each rx queue, then wait for the consumer's replies to
@@ -82,7 +84,8 @@ class FarEnd:
         equal self.sent unless frames were lost."""
         for queue, done in enumerate(self._ask(f"send {count} {label}")["sent"]):
             self.sent[queue] += done
-        return self._ask(f"replies {max(self.sent)} 5")["replies"]
+        replies: list[int] = self._ask(f"replies {max(self.sent)} 5")["replies"]
+        return replies
 
     def close(self) -> None:
         self.proc.communicate(timeout=10)
@@ -118,11 +121,12 @@ def probe_running(box: BootedContainer, unit: str, *args: str) -> Iterator[Runni
             proc.communicate(timeout=10)
 
 
-def leases(box: BootedContainer) -> list[dict]:
+def leases(box: BootedContainer) -> list[dict[str, Any]]:
     """The broker's lease table as a client sees it (this connection may activate it)."""
     done = box.run([EXEC_PATH, "status", "--json"], user=CLIENT_USER)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)["leases"]
+    table: list[dict[str, Any]] = json.loads(done.stdout)["leases"]
+    return table
 
 
 def uid_of(box: BootedContainer, user: str) -> str:

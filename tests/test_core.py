@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from support import actor, xdp_of
@@ -55,7 +56,7 @@ def test_unprivileged_consumer_receives_and_sends_on_every_queue(
 
 
 def test_request_execs_command_with_fds_above_stdio_in_queue_order(
-    broker4: BrokerProcess, lab4: VethLab, workdir
+    broker4: BrokerProcess, lab4: VethLab, workdir: Path
 ) -> None:
     """stdin and stdout are closed, so fds would land on 0 and 1 unless moved."""
     out = workdir / "inspect.json"
@@ -180,16 +181,18 @@ def test_a_grant_whose_reply_cannot_be_delivered_ends_at_once(
 ) -> None:
     """The caller is gone before the broker answers (stopped meanwhile, to be sure): the
     lease for the named consumer must not outlive the fds that never arrived."""
+    broker = broker4.proc
+    assert broker is not None  # the fixture started it
     consumer = subprocess.Popen(["sleep", "60"])
     try:
-        broker4.proc.send_signal(signal.SIGSTOP)
+        broker.send_signal(signal.SIGSTOP)
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
                 sock.connect(str(broker4.socket_path))
                 sock.send(encode_message(Request(lab4.ifname_a, 2, 0, "auto", "orphan",
                                                  consumer.pid, 1 << 20)))  # fmt: skip
         finally:
-            broker4.proc.send_signal(signal.SIGCONT)
+            broker.send_signal(signal.SIGCONT)
         wait_until(lambda: "the reply could not be delivered" in broker4.log())
         assert broker4.client().status().leases == []
         with broker4.client().request(lab4.ifname_a, 2, umem_bytes=1 << 20) as lease:

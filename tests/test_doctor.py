@@ -6,6 +6,7 @@ import argparse
 import importlib.metadata
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import actor, run_captured
@@ -22,13 +23,16 @@ def by_name(checks: list[Check]) -> dict[str, Check]:
     return {check.name.split(" of pid ")[0]: check for check in checks}
 
 
-def doctor_child(argv_prefix: list[str], socket_path: Path, queues: int = 1) -> dict[str, dict]:
+def doctor_child(
+    argv_prefix: list[str], socket_path: Path, queues: int = 1
+) -> dict[str, dict[str, Any]]:
     argv = [*argv_prefix, *actor("doctor_checks", str(socket_path), str(queues))]
     result = run_captured(argv, check=True)
-    return json.loads(result.stdout)
+    checks: dict[str, dict[str, Any]] = json.loads(result.stdout)
+    return checks
 
 
-def as_uid(uid: int, socket_path: Path, queues: int = 1) -> dict[str, dict]:
+def as_uid(uid: int, socket_path: Path, queues: int = 1) -> dict[str, dict[str, Any]]:
     result = run_unprivileged(
         actor("doctor_checks", str(socket_path), str(queues)),
         uid,
@@ -36,7 +40,8 @@ def as_uid(uid: int, socket_path: Path, queues: int = 1) -> dict[str, dict]:
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    checks: dict[str, dict[str, Any]] = json.loads(result.stdout)
+    return checks
 
 
 def test_real_broker_passes_every_check_but_a_missing_host_bpffs(

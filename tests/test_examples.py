@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import wait_until
@@ -45,8 +46,9 @@ def env(tmp_path: Path, broker: BrokerEnv) -> dict[str, str]:
     }
 
 
-def report(env: dict[str, str]) -> dict:
-    return json.loads(Path(env["FAKE_QEMU_REPORT"]).read_text())
+def report(env: dict[str, str]) -> dict[str, Any]:
+    written: dict[str, Any] = json.loads(Path(env["FAKE_QEMU_REPORT"]).read_text())
+    return written
 
 
 def assert_lease_ends(broker: BrokerEnv, tag: str) -> None:
@@ -123,7 +125,9 @@ def test_vm_service_unit(env: dict[str, str], broker: BrokerEnv, tmp_path: Path)
     conf = {"IFNAME": broker.ifname, "QUEUES": "3", "START_QUEUE": "10", "DISK": "t1.qcow2"}
     argv = exec_start(settings, "t1", conf)
     assert argv[0] == "/usr/bin/xsk-broker" and "/usr/bin/qemu-system-x86_64" in argv
-    argv[0] = shutil.which("xsk-broker", path=env["PATH"])
+    installed = shutil.which("xsk-broker", path=env["PATH"])
+    assert installed is not None
+    argv[0] = installed
     argv[argv.index("/usr/bin/qemu-system-x86_64")] = str(FAKE_QEMU)
     run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr

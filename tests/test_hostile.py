@@ -6,11 +6,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import actor
+from support import BrokerFactory, actor, piped
 
 from broker.errors import BrokerError
 from broker.protocol import Request as RequestMessage
@@ -46,7 +47,7 @@ def test_parser_survives_arbitrary_bytes(data: bytes) -> None:
 @given(st.dictionaries(st.sampled_from(["version", "op", "ifname", "queues", "start_queue",
                                         "mode", "tag", "consumer_pid", "umem_bytes", "x"]),
                        json_values))  # fmt: skip
-def test_parser_survives_arbitrary_fields(body: dict) -> None:
+def test_parser_survives_arbitrary_fields(body: dict[str, Any]) -> None:
     parses_or_refuses(json.dumps(body).encode())
 
 
@@ -76,13 +77,14 @@ def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
-            assert attacker.stdout.readline().strip() == "idle", attacker.stderr.read()
+            out, err = piped(attacker.stdout), piped(attacker.stderr)
+            assert out.readline().strip() == "idle", err.read()
             wait_until(lambda: broker.fd_count() >= baseline + 1000)  # sockets and pidfds
             for _ in range(20):
                 with client.request(lab4.ifname_a, 4, umem_bytes=1 << 20) as lease:
                     assert len(lease.fds) == 4
                 client.release(lease.lease_id)
-            codes = json.loads(attacker.stdout.readline())
+            codes = json.loads(out.readline())
         finally:
             attacker.communicate("exit\n", timeout=30)
         assert sum(codes.values()) == 10000
@@ -90,11 +92,11 @@ def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
         assert {"BAD_MESSAGE", "BAD_REQUEST", "UNKNOWN_OP", "MESSAGE_TOO_LARGE",
                 "FDS_REFUSED"} <= set(codes), codes  # fmt: skip
         assert broker.settled_fd_count(baseline) == baseline
-        assert broker.proc.poll() is None
+        assert broker.proc is not None and broker.proc.poll() is None
 
 
 @pytest.mark.kernel
-def test_connection_cap_per_uid_spares_other_uids(broker_factory) -> None:
+def test_connection_cap_per_uid_spares_other_uids(broker_factory: BrokerFactory) -> None:
     broker, lab = broker_factory("--max-connections-per-uid", "4")
     hog = spawn_unprivileged(
         actor("attacker", str(broker.socket_path), "4", "0"),
@@ -102,7 +104,7 @@ def test_connection_cap_per_uid_spares_other_uids(broker_factory) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert hog.stdout.readline().strip() == "idle"
+        assert piped(hog.stdout).readline().strip() == "idle"
         refused = run_unprivileged(
             [sys.executable, "-m", "xsk_broker", "ping"], netns=lab.ns_a,
             env=client_env(broker), cwd=str(REPO),
@@ -115,7 +117,7 @@ def test_connection_cap_per_uid_spares_other_uids(broker_factory) -> None:
 
 
 @pytest.mark.kernel
-def test_rate_limit_per_uid_spares_other_uids(broker_factory) -> None:
+def test_rate_limit_per_uid_spares_other_uids(broker_factory: BrokerFactory) -> None:
     broker, lab = broker_factory("--rate-per-uid", "5")
     result = run_unprivileged(
         actor("ping_flood"), netns=lab.ns_a, env=client_env(broker), cwd=str(REPO)

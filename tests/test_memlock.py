@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from support import pidfd_of_dead, wait_until
+from support import Spawn, pidfd_of_dead, wait_until
 
 from broker import memlock, procinfo
 from broker.errors import ConsumerGone, MemlockExceeded
@@ -27,7 +27,7 @@ def _limit(soft: int, hard: int) -> Callable[[], None]:
     return lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
 
 
-def test_8mib_consumer_is_refused_32mib_with_numbers_and_fix(spawn) -> None:
+def test_8mib_consumer_is_refused_32mib_with_numbers_and_fix(spawn: Spawn) -> None:
     child = spawn(user=UID, group=UID, extra_groups=[], preexec_fn=_limit(8 * MIB, 8 * MIB))
     with pytest.raises(MemlockExceeded) as caught:
         memlock.check(child.pid, memlock.needed_bytes(1, QEMU_UMEM_BYTES), 0)
@@ -38,12 +38,12 @@ def test_8mib_consumer_is_refused_32mib_with_numbers_and_fix(spawn) -> None:
     assert caught.value.details["limit_bytes"] == 8 * MIB
 
 
-def test_small_declared_umem_fits(spawn) -> None:
+def test_small_declared_umem_fits(spawn: Spawn) -> None:
     child = spawn(user=UID, group=UID, extra_groups=[], preexec_fn=_limit(8 * MIB, 8 * MIB))
     memlock.check(child.pid, memlock.needed_bytes(2, 2 * MIB), 0)
 
 
-def test_sum_over_the_uid_counts(spawn) -> None:
+def test_sum_over_the_uid_counts(spawn: Spawn) -> None:
     """Mirrors the kernel: with 8 MiB, 5 MiB held + 5 MiB more fails, + 3 MiB works."""
     child = spawn(user=UID, group=UID, extra_groups=[], preexec_fn=_limit(8 * MIB, 8 * MIB))
     with pytest.raises(MemlockExceeded, match="already holds 5 MiB through other leases"):
@@ -51,7 +51,7 @@ def test_sum_over_the_uid_counts(spawn) -> None:
     memlock.check(child.pid, 3 * MIB, 5 * MIB)
 
 
-def test_cap_ipc_lock_bypasses_the_limit(spawn) -> None:
+def test_cap_ipc_lock_bypasses_the_limit(spawn: Spawn) -> None:
     child = spawn(
         [
             "setpriv",
@@ -75,7 +75,7 @@ def _wait_until(pid: int, ready: Callable[[procinfo.ProcStatus], bool]) -> None:
     wait_until(lambda: ready(procinfo.read_status(pid)))
 
 
-def _root_without_ipc_lock(spawn, soft: int, hard: int) -> subprocess.Popen:
+def _root_without_ipc_lock(spawn: Spawn, soft: int, hard: int) -> subprocess.Popen[bytes]:
     """A root consumer that, like a confined QEMU, lacks CAP_IPC_LOCK."""
     child = spawn(
         ["setpriv", "--bounding-set=-ipc_lock", "sleep", "60"], preexec_fn=_limit(soft, hard)
@@ -84,7 +84,7 @@ def _root_without_ipc_lock(spawn, soft: int, hard: int) -> subprocess.Popen:
     return child
 
 
-def test_raise_limit_for_another_uid_names_the_missing_capability(spawn) -> None:
+def test_raise_limit_for_another_uid_names_the_missing_capability(spawn: Spawn) -> None:
     """Root on these machines lacks CAP_SYS_RESOURCE, so this is the real refusal."""
     if procinfo.read_status(os.getpid()).has_cap(procinfo.CAP_SYS_RESOURCE):
         pytest.skip("this broker holds CAP_SYS_RESOURCE, so prlimit would succeed")
@@ -98,7 +98,7 @@ def test_raise_limit_for_another_uid_names_the_missing_capability(spawn) -> None
     assert "lacks CAP_SYS_RESOURCE" in caught.value.message
 
 
-def test_raise_limit_within_the_hard_limit_works(spawn) -> None:
+def test_raise_limit_within_the_hard_limit_works(spawn: Spawn) -> None:
     """Same uid and no hard-limit increase: the kernel allows it without CAP_SYS_RESOURCE."""
     child = _root_without_ipc_lock(spawn, 2 * MIB, 8 * MIB)
     with pytest.raises(MemlockExceeded):
@@ -107,14 +107,14 @@ def test_raise_limit_within_the_hard_limit_works(spawn) -> None:
     assert procinfo.memlock_limit(child.pid).soft == 6 * MIB
 
 
-def test_ensure_without_permission_to_raise_reports_the_shortfall(spawn) -> None:
+def test_ensure_without_permission_to_raise_reports_the_shortfall(spawn: Spawn) -> None:
     child = _root_without_ipc_lock(spawn, 2 * MIB, 8 * MIB)
     with pytest.raises(MemlockExceeded, match="is 2 MiB; this lease needs 4 MiB"):
         memlock.ensure(child.pid, 4 * MIB, 0, may_raise=False)
     assert procinfo.memlock_limit(child.pid).soft == 2 * MIB
 
 
-def test_gone_consumer(spawn) -> None:
+def test_gone_consumer(spawn: Spawn) -> None:
     child = spawn()
     with pidfd_of_dead(child) as pidfd:
         with pytest.raises(ConsumerGone):

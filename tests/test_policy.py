@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from broker.policy import (
     ADMIN_ACTION,
     REQUEST_ACTION,
     Caller,
+    Grant,
     Policy,
     PolicyError,
 )
@@ -54,7 +56,13 @@ def load(tmp_path: Path, text: str = BASE) -> Policy:
     return Policy.load(write(tmp_path, "policy.toml", text))
 
 
-def ask(policy: Policy, caller: Caller = ALICE, held: int = 0, consumer_uid=None, **request):
+def ask(
+    policy: Policy,
+    caller: Caller = ALICE,
+    held: int = 0,
+    consumer_uid: int | None = None,
+    **request: Any,
+) -> Grant:
     fields = {"ifname": "veth0", "queues": 1, **request}
     return policy.authorize(
         caller,
@@ -64,14 +72,14 @@ def ask(policy: Policy, caller: Caller = ALICE, held: int = 0, consumer_uid=None
     )
 
 
-def test_allowed_user_is_granted(tmp_path) -> None:
+def test_allowed_user_is_granted(tmp_path: Path) -> None:
     grant = ask(load(tmp_path))
     assert grant.rule == "allow rule 'vm-hosts' (policy.toml:6)"
     assert grant.mode == "skb"
     assert grant.polkit_action is None and not grant.raise_memlock
 
 
-def test_user_outside_the_policy_is_denied_naming_the_outcome(tmp_path) -> None:
+def test_user_outside_the_policy_is_denied_naming_the_outcome(tmp_path: Path) -> None:
     policy = load(tmp_path)
     with pytest.raises(Denied) as caught:
         ask(policy, Caller(54321, 54321, (), 1))
@@ -79,26 +87,26 @@ def test_user_outside_the_policy_is_denied_naming_the_outcome(tmp_path) -> None:
     assert caught.value.code == "DENIED"
 
 
-def test_empty_policy_denies_everyone(tmp_path) -> None:
+def test_empty_policy_denies_everyone(tmp_path: Path) -> None:
     with pytest.raises(Denied, match="matches no allow rule"):
         ask(load(tmp_path, ""), Caller(0, 0, (), 1))
 
 
-def test_deny_beats_allow(tmp_path) -> None:
+def test_deny_beats_allow(tmp_path: Path) -> None:
     quarantined = Caller(1000, 1000, (1002,), 1)
     with pytest.raises(Denied) as caught:
         ask(load(tmp_path), quarantined)
     assert caught.value.message == "deny rule 'quarantine' (policy.toml:2) matches group 1002"
 
 
-def test_deny_limited_to_interfaces(tmp_path) -> None:
+def test_deny_limited_to_interfaces(tmp_path: Path) -> None:
     policy = load(tmp_path, BASE + '\n[[deny]]\nusers = [1000]\ninterfaces = ["veth9"]\n')
     ask(policy, ifname="veth0")
     with pytest.raises(Denied, match=r"deny rule #2 \(policy.toml:16\) matches uid 1000"):
         ask(policy, ifname="veth9")
 
 
-def test_supplementary_group_matches(tmp_path) -> None:
+def test_supplementary_group_matches(tmp_path: Path) -> None:
     bob = Caller(1500, 1500, (27, 2000), 1)
     assert ask(load(tmp_path), bob).rule.startswith("allow rule 'vm-hosts'")
 
@@ -118,26 +126,26 @@ def test_supplementary_group_matches(tmp_path) -> None:
         ({"mode": "native"}, 0, "mode native is not in skb"),
     ],
 )
-def test_limits(tmp_path, request_fields, held, reason) -> None:
+def test_limits(tmp_path: Path, request_fields: dict[str, Any], held: int, reason: str) -> None:
     with pytest.raises(Denied) as caught:
         ask(load(tmp_path), held=held, **request_fields)
     assert caught.value.message.endswith(f"allow rule 'vm-hosts' (policy.toml:6): {reason}")
 
 
-def test_within_limits(tmp_path) -> None:
+def test_within_limits(tmp_path: Path) -> None:
     policy = load(tmp_path)
     ask(policy, start_queue=2, queues=2, held=1)
     ask(policy, start_queue=4, queues=2, mode="skb")
 
 
-def test_consumer_of_another_uid(tmp_path) -> None:
+def test_consumer_of_another_uid(tmp_path: Path) -> None:
     with pytest.raises(Denied, match="consumer runs as uid 107, not as the caller's uid 1000"):
         ask(load(tmp_path), consumer_uid=107)
     manager = load(tmp_path, "[[allow]]\nusers = [1000]\nother_consumers = true\n")
     ask(manager, consumer_uid=107)
 
 
-def test_first_permitting_rule_decides_and_all_refusals_are_named(tmp_path) -> None:
+def test_first_permitting_rule_decides_and_all_refusals_are_named(tmp_path: Path) -> None:
     policy = load(
         tmp_path,
         BASE + '\n[[allow]]\nname = "wide"\nusers = ["*"]\ninterfaces = ["eth*"]\npolkit = true\n'
@@ -153,7 +161,7 @@ def test_first_permitting_rule_decides_and_all_refusals_are_named(tmp_path) -> N
     assert "'wide' (policy.toml:16): interface lo" in caught.value.message
 
 
-def test_admin_ops(tmp_path) -> None:
+def test_admin_ops(tmp_path: Path) -> None:
     policy = load(
         tmp_path,
         BASE + '\n[[allow]]\nname = "ops"\ngroups = [3000]\nadmin = true\npolkit = true\n',
@@ -169,13 +177,13 @@ def test_admin_ops(tmp_path) -> None:
         policy.authorize_admin(operator, "format-disk")
 
 
-def test_names_are_resolved(tmp_path) -> None:
+def test_names_are_resolved(tmp_path: Path) -> None:
     policy = load(tmp_path, '[[allow]]\nusers = ["daemon"]\ngroups = ["nogroup"]\n')
     ask(policy, Caller(1, 1, (), 1))
     ask(policy, Caller(5000, 5000, (65534,), 1))
 
 
-def test_include_relative_globs_and_order(tmp_path) -> None:
+def test_include_relative_globs_and_order(tmp_path: Path) -> None:
     write(tmp_path, "policy.d/10-a.toml", '[[allow]]\nname = "a"\nusers = [1000]\n')
     write(tmp_path, "policy.d/20-b.toml", '[[deny]]\nname = "b"\nusers = [1001]\n')
     write(tmp_path, "extra.toml", 'include = ["policy.d/*.toml", "policy.d/none-*.toml"]\n')
@@ -186,7 +194,7 @@ def test_include_relative_globs_and_order(tmp_path) -> None:
         ask(policy, Caller(1001, 1001, (), 1))
 
 
-def test_include_loop_is_refused(tmp_path) -> None:
+def test_include_loop_is_refused(tmp_path: Path) -> None:
     write(tmp_path, "b.toml", 'include = ["policy.toml"]\n')
     with pytest.raises(
         PolicyError, match=r"include loop: .*policy.toml -> .*b.toml -> .*policy.toml"
@@ -214,7 +222,9 @@ def test_include_loop_is_refused(tmp_path) -> None:
         ('include = ["missing.toml"]\n', 1, "does not exist"),
     ],
 )
-def test_broken_file_names_file_line_and_reason(tmp_path, text, line, reason) -> None:
+def test_broken_file_names_file_line_and_reason(
+    tmp_path: Path, text: str, line: int, reason: str
+) -> None:
     path = write(tmp_path, "policy.toml", text)
     with pytest.raises(PolicyError) as caught:
         Policy.load(path)
@@ -224,13 +234,13 @@ def test_broken_file_names_file_line_and_reason(tmp_path, text, line, reason) ->
     assert str(error).startswith(f"BAD_POLICY: {path}:{line}: ")
 
 
-def test_broken_included_file_is_named(tmp_path) -> None:
+def test_broken_included_file_is_named(tmp_path: Path) -> None:
     write(tmp_path, "d/bad.toml", "[[deny]]\n\nusers = 7\n")
     with pytest.raises(PolicyError, match=r"d/bad.toml:3: deny rule: users: must be a list"):
         load(tmp_path, 'include = ["d/*.toml"]\n')
 
 
-def test_unsafe_file_is_refused(tmp_path) -> None:
+def test_unsafe_file_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "policy.toml", "")
     path.chmod(0o666)
     with pytest.raises(PolicyError, match="writable by group or others"):
@@ -241,7 +251,7 @@ def test_unsafe_file_is_refused(tmp_path) -> None:
         Policy.load(path)
 
 
-def test_check_main(tmp_path, capsys) -> None:
+def test_check_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "policy.toml", BASE)
     assert policy_check_main(path, None) == 0
     assert "1 allow and 1 deny rule(s)" in capsys.readouterr().out
@@ -255,7 +265,7 @@ def test_check_main(tmp_path, capsys) -> None:
     assert "policy.toml:1" in capsys.readouterr().err
 
 
-def test_check_main_json(tmp_path, capsys) -> None:
+def test_check_main_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "policy.toml", BASE)
     assert policy_check_main(path, "1000", as_json=True) == 0
     report = json.loads(capsys.readouterr().out)
@@ -263,7 +273,7 @@ def test_check_main_json(tmp_path, capsys) -> None:
     assert any("matches uid 1000" in line for line in report["explanation"])
 
 
-def test_explain_shows_deny(tmp_path) -> None:
+def test_explain_shows_deny(tmp_path: Path) -> None:
     text = explain(load(tmp_path), Caller(1000, 1000, (1002,), 0))
     assert "DENIED by deny rule 'quarantine' (policy.toml:2) (matches group 1002)" in text
 
@@ -304,7 +314,7 @@ REQUESTS = st.builds(Request, NAMES, st.integers(1, 4), st.integers(0, 4))
 CALLERS = st.builds(Caller, IDS, IDS, st.lists(IDS, max_size=2).map(tuple), st.just(1))
 
 
-def to_toml(kind: str, table: dict) -> str:
+def to_toml(kind: str, table: dict[str, Any]) -> str:
     lines = [f"[[{kind}]]"]
     for key, value in table.items():
         if key == "queues":
@@ -313,7 +323,7 @@ def to_toml(kind: str, table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def decide(policy: Policy, caller: Caller, request: Request, held: int):
+def decide(policy: Policy, caller: Caller, request: Request, held: int) -> Grant | None:
     try:
         return policy.authorize(caller, request, queues_held_by_uid=held, consumer_uid=caller.uid)
     except Denied:
@@ -329,8 +339,13 @@ def decide(policy: Policy, caller: Caller, request: Request, held: int):
     held=st.integers(0, 4),
 )
 def test_property_grants_respect_the_granting_rule(
-    tmp_path_factory, allow, deny, caller, request, held
-):
+    tmp_path_factory: pytest.TempPathFactory,
+    allow: list[dict[str, Any]],
+    deny: list[dict[str, Any]],
+    caller: Caller,
+    request: Request,
+    held: int,
+) -> None:
     """Whatever the rules: a grant never exceeds the rule it names, no deny rule matching the
     caller on that interface exists, and splitting the file into includes changes nothing."""
     directory = tmp_path_factory.mktemp("prop")
@@ -343,6 +358,7 @@ def test_property_grants_respect_the_granting_rule(
         assert rule.identity_match(caller) and rule.covers(request.ifname)
         assert any(lo <= first and last <= hi for lo, hi in rule.queues)
         assert request.queues <= rule.max_queues_per_lease
+        assert rule.max_queues_per_uid is not None  # ALLOW always sets it
         assert held + request.queues <= rule.max_queues_per_uid
         assert not any(d.identity_match(caller) and d.covers(request.ifname) for d in whole.deny)
     parts = [write(directory, f"p/{i}.toml", to_toml("allow", t)) for i, t in enumerate(allow)]
@@ -354,7 +370,12 @@ def test_property_grants_respect_the_granting_rule(
 
 @settings(max_examples=100, deadline=None)
 @given(allow=st.lists(ALLOW, min_size=1, max_size=3), caller=CALLERS, request=REQUESTS)
-def test_property_a_matching_deny_rule_always_wins(tmp_path_factory, allow, caller, request):
+def test_property_a_matching_deny_rule_always_wins(
+    tmp_path_factory: pytest.TempPathFactory,
+    allow: list[dict[str, Any]],
+    caller: Caller,
+    request: Request,
+) -> None:
     directory = tmp_path_factory.mktemp("deny")
     everyone = "".join(to_toml("allow", {**t, "users": ["*"]}) for t in allow)
     text = everyone + to_toml("deny", {"users": [caller.uid], "interfaces": ["*"]})

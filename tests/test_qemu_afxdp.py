@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
@@ -262,7 +263,7 @@ def hmp(qmp_path: Path, command: str) -> str:
     return asyncio.run(ask())
 
 
-def cli_as_qemu_user(broker: BrokerProcess, lab: VethLab, *args: str) -> dict:
+def cli_as_qemu_user(broker: BrokerProcess, lab: VethLab, *args: str) -> dict[str, Any]:
     done = run_captured(
         as_qemu_user([sys.executable, "-m", "xsk_broker", *args, "--json"]),
         env=client_env(broker),

@@ -12,7 +12,7 @@ import errno
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,7 @@ NO_AFXDP = "Parameter 'type' does not accept value 'af-xdp'"
 class Qemu:
     """A paused QEMU with a QMP socket; killed when the module is done."""
 
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     qmp_path: str
 
     @property
@@ -106,7 +106,7 @@ def xsk_lease(queue_ids: list[int], ifname: str = "lo") -> Lease:
     return Lease(LeaseInfo("test-lease", ifname, 1, queue_ids, "skb"), fds)
 
 
-async def qmp_run(qmp_path: str, command: str, args: dict | None = None) -> object:
+async def qmp_run(qmp_path: str, command: str, args: Mapping[str, object] | None = None) -> object:
     async with session(qmp_path) as (client, _pid):
         return await client.execute(command, args)
 

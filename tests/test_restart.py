@@ -94,7 +94,7 @@ def test_sigkill_during_64_queue_request_leaves_no_occupied_slot(
         broker.kill()
         broker.start()
         window = prove_all_free(broker, lab64.ifname_a)
-        outcomes = Counter()
+        outcomes: Counter[str] = Counter()
         for i in range(KILLS):
             # Spread the kills over 1.5x a whole request of a freshly started broker.
             outcomes[kill_during_request(broker, lab64.ifname_a, 1.5 * window * i / KILLS)] += 1

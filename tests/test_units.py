@@ -24,7 +24,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / units.UNIT_DIR
 
 
-def analyze(*args: str) -> subprocess.CompletedProcess:
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["systemd-analyze", *args], capture_output=True, text=True, timeout=60, check=False
     )

@@ -5,12 +5,13 @@ argv[1] is a JSON object: Client.request()'s keyword arguments, or {"revoke": LE
 
 import json
 import sys
+from typing import Any
 
 from broker.errors import BrokerError
 from client.sync import Client
 
 
-def main(args: dict) -> dict:
+def main(args: dict[str, Any]) -> dict[str, Any]:
     client = Client()
     try:
         if "revoke" in args:

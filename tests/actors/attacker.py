@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import sys
+from collections.abc import Callable
 
 
 def connect(path: str) -> socket.socket:
@@ -26,7 +27,7 @@ def main(path: str, idle_count: int, garbage: int) -> None:
     print("idle", flush=True)
     rng = random.Random(7)
     r, w = os.pipe()
-    kinds = [
+    kinds: list[Callable[[], tuple[bytes, list[int]]]] = [
         lambda: (rng.randbytes(rng.randint(1, 200)), []),
         lambda: (b'{"version":1,"op":"request","ifname":"eth0","queues":', []),
         lambda: (

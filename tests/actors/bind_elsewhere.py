@@ -16,6 +16,7 @@ with request(os.environ["IFNAME"], 2, umem_bytes=1 << 20) as lease:
         XskSocket(lease.fds[0], 1, 0, frames=64)
         outcome = "bound"
     except OSError as exc:
+        assert exc.errno is not None  # a refusal by the kernel carries its errno
         outcome = errno.errorcode[exc.errno]
     XskSocket(lease.fds[1], lease.ifindex, 1, frames=64).close()
 print(json.dumps({"loopback": outcome}))

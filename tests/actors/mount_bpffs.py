@@ -2,7 +2,8 @@
 
 import json
 
-from broker.bpffs import DEFAULT_PIN_ROOT, ensure_bpffs, is_bpffs
+from broker.bpffs import ensure_bpffs, is_bpffs
+from broker.config import DEFAULT_PIN_ROOT
 
 before = is_bpffs(DEFAULT_PIN_ROOT.parent)
 ensure_bpffs(DEFAULT_PIN_ROOT)
