@@ -19,7 +19,7 @@ test-fresh:
 	scripts/test-fresh.sh
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 
 bench: setup
 	scripts/public-view.sh sh -c 'for b in request_latency hostile_load cold_start memory dataplane; do \
