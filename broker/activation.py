@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import logging
 import os
 import socket
 import stat
@@ -21,6 +22,7 @@ from pathlib import Path
 from broker.errors import Failed
 from systemd import daemon
 
+log = logging.getLogger("xsk-broker")
 _TYPE_NAMES = {
     socket.SOCK_STREAM: "SOCK_STREAM",
     socket.SOCK_DGRAM: "SOCK_DGRAM",
@@ -163,10 +165,17 @@ class Notifier:
         self._last_kick = 0.0
 
     def _send(self, message: str, fds: Sequence[int] = ()) -> None:
-        if self.enabled and fds:
-            daemon.notify(message, fds=list(fds))
-        elif self.enabled:
-            daemon.notify(message)
+        """Best effort: a status line or an fd-store entry that systemd did not take must
+        not refuse a lease that is already granted (the journal still has it)."""
+        if not self.enabled:
+            return
+        try:
+            if fds:
+                daemon.notify(message, fds=list(fds))
+            else:
+                daemon.notify(message)
+        except OSError as exc:
+            log.warning("sd_notify(%s) failed: %s", message.split("=", 1)[0], exc)
 
     def ready(self, status: str | None = None) -> None:
         """Tell systemd the broker is serving (ends `systemctl start`'s wait)."""

@@ -21,9 +21,11 @@ DEFAULT_POLICY_PATH = Path("/etc/xsk-broker/policy.toml")
 DEFAULT_STATE_DIR = Path("/run/xsk-broker")
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, kind: Any = None) -> Any:
+def setting(
+    default: Any, help: str, *, flag: str | None = None, short: str | None = None, kind: Any = None
+) -> Any:
     """A ServeConfig field; flag defaults to --field-name, kind to the default's type."""
-    meta = {"help": help, "flag": flag, "kind": kind or type(default)}
+    meta = {"help": help, "flag": flag, "short": short, "kind": kind or type(default)}
     return field(default=default, metadata=meta)
 
 
@@ -45,7 +47,7 @@ class ServeConfig:
         None, "exit after this many idle seconds (socket activation)", kind=float
     )
     allow_root: bool = setting(False, "run as full root instead of dropping to three caps")
-    verbose: bool = setting(False, "log debug messages")
+    verbose: bool = setting(False, "log debug messages", short="-v")
     max_connections: int = setting(1024, "connections open at once")
     max_connections_per_uid: int = setting(128, "connections open at once per uid")
     rate_per_uid: float = setting(200.0, "messages a second per uid (sustained)")
@@ -71,13 +73,14 @@ def flag_of(name: str) -> str:
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ServeConfig field; unset flags stay None so the field's default wins."""
     for f in fields(ServeConfig):
-        flag, help = flag_of(f.name), f.metadata["help"]
+        flags = [f.metadata["short"], flag_of(f.name)] if f.metadata["short"] else [flag_of(f.name)]
+        help = f.metadata["help"]
         if f.metadata["kind"] is bool:
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=help)
+            parser.add_argument(*flags, dest=f.name, action="store_true", default=None, help=help)
         else:
             kind = f.metadata["kind"]
             metavar = "PATH" if kind is Path else kind.__name__.upper()
-            parser.add_argument(flag, dest=f.name, type=kind, metavar=metavar, help=help)
+            parser.add_argument(*flags, dest=f.name, type=kind, metavar=metavar, help=help)
 
 
 def from_flags(opts: argparse.Namespace) -> ServeConfig:
@@ -93,7 +96,8 @@ def markdown_table() -> str:
     lines = ["| flag | default | what it sets |", "|---|---|---|"]
     for f in fields(ServeConfig):
         default = "none" if f.default in (None, MISSING) else f"`{f.default}`"
-        lines.append(f"| `{flag_of(f.name)}` | {default} | {f.metadata['help']} |")
+        short = f"`{f.metadata['short']}`, " if f.metadata["short"] else ""
+        lines.append(f"| {short}`{flag_of(f.name)}` | {default} | {f.metadata['help']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,7 @@ injected, so tests drive this in-process and deterministically; the kernel adapt
 from __future__ import annotations
 
 import contextlib
-import functools
+import json
 import logging
 import os
 import time
@@ -27,6 +27,7 @@ from broker.leases import LeaseTable, LiveLease
 from broker.loader import Attachment, Loader
 from broker.policy import Caller, Grant, Policy, PolicyError
 from broker.protocol import (
+    MAX_MESSAGE_BYTES,
     BrokerInfo,
     Detach,
     Detached,
@@ -44,18 +45,14 @@ from broker.protocol import (
     Status,
     StatusQuery,
 )
+from broker.version import broker_version
 
 log = logging.getLogger("xsk-broker")
 # Lease pidfds parked in systemd's fd store survive a restart of the service.
 FDSTORE_PREFIX = "lease-"
-
-
-@functools.cache
-def broker_version() -> str:
-    """From the installed package's metadata (imported on the first ping or status only)."""
-    from importlib.metadata import version
-
-    return version("xsk-broker")
+# What a status reply holds besides attachments and leases (the envelope, the broker's
+# policy path), generously.
+STATUS_HEADROOM_BYTES = 8192
 
 
 class PidfdWatch(Protocol):
@@ -91,6 +88,7 @@ class NeedsPolkit:
     action: str
     details: dict[str, str]
     resume: Callable[[BaseException | None], Done]
+    abandon: Callable[[], None]  # the caller went away or the broker stops: nothing is asked
 
 
 Outcome = Done | NeedsPolkit
@@ -221,7 +219,7 @@ class Service:
             assert isinstance(done, Done)
             return done
 
-        return NeedsPolkit(grant.polkit_action, details, resume)
+        return NeedsPolkit(grant.polkit_action, details, resume, abandon)
 
     def _authorize(self, decide: Callable[[Policy], Grant]) -> Grant:
         if not self.policy.files:
@@ -350,13 +348,21 @@ class Service:
         return Released(message.lease_id)
 
     def _admin(
-        self, caller: Caller, message: Revoke | Detach, ifname: str, then: Callable[[], Done]
+        self, caller: Caller, message: Revoke | Detach, ifname: str, act: Callable[[], Done]
     ) -> Outcome:
-        grant = self._authorize(
-            lambda policy: policy.authorize_admin(caller, message.op, ifname=ifname)
-        )
+        def authorize() -> Grant:
+            return self._authorize(
+                lambda policy: policy.authorize_admin(caller, message.op, ifname=ifname)
+            )
+
+        grant = authorize()
         if grant.polkit_action is None:
-            return then()
+            return act()
+
+        def then() -> Done:  # the policy, reloaded meanwhile perhaps, must still allow it
+            authorize()
+            return act()
+
         details = {"op": message.op, "interface": ifname} | {
             k: str(v) for k, v in vars(message).items() if k != "ifname"
         }
@@ -404,13 +410,21 @@ class Service:
         return Done(Detached(message.ifname, attached))
 
     def status(self) -> Status:
-        """Attachments and at most max_status_leases leases, so the reply always fits one
-        datagram (lease_count says how many there are)."""
-        shown = list(self.leases.by_id.values())[: self.max_status_leases]
+        """Attachments and at most max_status_leases leases, fewer where more would not fit
+        one datagram (lease_count says how many there are)."""
+        attachments = [a.describe() for a in self.loader.attachments.values()]
+        budget = MAX_MESSAGE_BYTES - STATUS_HEADROOM_BYTES
+        budget -= sum(len(json.dumps(a.to_wire())) for a in attachments)
+        shown: list[LeaseInfo] = []
+        for lease in list(self.leases.by_id.values())[: self.max_status_leases]:
+            budget -= len(json.dumps(lease.info.to_wire())) + 1
+            if budget < 0:
+                break
+            shown.append(lease.info)
         return Status(
             BrokerInfo(broker_version(), os.getpid(), str(self.policy.path)),
-            [a.describe() for a in self.loader.attachments.values()],
-            [lease.info for lease in shown],
+            attachments,
+            shown,
             len(self.leases.by_id),
         )
 
@@ -468,8 +482,8 @@ class Service:
         with contextlib.suppress(KeyError, ValueError):
             self.watch.unwatch(lease.pidfd)
         self.leases.end(lease.info.lease_id)
-        self.fdstore.remove_fds(FDSTORE_PREFIX + lease.info.lease_id)
         self._audit(event, lease.info, reason)
+        self.fdstore.remove_fds(FDSTORE_PREFIX + lease.info.lease_id)
         self._report_status()
 
     def _release_slots(self, info: LeaseInfo) -> None:

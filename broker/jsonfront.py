@@ -8,6 +8,7 @@ A second wire protocol is a second class with the same two methods on the same c
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -60,8 +61,19 @@ class JsonFrontEnd:
             log.exception("internal error")
             return Answer(encode_error(BrokerError(f"internal error: {exc}")))
         if isinstance(outcome, Done):
-            return Answer(encode_reply(outcome.reply), outcome.fds, outcome.lease_id)
+            return self._encoded(outcome)
         return Waiting(outcome, lambda verdict: self._finish(outcome, verdict))
+
+    def _encoded(self, done: Done) -> Answer:
+        try:
+            return Answer(encode_reply(done.reply), done.fds, done.lease_id)
+        except Exception as exc:  # nothing the broker sends should fail to encode; if it did,
+            log.exception("internal error")  # the sockets must not stay out there
+            for fd in done.fds:
+                os.close(fd)
+            if done.lease_id is not None:
+                self.service.undelivered(done.lease_id)
+            return Answer(encode_error(BrokerError(f"internal error: {exc}")))
 
     def _finish(self, check: NeedsPolkit, verdict: BaseException | None) -> Answer:
         answer = self._answer(lambda: check.resume(verdict))

@@ -383,7 +383,11 @@ class Status:
     @classmethod
     def from_wire(cls, body: Body) -> Status:
         return cls(
-            BrokerInfo(**body["broker"]),
+            BrokerInfo(
+                str(body["broker"]["version"]),
+                int(body["broker"]["pid"]),
+                str(body["broker"]["policy"]),
+            ),
             [AttachmentInfo.from_wire(a) for a in body["attachments"]],
             [LeaseInfo.from_wire(x) for x in body["leases"]],
             int(body["lease_count"]),

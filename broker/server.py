@@ -161,7 +161,7 @@ class Server:
         if self.executor is not None:  # a running check ends within polkit_timeout
             self.executor.shutdown(wait=True, cancel_futures=True)
         for parked in self.parked:
-            parked.waiting.finish(RateLimited("the broker is stopping"))
+            parked.waiting.check.abandon()
         os.close(self.wakeup)
         self.signals.close()
         self.signals_w.close()
@@ -267,14 +267,17 @@ class Server:
             if len(self.parked) >= self.config.max_polkit_checks:
                 raise RateLimited(f"{len(self.parked)} polkit checks are waiting; retry later")
             subject = polkit.subject_of(conn.peer.pid, uid, conn.peer.pidfd)
+            if self.executor is None:
+                self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="polkit")
+            future = self.executor.submit(
+                polkit.check, subject, waiting.check.action, waiting.check.details,
+                timeout=self.config.polkit_timeout,
+            )  # fmt: skip
         except BrokerError as error:
             return waiting.finish(error)
-        if self.executor is None:
-            self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="polkit")
-        future = self.executor.submit(
-            polkit.check, subject, waiting.check.action, waiting.check.details,
-            timeout=self.config.polkit_timeout,
-        )  # fmt: skip
+        except Exception as exc:  # e.g. /proc unreadable, no thread: the answer is INTERNAL
+            log.exception("cannot ask polkit")
+            return waiting.finish(BrokerError(f"internal error: cannot ask polkit: {exc}"))
         self.selector.unregister(conn.sock)
         conn.parked = True
         self.parked.append(Parked(conn, waiting, future))
@@ -287,14 +290,11 @@ class Server:
         for parked in [p for p in self.parked if p.future.done()]:
             self.parked.remove(parked)
             conn = parked.conn
-            gone = self.connections.get(conn.sock.fileno()) is not conn
-            verdict = parked.future.exception()
-            answer = parked.waiting.finish(
-                BrokerError("the client went away") if gone and verdict is None else verdict
-            )
-            if gone:  # the client went away meanwhile
-                fdpass.close_all(list(answer.fds))
+            if self.connections.get(conn.sock.fileno()) is not conn:
+                log.info("uid %d went away during its polkit check", conn.peer.uid)
+                parked.waiting.check.abandon()
                 continue
+            answer = parked.waiting.finish(parked.future.exception())
             conn.parked = False
             self.selector.register(conn.sock, selectors.EVENT_READ, "conn")
             self._reply(conn, answer)

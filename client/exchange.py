@@ -62,10 +62,11 @@ class Exchange(Generic[R]):
                 raise ProtocolViolation(f"expected a {self.reply.op} reply, got {reply.op}")
             if isinstance(reply, Granted):
                 _check_lease(reply, fds, self.max_fds)
-                return reply, above_stdio(fds)
         except BaseException:
             fdpass.close_all(fds)
             raise
+        if isinstance(reply, Granted):
+            return reply, above_stdio(fds)
         fdpass.close_all(fds)
         return reply, []
 
@@ -102,11 +103,15 @@ def above_stdio(fds: list[int]) -> list[int]:
 
     QEMU and libxdp treat fd 0 as "no fd given", and a child's stdio would clobber them.
     """
-    moved = []
-    for fd in fds:
-        if fd <= 2:
-            new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-            os.close(fd)
-            fd = new
-        moved.append(fd)
+    moved: list[int] = []
+    try:
+        for fd in fds:
+            if fd <= 2:
+                new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                os.close(fd)
+                fd = new
+            moved.append(fd)
+    except OSError:  # EMFILE: close what was moved and what was not reached yet
+        fdpass.close_all(moved + fds[len(moved) :])
+        raise
     return moved

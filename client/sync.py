@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from broker import fdpass
@@ -39,10 +40,7 @@ class Client:
         reply and its fds."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.socket_path)
-            except OSError as exc:
-                raise unreachable(self.socket_path, exc) from None
+            self._connect(sock)
             try:
                 fdpass.send(sock, exchange.datagram)
                 datagram = fdpass.receive_reply(sock, exchange.max_fds)
@@ -51,6 +49,23 @@ class Client:
             except (BrokenPipeError, ConnectionResetError) as exc:
                 datagram = exchange.refusal(sock, exc)
         return exchange.finish(datagram)
+
+    def _connect(self, sock: socket.socket) -> None:
+        """Connect, waiting while the broker's backlog is full (EAGAIN from a unix socket's
+        connect() means that, not "in progress"), as the asyncio client does."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                sock.connect(self.socket_path)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Timeout(
+                        f"the broker's backlog stayed full for {self.timeout} s"
+                    ) from None
+                time.sleep(0.005)
+            except OSError as exc:
+                raise unreachable(self.socket_path, exc) from None
 
     def lease(self, request: Request) -> Lease:
         """Sockets for request, one fd per queue in queue order."""

@@ -37,11 +37,11 @@ def test_attach_remains_an_alias_of_attach_nic() -> None:
 def test_serve_flags_are_the_config_table() -> None:
     """Every ServeConfig field is a serve flag, and unset flags keep the table's defaults."""
     parser = build_parser()
-    opts = parser.parse_args(["serve", "--max-status-leases", "7", "--allow-root"])
+    opts = parser.parse_args(["serve", "--max-status-leases", "7", "--allow-root", "-v"])
     built = config.from_flags(opts)
-    assert (built.max_status_leases, built.allow_root) == (7, True)
+    assert (built.max_status_leases, built.allow_root, built.verbose) == (7, True, True)
     assert dataclasses.replace(
-        built, max_status_leases=200, allow_root=False
+        built, max_status_leases=200, allow_root=False, verbose=False
     ) == config.ServeConfig(socket_path=built.socket_path)
     usage = xsk("serve", "--help").stdout
     for field in dataclasses.fields(config.ServeConfig):

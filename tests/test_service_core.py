@@ -7,6 +7,7 @@ its own; the test process itself stays where it is.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import TypeVar
 
 import pytest
 
-from broker.core import Done, NeedsPolkit, Service
+from broker.core import STATUS_HEADROOM_BYTES, Done, NeedsPolkit, Service
 from broker.errors import ConsumerGone, Denied, LeasesLive, NoSuchLease, QueueBusy
 from broker.leases import LeaseTable
 from broker.loader import Loader
@@ -244,3 +245,58 @@ def test_polkit_delegation_waits_then_hands_out_or_refuses_cleanly(
     core.service.close()
     os.close(core.caller.pidfd)
     assert open_fds() <= before, "a refused or resumed polkit check leaked fds"
+
+
+def test_an_abandoned_polkit_check_closes_what_it_held(
+    lab4: VethLab, pin_root: Path, tmp_path: Path
+) -> None:
+    """The client left, or the broker stops, while polkit was being asked."""
+    before = open_fds()
+    core = make_core(lab4, pin_root, tmp_path, POLKIT_POLICY)
+    waiting = core.handle(Request(lab4.ifname_a, 1, umem_bytes=1 << 20))
+    assert isinstance(waiting, NeedsPolkit)
+    waiting.abandon()
+    assert core.service.leases.by_id == {} and core.service.loader.attachments == {}
+    core.service.close()
+    os.close(core.caller.pidfd)
+    assert open_fds() <= before
+
+
+def test_an_admin_op_is_authorized_again_after_polkit(
+    lab4: VethLab, pin_root: Path, tmp_path: Path
+) -> None:
+    """A SIGHUP that took admin away while polkit was asked wins over polkit's yes."""
+    core = make_core(lab4, pin_root, tmp_path, POLKIT_POLICY)
+    try:
+        done = core.call(lambda: core.handle(Request(lab4.ifname_a, 1, umem_bytes=1 << 20)))
+        assert isinstance(done, NeedsPolkit)
+        granted = core.call(lambda: done.resume(None))
+        for fd in granted.fds:
+            os.close(fd)
+        assert isinstance(granted.reply, Granted)
+        revoke = core.handle(Revoke(granted.reply.lease.lease_id))
+        assert isinstance(revoke, NeedsPolkit)
+        core.service.policy_path.write_text(POLKIT_POLICY.replace("admin = true\n", ""))
+        core.service.reload_policy()
+        with pytest.raises(Denied, match="admin = true for revoke"):
+            core.call(lambda: revoke.resume(None))
+        assert len(core.service.leases.by_id) == 1
+    finally:
+        core.service.close()
+        os.close(core.caller.pidfd)
+
+
+def test_status_lists_no_more_leases_than_fit_one_datagram(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for queue in range(4):
+        core.granted(Request(core.lab.ifname_a, 1, queue, tag="t" * 64, umem_bytes=1 << 20))
+    one = len(json.dumps(next(iter(core.service.leases.by_id.values())).info.to_wire())) + 1
+    attachments = sum(
+        len(json.dumps(a.describe().to_wire())) for a in core.service.loader.attachments.values()
+    )
+    monkeypatch.setattr(
+        "broker.core.MAX_MESSAGE_BYTES", STATUS_HEADROOM_BYTES + attachments + 2 * one + one // 2
+    )
+    status = core.service.status()
+    assert (len(status.leases), status.lease_count) == (2, 4)

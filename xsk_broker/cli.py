@@ -78,9 +78,9 @@ class _Version(argparse.Action):
     ~10 ms that socket activation's first reply should not wait for)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
-        from importlib.metadata import version
+        from broker.version import broker_version
 
-        print(f"{parser.prog} {version('xsk-broker')}")
+        print(f"{parser.prog} {broker_version()}")
         parser.exit()
 
 
