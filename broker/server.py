@@ -1,10 +1,8 @@
 """The event loop: one thread, one selector; connections, limits, fd passing, polkit parking.
 
-Connections are non-blocking SOCK_SEQPACKET sockets: a datagram is there whole or not at
-all, so a slow or hostile client can never stall another. A connection may carry many
-exchanges; it is closed after connection_deadline seconds without a message. What a
-message means is the front end's business (jsonfront.py) and what it does is the core's
-(core.py); this module only moves bytes, fds and events between them and the kernel.
+Non-blocking SOCK_SEQPACKET connections (a datagram is whole or absent, so no client can
+stall another), each closed after connection_deadline silent seconds. What a message means
+is jsonfront.py's business, what it does core.py's; this only moves bytes, fds and events.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import selectors
 import signal
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +28,9 @@ from broker.peer import peer_of
 from broker.policy import Caller
 from broker.protocol import encode_error
 
-if TYPE_CHECKING:  # imported when a check is first parked: jeepney is off the cold path
+if TYPE_CHECKING:  # imported when a check is first parked: jeepney and threads cost ~20 ms
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from broker import polkit
 
 log = logging.getLogger("xsk-broker")
@@ -163,8 +162,8 @@ class Server:
         for parked in self.parked:
             parked.waiting.check.abandon()
         os.close(self.wakeup)
-        self.signals.close()
-        self.signals_w.close()
+        for end in (self.signals, self.signals_w):
+            end.close()
 
     def next_timeout(self) -> float | None:
         now = time.monotonic()
@@ -174,12 +173,8 @@ class Server:
         return max(0.0, min(waits)) if waits else None
 
     def idle_expired(self) -> bool:
-        idle = self.config.idle_exit
-        return (
-            idle is not None
-            and not self.connections
-            and time.monotonic() - self.last_activity >= idle
-        )
+        idle, since = self.config.idle_exit, time.monotonic() - self.last_activity
+        return idle is not None and not self.connections and since >= idle
 
     def _accept(self) -> None:
         try:
@@ -268,6 +263,8 @@ class Server:
                 raise RateLimited(f"{len(self.parked)} polkit checks are waiting; retry later")
             subject = polkit.subject_of(conn.peer.pid, uid, conn.peer.pidfd)
             if self.executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
                 self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="polkit")
             future = self.executor.submit(
                 polkit.check, subject, waiting.check.action, waiting.check.details,
