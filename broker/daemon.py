@@ -14,6 +14,7 @@ from broker import activation, audit, caps
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
+from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
 from broker.limits import raise_fd_limit
 from broker.loader import Loader
@@ -48,7 +49,7 @@ def main(config: ServeConfig) -> int:
         max_status_leases=config.max_status_leases,
         on_change=notifier.status,
     )
-    server = Server(config, listener, service, selector)
+    server = Server(config, listener, JsonFrontEnd(service), service, selector)
     server.catch_signals()
     try:
         service.start(stored)

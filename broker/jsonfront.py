@@ -1,41 +1,19 @@
-"""The JSON protocol v1 front end: datagrams in, the core's outcomes out as datagrams.
-
-A front end turns its wire's bytes into the core's typed messages and the core's results
-(or errors) into its wire's replies; the server moves bytes and fds and never looks inside.
-A second wire protocol is a second class with the same two methods on the same core.
-"""
+"""The JSON protocol v1 front end (docs/protocol.md): datagrams in, the core's outcomes out
+as datagrams. The seam it fills is described in frontend.py."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from broker.core import Done, NeedsPolkit, Outcome, Service
 from broker.errors import BrokerError
+from broker.frontend import Answer, Waiting
 from broker.policy import Caller
 from broker.protocol import decode_message, encode_error, encode_reply
 
 log = logging.getLogger("xsk-broker")
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What goes back on a connection; lease_id names the lease whose fds these are."""
-
-    data: bytes
-    fds: Sequence[int] = ()
-    lease_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """The answer waits for polkit: ask it for check.action, then finish(verdict), where
-    verdict is None for yes or the error that says no."""
-
-    check: NeedsPolkit
-    finish: Callable[[BaseException | None], Answer]
 
 
 class JsonFrontEnd:
@@ -43,6 +21,9 @@ class JsonFrontEnd:
 
     def __init__(self, service: Service) -> None:
         self.service = service
+
+    def refuse(self, error: BrokerError) -> Answer:
+        return Answer(encode_error(error))
 
     def handle(self, caller: Caller, data: bytes) -> Answer | Waiting:
         try:

@@ -21,12 +21,11 @@ from broker import fdpass
 from broker.config import ServeConfig
 from broker.core import Service
 from broker.errors import BrokerError, RateLimited
-from broker.jsonfront import Answer, JsonFrontEnd, Waiting
+from broker.frontend import Answer, FrontEnd, Waiting
 from broker.limits import UidLimits
 from broker.linkwatch import LinkWatch
 from broker.peer import peer_of
 from broker.policy import Caller
-from broker.protocol import encode_error
 
 if TYPE_CHECKING:  # imported when a check is first parked: jeepney and threads cost ~20 ms
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,13 +73,14 @@ class Server:
         self,
         config: ServeConfig,
         listener: socket.socket,
+        front: FrontEnd,
         service: Service,
         selector: selectors.BaseSelector,
     ) -> None:
         self.config = config
         self.listener = listener
+        self.front = front
         self.service = service
-        self.front = JsonFrontEnd(service)
         self.selector = selector
         self.connections: dict[int, Connection] = {}
         self.parked: list[Parked] = []
@@ -191,7 +191,7 @@ class Server:
         if refusal is not None:
             os.close(peer.pidfd)
             with sock, contextlib.suppress(OSError):
-                fdpass.send(sock, encode_error(refusal))
+                fdpass.send(sock, self.front.refuse(refusal).data)
             return
         self.limits.connected(peer.uid)
         sock.setblocking(False)
@@ -215,13 +215,13 @@ class Server:
         if refusal is not None:
             with contextlib.suppress(OSError):
                 fdpass.close_all(fdpass.receive(conn.sock, max_fds=0).fds)
-            self._reply(conn, Answer(encode_error(refusal)))
+            self._reply(conn, self.front.refuse(refusal))
             self._drop(conn.sock.fileno())
             return
         try:
             data = fdpass.receive_request(conn.sock)
         except BrokerError as error:
-            self._reply(conn, Answer(encode_error(error)))
+            self._reply(conn, self.front.refuse(error))
             return
         except (BlockingIOError, InterruptedError):
             return
