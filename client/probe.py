@@ -32,28 +32,6 @@ class QueueReport:
     payloads: list[str] = field(default_factory=list)
 
 
-class QueueReportJson(TypedDict):
-    """A QueueReport in ProbeReport.to_json()."""
-
-    queue: int
-    received: int
-    sent: int
-    payloads: list[str]
-
-
-class ProbeReportJson(TypedDict):
-    """What ProbeReport.to_json() prints, for those that read it back."""
-
-    lease_id: str
-    ifname: str
-    ifindex: int
-    mode: str
-    fds: list[int]
-    netdev: str
-    request_ms: float
-    queues: list[QueueReportJson]
-
-
 class BoundEvent(TypedDict):
     """The line announce_bound() prints once every socket is bound."""
 
@@ -85,6 +63,12 @@ class ProbeReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ProbeReport:
+        """What to_json() printed, read back by whoever ran the probe as another uid."""
+        body = json.loads(text)
+        return cls(**{**body, "queues": [QueueReport(**q) for q in body["queues"]]})
 
 
 def _reply_to(frame: bytes) -> bytes:

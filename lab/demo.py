@@ -10,18 +10,22 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TextIO
 
-from client.probe import REPLY_PREFIX, QueueReportJson
+from client.probe import REPLY_PREFIX
 from lab.brokerproc import BrokerProcess, public_tempdir
 from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, bpffs, steer_queue
 from lab.traffic import Capture, running_probe, send_to_queue
 
 
-class DemoQueue(QueueReportJson):
+@dataclass
+class DemoQueue:
     """A queue of the probe's report, and how many frames the peer sent it."""
 
+    queue: int
+    received: int
+    sent: int
     expected: int
 
 
@@ -39,8 +43,8 @@ class DemoResult:
 
     @property
     def ok(self) -> bool:
-        return all(q["received"] == q["expected"] for q in self.per_queue) and (
-            self.replies_seen == sum(q["expected"] for q in self.per_queue)
+        return all(q.received == q.expected for q in self.per_queue) and (
+            self.replies_seen == sum(q.expected for q in self.per_queue)
         )
 
 
@@ -104,12 +108,12 @@ def _exchange(
             send_to_queue(lab.b, lab.a, tx, f"demo q={queue}", frames)
         replies = capture.frames(5.0, want=frames * len(probe.queues))
         report = probe.result()
-    per_queue: list[DemoQueue] = [{**q, "expected": frames} for q in report["queues"]]
+    per_queue = [DemoQueue(q.queue, q.received, q.sent, frames) for q in report.queues]
     result = DemoResult(
-        report["mode"],
-        report["request_ms"],
-        report["netdev"],
-        report["fds"],
+        report.mode,
+        report.request_ms,
+        report.netdev,
+        report.fds,
         per_queue,
         sum(f[14:].startswith(REPLY_PREFIX) for f in replies),
         caps,
@@ -117,10 +121,7 @@ def _exchange(
     say(f"request latency: {result.request_ms:.2f} ms; fds {result.fds}")
     say(f"netdev: {result.netdev}")
     for q in per_queue:
-        say(
-            f"  queue {q['queue']}: received {q['received']}/{q['expected']}, "
-            f"sent {q['sent']} replies"
-        )
+        say(f"  queue {q.queue}: received {q.received}/{q.expected}, sent {q.sent} replies")
     say(f"peer saw {result.replies_seen} replies; result: {'OK' if result.ok else 'FAILED'}")
     return result
 
@@ -128,5 +129,5 @@ def _exchange(
 def main(queues: int = 4, mode: str = "auto", json_output: bool = False) -> int:
     result = run_demo(queues, mode=mode, out=sys.stderr if json_output else sys.stdout)
     if json_output:
-        print(json.dumps({**result.__dict__, "ok": result.ok}))
+        print(json.dumps({**asdict(result), "ok": result.ok}))
     return 0 if result.ok else 1

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from client.consumer import make_frame
-from client.probe import BoundEvent, ProbeReportJson
+from client.probe import BoundEvent, ProbeReport
 from lab.brokerproc import REPO, BrokerProcess
 from lab.netlab import (
     DEFAULT_ENV,
@@ -39,12 +39,11 @@ class RunningProbe:
     queues: list[int]
     mode: str
 
-    def result(self, timeout: float = 30.0) -> ProbeReportJson:
+    def result(self, timeout: float = 30.0) -> ProbeReport:
         """The probe's report (its last line of output) once it has finished."""
         out, err = self.proc.communicate(timeout=timeout)
         assert self.proc.returncode == 0, f"probe failed ({self.proc.returncode}): {err}"
-        report: ProbeReportJson = json.loads(out.strip().splitlines()[-1])
-        return report
+        return ProbeReport.from_json(out.strip().splitlines()[-1])
 
 
 @contextmanager

@@ -156,10 +156,10 @@ def test_an_unprivileged_client_gets_sockets_that_carry_frames_both_ways(
         assert far_end.exchange(per_queue, "e2e") == [per_queue] * QUEUES
         report = probe.result()
     print(f"\nprobe bound {QUEUES} queues {bound_s * 1000:.0f} ms after systemd-run")
-    assert [q["received"] for q in report["queues"]] == [per_queue] * QUEUES
-    for queue in report["queues"]:
-        assert queue["payloads"], queue
-        assert all(f" q={queue['queue']} " in p for p in queue["payloads"]), queue
+    assert [q.received for q in report.queues] == [per_queue] * QUEUES
+    for queue in report.queues:
+        assert queue.payloads, queue
+        assert all(f" q={queue.queue} " in p for p in queue.payloads), queue
 
 
 def test_status_text_and_journal_fields_describe_the_lease(box: BootedContainer) -> None:
@@ -245,7 +245,7 @@ def test_idle_exit_keeps_the_socket_and_the_next_connection_finds_the_lease(
 
         assert far_end.exchange(5, "reactivated") == [10] * QUEUES
         report = probe.result()
-    assert [q["received"] for q in report["queues"]] == [10] * QUEUES
+    assert [q.received for q in report.queues] == [10] * QUEUES
 
 
 def test_restart_during_traffic_loses_no_frame_and_keeps_the_lease(
@@ -280,7 +280,7 @@ def test_restart_during_traffic_loses_no_frame_and_keeps_the_lease(
         assert far_end.sent == [total] * QUEUES
         report = probe.result()
     print(f"\n{batches_during * batch} frames per queue sent while the broker restarted")
-    assert [q["received"] for q in report["queues"]] == [total] * QUEUES
+    assert [q.received for q in report.queues] == [total] * QUEUES
     expired = box.journal("-u", "xsk-broker", "EVENT=expired", f"LEASE={lease['lease_id']}")
     assert [entry["_PID"] for entry in expired] == [new]
     assert leases(box) == []

@@ -46,11 +46,11 @@ def test_unprivileged_consumer_receives_and_sends_on_every_queue(
             assert sent == FRAMES_PER_QUEUE
         replies = capture.frames(10.0, want=FRAMES_PER_QUEUE * queues)
         result = probe.result()
-    assert result["mode"] == mode
-    for got in result["queues"]:
-        assert got["received"] == FRAMES_PER_QUEUE, result
-        assert all(p.startswith(f"to-q={got['queue']} ") for p in got["payloads"]), got
-        assert got["sent"] == FRAMES_PER_QUEUE
+    assert result.mode == mode
+    for got in result.queues:
+        assert got.received == FRAMES_PER_QUEUE, result
+        assert all(p.startswith(f"to-q={got.queue} ") for p in got.payloads), got
+        assert got.sent == FRAMES_PER_QUEUE
     assert len(replies) == FRAMES_PER_QUEUE * queues
     assert all(frame[14:].startswith(b"reply:to-q=") for frame in replies)
 
@@ -140,7 +140,7 @@ def test_restart_adopts_pinned_attachment_and_traffic_keeps_flowing(
         for queue in (0, 1):
             assert send_to_queue(lab4.b, lab4.a, queue, f"to-q={queue} up", 20) == 20
         result = probe.result()
-    assert [q["received"] for q in result["queues"]] == [30, 30]
+    assert [q.received for q in result.queues] == [30, 30]
     wait_until(lambda: broker4.client().status().leases == [])
 
 

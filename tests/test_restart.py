@@ -172,8 +172,8 @@ def test_non_root_broker_with_three_ambient_caps_serves_frames(
             for queue in probe.queues:
                 assert send_to_queue(lab4.b, lab4.a, queue, f"q={queue}", FRAMES) == FRAMES
             result = probe.result()
-        assert [q["received"] for q in result["queues"]] == [FRAMES, FRAMES]
-        assert result["mode"] == "native"
+        assert [q.received for q in result.queues] == [FRAMES, FRAMES]
+        assert result.mode == "native"
         assert any(pin_root.iterdir()), "the non-root broker pinned its attachment"
         assert broker.proc is not None and broker.proc.poll() is None
 
