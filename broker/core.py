@@ -11,7 +11,6 @@ injected, so tests drive this in-process and deterministically; the kernel adapt
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -27,7 +26,6 @@ from broker.leases import LeaseTable, LiveLease
 from broker.loader import Attachment, Loader
 from broker.policy import Caller, Grant, Policy, PolicyError
 from broker.protocol import (
-    MAX_MESSAGE_BYTES,
     BrokerInfo,
     Detach,
     Detached,
@@ -50,9 +48,6 @@ from broker.version import broker_version
 log = logging.getLogger("xsk-broker")
 # Lease pidfds parked in systemd's fd store survive a restart of the service.
 FDSTORE_PREFIX = "lease-"
-# What a status reply holds besides attachments and leases (the envelope, the broker's
-# policy path), generously.
-STATUS_HEADROOM_BYTES = 8192
 
 
 class PidfdWatch(Protocol):
@@ -410,21 +405,13 @@ class Service:
         return Done(Detached(message.ifname, attached))
 
     def status(self) -> Status:
-        """Attachments and at most max_status_leases leases, fewer where more would not fit
-        one datagram (lease_count says how many there are)."""
-        attachments = [a.describe() for a in self.loader.attachments.values()]
-        budget = MAX_MESSAGE_BYTES - STATUS_HEADROOM_BYTES
-        budget -= sum(len(json.dumps(a.to_wire())) for a in attachments)
-        shown: list[LeaseInfo] = []
-        for lease in list(self.leases.by_id.values())[: self.max_status_leases]:
-            budget -= len(json.dumps(lease.info.to_wire())) + 1
-            if budget < 0:
-                break
-            shown.append(lease.info)
+        """Attachments and at most max_status_leases leases (lease_count says how many there
+        are); a front end may list fewer, to fit its wire."""
+        shown = list(self.leases.by_id.values())[: self.max_status_leases]
         return Status(
             BrokerInfo(broker_version(), os.getpid(), str(self.policy.path)),
-            attachments,
-            shown,
+            [a.describe() for a in self.loader.attachments.values()],
+            [lease.info for lease in shown],
             len(self.leases.by_id),
         )
 

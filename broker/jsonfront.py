@@ -3,6 +3,8 @@ as datagrams. The seam it fills is described in frontend.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -11,7 +13,13 @@ from broker.core import Done, NeedsPolkit, Outcome, Service
 from broker.errors import BrokerError
 from broker.frontend import Answer, Waiting
 from broker.policy import Caller
-from broker.protocol import decode_message, encode_error, encode_reply
+from broker.protocol import (
+    MAX_MESSAGE_BYTES,
+    Status,
+    decode_message,
+    encode_error,
+    encode_reply,
+)
 
 log = logging.getLogger("xsk-broker")
 
@@ -46,8 +54,9 @@ class JsonFrontEnd:
         return Waiting(outcome, lambda verdict: self._finish(outcome, verdict))
 
     def _encoded(self, done: Done) -> Answer:
+        reply = fitting(done.reply) if isinstance(done.reply, Status) else done.reply
         try:
-            return Answer(encode_reply(done.reply), done.fds, done.lease_id)
+            return Answer(encode_reply(reply), done.fds, done.lease_id)
         except Exception as exc:  # nothing the broker sends should fail to encode; if it did,
             log.exception("internal error")  # the sockets must not stay out there
             for fd in done.fds:
@@ -60,3 +69,16 @@ class JsonFrontEnd:
         answer = self._answer(lambda: check.resume(verdict))
         assert isinstance(answer, Answer)  # resume() returns Done or raises
         return answer
+
+
+def fitting(status: Status) -> Status:
+    """status with as many of its leases as fit one datagram (lease_count keeps the total):
+    each lease adds its compact JSON, and a comma after the first, to the reply without any."""
+    room = MAX_MESSAGE_BYTES - len(encode_reply(dataclasses.replace(status, leases=[])))
+    shown = []
+    for lease in status.leases:
+        room -= len(json.dumps(lease.to_wire(), separators=(",", ":"))) + (1 if shown else 0)
+        if room < 0:
+            break
+        shown.append(lease)
+    return dataclasses.replace(status, leases=shown)

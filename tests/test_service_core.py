@@ -7,7 +7,7 @@ its own; the test process itself stays where it is.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,8 +16,10 @@ from typing import TypeVar
 
 import pytest
 
-from broker.core import STATUS_HEADROOM_BYTES, Done, NeedsPolkit, Service
+from broker.core import Done, NeedsPolkit, Service
 from broker.errors import ConsumerGone, Denied, LeasesLive, NoSuchLease, QueueBusy
+from broker.frontend import Answer
+from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
 from broker.loader import Loader
 from broker.policy import Caller
@@ -35,21 +37,15 @@ from broker.protocol import (
     Revoked,
     Status,
     StatusQuery,
+    decode_reply,
+    encode_message,
+    encode_reply,
 )
+from lab.brokerproc import LAB_POLICY
 from lab.netlab import VethLab, in_netns
 
 pytestmark = pytest.mark.kernel
 T = TypeVar("T")
-POLICY = """
-[[allow]]
-name = "users"
-users = ["*"]
-
-[[allow]]
-name = "admins"
-users = [0]
-admin = true
-"""
 POLKIT_POLICY = """
 [[allow]]
 name = "ask-polkit"
@@ -131,7 +127,7 @@ def make_core(lab: VethLab, pin_root: Path, tmp_path: Path, policy: str) -> Core
 @pytest.fixture
 def core(lab4: VethLab, pin_root: Path, tmp_path: Path) -> Iterator[Core]:
     before = open_fds()
-    made = make_core(lab4, pin_root, tmp_path, POLICY)
+    made = make_core(lab4, pin_root, tmp_path, LAB_POLICY)
     yield made
     made.service.close()
     os.close(made.caller.pidfd)
@@ -144,7 +140,7 @@ def test_request_grants_a_lease_stamped_by_the_injected_clock(core: Core) -> Non
         "000000000001", NOW, [1, 2], "vm1"
     )  # fmt: skip
     assert (lease.consumer_pid, lease.consumer_uid) == (os.getpid(), 0)
-    assert lease.rule.startswith("allow rule 'users'")
+    assert lease.rule.startswith("allow rule 'lab'")
     assert len(done.fds) == 2 and done.lease_id == lease.lease_id
     assert list(core.ports.stored) == ["lease-000000000001"]
     assert core.ports.lines[-1].startswith("1 lease(s); attached: " + core.lab.ifname_a)
@@ -289,14 +285,15 @@ def test_an_admin_op_is_authorized_again_after_polkit(
 def test_status_lists_no_more_leases_than_fit_one_datagram(
     core: Core, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The JSON front end trims status to its datagram; the core's lease_count keeps the
+    total. The datagram limit is lowered so that two of four leases fit to the byte."""
     for queue in range(4):
         core.granted(Request(core.lab.ifname_a, 1, queue, tag="t" * 64, umem_bytes=1 << 20))
-    one = len(json.dumps(next(iter(core.service.leases.by_id.values())).info.to_wire())) + 1
-    attachments = sum(
-        len(json.dumps(a.describe().to_wire())) for a in core.service.loader.attachments.values()
-    )
-    monkeypatch.setattr(
-        "broker.core.MAX_MESSAGE_BYTES", STATUS_HEADROOM_BYTES + attachments + 2 * one + one // 2
-    )
     status = core.service.status()
-    assert (len(status.leases), status.lease_count) == (2, 4)
+    assert len(status.leases) == 4
+    two = len(encode_reply(dataclasses.replace(status, leases=status.leases[:2])))
+    monkeypatch.setattr("broker.jsonfront.MAX_MESSAGE_BYTES", two)
+    answer = JsonFrontEnd(core.service).handle(core.caller, encode_message(StatusQuery()))
+    assert isinstance(answer, Answer) and len(answer.data) == two
+    shown = decode_reply(answer.data, StatusQuery)
+    assert isinstance(shown, Status) and (len(shown.leases), shown.lease_count) == (2, 4)
