@@ -15,6 +15,7 @@ from broker.frontend import Answer, Waiting
 from broker.policy import Caller
 from broker.protocol import (
     MAX_MESSAGE_BYTES,
+    LeaseInfo,
     Status,
     decode_message,
     encode_error,
@@ -75,7 +76,7 @@ def fitting(status: Status) -> Status:
     """status with as many of its leases as fit one datagram (lease_count keeps the total):
     each lease adds its compact JSON, and a comma after the first, to the reply without any."""
     room = MAX_MESSAGE_BYTES - len(encode_reply(dataclasses.replace(status, leases=[])))
-    shown = []
+    shown: list[LeaseInfo] = []
     for lease in status.leases:
         room -= len(json.dumps(lease.to_wire(), separators=(",", ":"))) + (1 if shown else 0)
         if room < 0:
