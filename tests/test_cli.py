@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from support import xsk_cli as xsk
 
-from broker import config
+from broker import config, version
 from lab.brokerproc import BrokerProcess
 from xsk_broker.cli import build_parser
 
@@ -121,3 +121,15 @@ def test_install_units_points_execstart_at_the_given_path(tmp_path: Path) -> Non
     service = tmp_path / "usr/lib/systemd/system/xsk-broker.service"
     assert str(service) in installed
     assert "ExecStart=/opt/x/xsk-broker serve" in service.read_text()
+
+
+def test_version_says_so_when_the_package_is_not_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkout run without `pip install` has no metadata: ping and --version still work."""
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert version.broker_version.__wrapped__() == version.UNKNOWN
