@@ -19,8 +19,9 @@ import prctl
 from broker.errors import Failed, Refused
 
 REQUIRED = ("net_admin", "bpf", "net_raw")
-# Kept only when present: raising a consumer's RLIMIT_MEMLOCK needs it (policy's choice).
-OPTIONAL = ("sys_resource",)
+# Kept only when present: raising a consumer's RLIMIT_MEMLOCK needs sys_resource (policy's
+# choice); giving a map lease's bpffs pin to its consumer uid needs chown (maplease.py).
+OPTIONAL = ("sys_resource", "chown")
 SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 # Capabilities newer than python-prctl's table (it names bit 40 "last_cap").

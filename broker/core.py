@@ -21,7 +21,15 @@ from typing import Protocol
 
 from broker import fdpass, memlock, netdev, procinfo, xsk
 from broker.audit import log_event
-from broker.errors import BrokerError, ConsumerGone, Denied, LeasesLive, NoSuchLease, QueueBusy
+from broker.errors import (
+    BadQueues,
+    BrokerError,
+    ConsumerGone,
+    Denied,
+    LeasesLive,
+    NoSuchLease,
+    QueueBusy,
+)
 from broker.leases import LeaseTable, LiveLease
 from broker.loader import Attachment, Loader
 from broker.policy import Caller, Grant, Policy, PolicyError
@@ -56,6 +64,23 @@ class PidfdWatch(Protocol):
     def watch(self, pidfd: int) -> None: ...
 
     def unwatch(self, pidfd: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class MapPaths:
+    """Where a map lease's consumer finds the map: dp_path always, map_pin when pinned."""
+
+    dp_path: str
+    map_pin: str
+
+
+class MapHandouts(Protocol):
+    """What a map lease gets besides the lease (maplease.MapLeases): made before the lease is
+    recorded, removed when it ends."""
+
+    def open(self, lease_id: str, consumer_uid: int, map_fd: int) -> MapPaths: ...
+
+    def close(self, lease_id: str) -> None: ...
 
 
 class FdStore(Protocol):
@@ -133,6 +158,7 @@ class Service:
     new_lease_id: Callable[[], str] = field(default=lambda: os.urandom(6).hex())
     max_status_leases: int = 200
     on_change: Callable[[str], None] = field(default=lambda _line: None)
+    maps: MapHandouts | None = None  # None: map leases are refused
 
     def __post_init__(self) -> None:
         self.policy = load_policy(self.policy_path)
@@ -283,6 +309,8 @@ class Service:
             pidfd=consumer.pidfd,
         )
         start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
+        if request.wants_map:
+            return self._hand_out_map(caller, request, grant, consumer, ifindex, start_time)
         attachment = self.loader.ensure(request.ifname, grant.mode, request.queue_ids, ifindex)
         fds = xsk.create_sockets(attachment, queue_ids)
         try:
@@ -293,6 +321,38 @@ class Service:
             raise
         return Done(Granted(info), fds, info.lease_id)
 
+    def _hand_out_map(
+        self,
+        caller: Caller,
+        request: Request,
+        grant: Grant,
+        consumer: Consumer,
+        ifindex: int,
+        start_time: int,
+    ) -> Done:
+        """A map lease: whoever holds an XSKMAP fd can fill any of its slots, so it takes
+        every queue of the interface, and the map dies with the lease (_end detaches the
+        program: the next lease gets a new map). Its fds go out through maps, not here."""
+        if self.maps is None:
+            raise Denied("this broker hands out no maps (it has no device-plugin front end)")
+        rx_queues = netdev.link_state(ifindex).rx_queues
+        if request.queue_ids != range(rx_queues):
+            raise BadQueues(
+                f"a map lease takes every queue of the interface: {request.ifname} has "
+                f"{rx_queues}, so ask for --queues {rx_queues} --start-queue 0"
+            )
+        attachment = self.loader.ensure(request.ifname, grant.mode, request.queue_ids, ifindex)
+        lease_id = self.new_lease_id()
+        paths = self.maps.open(lease_id, consumer.uid, attachment.map_fd)
+        try:
+            info = self._record(
+                caller, request, grant, consumer, attachment, start_time, lease_id, paths
+            )
+        except BaseException:
+            self.maps.close(lease_id)
+            raise
+        return Done(Granted(info), (), info.lease_id)
+
     def _record(
         self,
         caller: Caller,
@@ -301,10 +361,12 @@ class Service:
         consumer: Consumer,
         attachment: Attachment,
         start_time: int,
+        lease_id: str | None = None,
+        paths: MapPaths | None = None,
     ) -> LeaseInfo:
         """The lease in the table, the journal and the fd store; the pidfd now belongs to it."""
         info = LeaseInfo(
-            lease_id=self.new_lease_id(),
+            lease_id=lease_id or self.new_lease_id(),
             ifname=attachment.ifname,
             ifindex=attachment.ifindex,
             queue_ids=list(request.queue_ids),
@@ -317,6 +379,9 @@ class Service:
             created=self.clock(),
             consumer_uid=consumer.uid,
             rule=grant.rule,
+            handout="map" if paths else "sockets",
+            dp_path=paths.dp_path if paths else "",
+            map_pin=paths.map_pin if paths else "",
         )
         self.leases.add(LiveLease(info, consumer.pidfd, start_time))
         pidfd = consumer.take()
@@ -466,6 +531,10 @@ class Service:
         """Forget the lease and empty its slots: sockets its consumer (or a child) may still
         hold no longer receive, so nobody keeps queues the quota no longer counts."""
         self._release_slots(lease.info)
+        if lease.info.handout == "map":
+            if self.maps is not None:
+                self.maps.close(lease.info.lease_id)
+            self.loader.detach(lease.info.ifindex)
         with contextlib.suppress(KeyError, ValueError):
             self.watch.unwatch(lease.pidfd)
         self.leases.end(lease.info.lease_id)

@@ -14,10 +14,12 @@ from broker import activation, audit, caps
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
+from broker.dpfront import DevicePluginFrontEnd
 from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
 from broker.limits import raise_fd_limit
 from broker.loader import Loader
+from broker.maplease import MapLeases
 from broker.server import PidfdWatch, Server
 
 log = logging.getLogger("xsk-broker")
@@ -50,6 +52,13 @@ def main(config: ServeConfig) -> int:
         on_change=notifier.status,
     )
     server = Server(config, listener, JsonFrontEnd(service), service, selector)
+    service.maps = MapLeases(
+        dp_dir=config.state_dir / "dp",
+        pin_dir=config.pin_root.with_name(config.pin_root.name + "-leases"),
+        serve=server.serve,
+        unserve=server.unserve,
+        front_end=lambda lease_id: DevicePluginFrontEnd(service, lease_id),
+    )
     server.catch_signals()
     try:
         service.start(stored)

@@ -63,9 +63,22 @@ def request_from(opts: argparse.Namespace, **fixed: Any) -> Request:
 
 
 def substitute(args: Sequence[str], lease: Lease, netdev_id: str) -> list[str]:
-    """Replace {netdev} and {sock-fds} in each argument."""
-    netdev = lease.netdev_arg(netdev_id)
-    return [a.replace("{netdev}", netdev).replace("{sock-fds}", lease.sock_fds) for a in args]
+    """Replace {netdev}, {sock-fds} and, for a map lease, {dp-path}, {map-path} and
+    {map-start-index} in each argument."""
+    info = lease.info
+    values = {
+        "{netdev}": lease.netdev_arg(netdev_id),
+        "{sock-fds}": lease.sock_fds,
+        "{dp-path}": info.dp_path,
+        "{map-path}": info.map_pin,
+        "{map-start-index}": str(info.start_queue),
+    }
+    out = []
+    for arg in args:
+        for key, value in values.items():
+            arg = arg.replace(key, value)
+        out.append(arg)
+    return out
 
 
 def cmd_request(opts: argparse.Namespace) -> int:

@@ -1,0 +1,102 @@
+"""What a map lease hands out besides the lease itself: a device-plugin socket (DPDK
+use_cni=1,dp_path=...) served on the broker's loop, and the XSKMAP pinned in bpffs (DPDK
+use_pinned_map=1, QEMU map-path=) for the consumer's uid alone. Both go with the lease.
+
+The socket file is open to all (mode 0666 in a 0755 directory) because the answer, not
+the file, is the gate: dpfront.py serves only the consumer's uid, as SO_PEERCRED says. A pin
+has no such gate (BPF_OBJ_GET checks file permissions only), so it is owned by the consumer
+uid with mode 0600, in a directory everyone may traverse but not list; changing a file's
+owner takes CAP_CHOWN, and a broker without it hands out no pin (dp_path only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker import bpf, caps
+from broker.core import MapPaths
+from broker.errors import AttachFailed
+from broker.frontend import FrontEnd
+
+log = logging.getLogger("xsk-broker")
+
+
+@dataclass
+class MapLeases:
+    """Per-lease device-plugin sockets and pins; serve/unserve put a listening socket on the
+    server's loop and take it off; front_end makes the front end for one lease id."""
+
+    dp_dir: Path
+    pin_dir: Path
+    serve: Callable[[socket.socket, FrontEnd], None]
+    unserve: Callable[[socket.socket], None]
+    front_end: Callable[[str], FrontEnd]
+    listeners: dict[str, socket.socket] = field(default_factory=dict)
+
+    def open(self, lease_id: str, consumer_uid: int, map_fd: int) -> MapPaths:
+        """The socket and the pin for a new lease; all or nothing."""
+        dp_path = self._listen(lease_id)
+        try:
+            pin = self._pin(lease_id, consumer_uid, map_fd)
+        except BaseException:
+            self.close(lease_id)
+            raise
+        return MapPaths(str(dp_path), pin)
+
+    def close(self, lease_id: str) -> None:
+        """Take the lease's socket off the loop and remove its file and pin."""
+        sock = self.listeners.pop(lease_id, None)
+        if sock is not None:
+            self.unserve(sock)
+        for path in (self._socket_path(lease_id), self.pin_dir / lease_id):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _socket_path(self, lease_id: str) -> Path:
+        return self.dp_dir / f"{lease_id}.sock"
+
+    def _listen(self, lease_id: str) -> Path:
+        self.dp_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        path = self._socket_path(lease_id)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, 0o666)
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise AttachFailed(
+                f"cannot make the device-plugin socket {path}: {exc.strerror}", errno=exc.errno
+            ) from None
+        self.listeners[lease_id] = sock
+        self.serve(sock, self.front_end(lease_id))
+        return path
+
+    def _pin(self, lease_id: str, consumer_uid: int, map_fd: int) -> str:
+        if "chown" not in caps.current()["CapEff"]:
+            log.info("lease %s: no CAP_CHOWN, so no pinned map (dp_path only)", lease_id)
+            return ""
+        path = self.pin_dir / lease_id
+        try:
+            self.pin_dir.mkdir(mode=0o711, exist_ok=True)
+            os.chmod(self.pin_dir, 0o711)
+            bpf.pin(map_fd, str(path))
+            os.chmod(path, 0o600)  # before chown: after it, the broker is not the owner
+            os.chown(path, consumer_uid, -1)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise AttachFailed(
+                f"cannot pin the lease's XSKMAP at {path}: {exc.strerror}",
+                errno=exc.errno or errno.EIO,
+            ) from None
+        return str(path)

@@ -1,0 +1,154 @@
+"""Map leases: the device-plugin front end DPDK's af_xdp PMD speaks (use_cni=1) and the
+per-lease pinned XSKMAP (use_pinned_map=1), with a real, unmodified dpdk-testpmd (trixie's
+24.11, lab/dpdk.py) run as an unprivileged uid holding only CAP_NET_RAW and CAP_IPC_LOCK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import actor, run_captured, xdp_of
+
+from broker.protocol import LeaseInfo
+from lab.brokerproc import BrokerProcess, wait_until
+from lab.dpdk import Dpdk, ensure_dpdk
+from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, enter_netns, steer_queue
+from lab.traffic import send_to_queue
+from lab.vm import xdp_stats
+
+pytestmark = [pytest.mark.kernel]
+
+OTHER_UID = UNPRIVILEGED_UID + 1
+CAPS = "ipc_lock,+net_raw"
+
+
+def as_uid(uid: int, argv: list[str], caps: str = CAPS) -> list[str]:
+    """argv as uid with only caps (ambient, bounded), no way back."""
+    return [
+        "setpriv", f"--reuid={uid}", f"--regid={UNPRIVILEGED_GID}", "--clear-groups",
+        f"--inh-caps=-all,+{caps}", f"--ambient-caps=-all,+{caps}",
+        f"--bounding-set=-all,+{caps}", "--no-new-privs", "--pdeathsig=KILL", "--", *argv,
+    ]  # fmt: skip
+
+
+def request_map(broker: BrokerProcess, ifname: str, queues: int, *extra: str) -> list[str]:
+    """`xsk-broker request --handout map ... --` (append the consumer's argv)."""
+    return [
+        sys.executable, "-m", "xsk_broker", "request", "--socket", str(broker.socket_path),
+        "--ifname", ifname, "--queues", str(queues), "--handout", "map", *extra, "--",
+    ]  # fmt: skip
+
+
+def in_lab(lab: VethLab, argv: list[str], **options: object) -> subprocess.CompletedProcess[str]:
+    return run_captured(argv, preexec_fn=lambda: enter_netns(lab.ns_a), timeout=60, **options)
+
+
+def leases(broker: BrokerProcess) -> list[LeaseInfo]:
+    return broker.client().status().leases
+
+
+@pytest.fixture
+def lab2() -> Iterator[VethLab]:
+    with VethLab(queues=2) as lab:
+        yield lab
+
+
+@pytest.fixture
+def broker2(lab2: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProcess]:
+    with BrokerProcess(lab2.ns_a, pin_root, workdir) as proc:
+        yield proc
+
+
+def lease_pin_dir(pin_root: Path) -> Path:
+    return pin_root.with_name(pin_root.name + "-leases")
+
+
+def test_device_plugin_hands_the_map_to_the_consumer_uid_only(
+    broker2: BrokerProcess, lab2: VethLab, pin_root: Path
+) -> None:
+    """The PMD's handshake gets the XSKMAP; the consumer's uid can fill it (as DPDK does);
+    another uid connecting to the same socket gets naks and no fd, and the broker logs it;
+    when the consumer exits, the socket, the pin and the program are gone."""
+    ifname = lab2.ifname_a
+    other = in_lab(lab2, as_uid(OTHER_UID, ["sleep", "0"]))
+    assert other.returncode == 0, other.stderr
+    consumer = request_map(broker2, ifname, 2) + [
+        "sh", "-c", 'echo "$0" >&2; "$@"; sleep 0.2', "{dp-path} {map-path}",
+        *actor("device_plugin", "{dp-path}", ifname, "/config_busy_poll,10,64", "/bogus"),
+    ]  # fmt: skip
+    with subprocess.Popen(
+        as_uid(UNPRIVILEGED_UID, consumer),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: enter_netns(lab2.ns_a),
+    ) as proc:  # fmt: skip
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    dp_path, map_pin = err.splitlines()[0].split()
+    seen = json.loads(out)
+    replies = {r["sent"].partition(",")[0]: r for r in seen["replies"]}
+    assert replies["/connect"]["reply"] == "/host_ok"
+    assert replies["/version"]["reply"] == "0.1"
+    assert replies["/xsk_map_fd"]["reply"] == "/fd_ack"
+    assert replies["/xsk_map_fd"]["types"] == [17]
+    assert replies["/config_busy_poll"]["reply"] == "/nak"
+    assert replies["/bogus"]["reply"] == "/nak"
+    assert replies["/fin"]["reply"] == "/fin_ack"
+    assert seen["filled"] == 0  # CAP_NET_RAW made the socket, the map fd let it in
+    assert Path(map_pin).parent == lease_pin_dir(pin_root)
+    # The lease ended with its consumer: nothing is left for anyone else to open.
+    wait_until(lambda: not leases(broker2))
+    assert not Path(dp_path).exists() and not Path(map_pin).exists()
+    assert not xdp_of(lab2)  # the map died with the lease: the next one gets a new map
+
+
+def test_another_uid_gets_no_map_and_is_logged(
+    broker2: BrokerProcess, lab2: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """Kernel identity, not the hostname text: uid OTHER_UID on the consumer's socket gets
+    /host_nak and /fd_nak with no fd, and cannot open the pin either."""
+    ifname = lab2.ifname_a
+    ready = workdir / "lease.json"
+    holder = subprocess.Popen(
+        as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 2) + [
+            "sh", "-c", 'echo "$1 $2" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 60',
+            str(ready), "{dp-path}", "{map-path}",
+        ]),
+        preexec_fn=lambda: enter_netns(lab2.ns_a),
+    )  # fmt: skip
+    os.chmod(workdir, 0o777)
+    try:
+        wait_until(ready.exists, timeout=20)
+        dp_path, map_pin = ready.read_text().split()
+        got = in_lab(lab2, as_uid(OTHER_UID, actor("device_plugin", dp_path, ifname)))
+        seen = json.loads(got.stdout)
+        assert [r["reply"] for r in seen["replies"]] == ["/host_nak", "/nak", "/fd_nak", "/nak"]
+        assert all(r["fds"] == 0 for r in seen["replies"])
+        assert f"to uid {OTHER_UID}" in broker2.log()
+        opened = in_lab(
+            lab2,
+            as_uid(OTHER_UID, [sys.executable, "-c", f"open({map_pin!r}, 'rb')"]),
+        )
+        assert "Permission denied" in opened.stderr
+        info = Path(map_pin).stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (UNPRIVILEGED_UID, 0o600)
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_until(lambda: not leases(broker2))
+
+
+def test_a_map_lease_takes_the_whole_interface(broker2: BrokerProcess, lab2: VethLab) -> None:
+    """A map fd reaches every slot, so part of an interface is refused before anything is
+    attached, and a map lease blocks socket leases on the same interface."""
+    got = in_lab(lab2, request_map(broker2, lab2.ifname_a, 1) + ["true"])
+    assert got.returncode != 0
+    assert got.stderr.startswith("BAD_QUEUES"), got.stderr
+    assert "every queue" in got.stderr
+    assert not broker2.client().status().attachments
