@@ -10,8 +10,14 @@ the host's, so argv() names the two it needs with -d.
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lab import cache as labcache
 
@@ -42,3 +48,79 @@ def ensure_dpdk() -> Dpdk:
     """The cached rootfs, built first if missing (a debootstrap: a few minutes)."""
     path = labcache.entry("dpdk", SCRIPT.read_bytes())
     return Dpdk(labcache.ensure(path, lambda dest: ["sh", str(SCRIPT), str(dest)], BUILD_TIMEOUT))
+
+
+class PmdRun:
+    """dpdk-testpmd on one af_xdp port, forwarding in one mode until stop(); its output is
+    read as it comes so that started() can tell when it forwards."""
+
+    def __init__(self, command: list[str], **popen: Any) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, **popen,
+        )  # fmt: skip
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def started(self, timeout: float = 60.0) -> bool:
+        """True once it forwards (its first periodic statistics); False if it exited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if "Port statistics" in self.output:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> str:
+        """SIGINT (testpmd prints its final per-queue statistics) and its whole output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=5)
+        return self.output
+
+
+def pmd_args(vdev: str, queues: int, forward: str) -> list[str]:
+    """EAL and testpmd options for one af_xdp vdev: no hugepages, no PCI, no shared config (no
+    files), one forwarding lcore, periodic statistics instead of a prompt."""
+    return [
+        "--no-huge", "--no-pci", "-m", "512", "--no-shconf", "-l", "0-1", "--vdev", vdev,
+        "--", f"--rxq={queues}", f"--txq={queues}", f"--forward-mode={forward}",
+        "--stats-period=1", "--total-num-mbufs=8192",
+    ]  # fmt: skip
+
+
+_STREAM = re.compile(
+    r"Forward Stats for RX Port=\s*\d+/Queue=\s*(\d+) -> TX Port=\s*\d+/Queue=\s*\d+ -+\s*"
+    r"RX-packets:\s*(\d+)\s+TX-packets:\s*(\d+)"
+)
+_PORT = re.compile(
+    r"Forward statistics for\s+port\s+\d+\s+-+\s*RX-packets:\s*(\d+).*?TX-packets:\s*(\d+)",
+    re.S,
+)
+
+
+def queue_stats(output: str, queues: int) -> dict[int, tuple[int, int]]:
+    """(rx, tx) packets per port queue from testpmd's final statistics; with one queue
+    testpmd prints only the port's totals."""
+    streams = {int(q): (int(rx), int(tx)) for q, rx, tx in _STREAM.findall(output)}
+    if queues == 1 and not streams:
+        totals = _PORT.findall(output)
+        if totals:
+            rx, tx = totals[-1]
+            streams = {0: (int(rx), int(tx))}
+    return streams

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +18,9 @@ from support import actor, run_captured, xdp_of
 
 from broker.protocol import LeaseInfo
 from lab.brokerproc import BrokerProcess, wait_until
-from lab.dpdk import Dpdk, ensure_dpdk
-from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, enter_netns, steer_queue
+from lab.dpdk import Dpdk, PmdRun, ensure_dpdk, pmd_args, queue_stats
+from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, enter_netns, run, steer_queue
 from lab.traffic import send_to_queue
-from lab.vm import xdp_stats
 
 pytestmark = [pytest.mark.kernel]
 
@@ -38,11 +37,14 @@ def as_uid(uid: int, argv: list[str], caps: str = CAPS) -> list[str]:
     ]  # fmt: skip
 
 
-def request_map(broker: BrokerProcess, ifname: str, queues: int, *extra: str) -> list[str]:
-    """`xsk-broker request --handout map ... --` (append the consumer's argv)."""
+def request_map(
+    broker: BrokerProcess, ifname: str, queues: int, consumer: list[str], *extra: str
+) -> list[str]:
+    """`xsk-broker request --handout map ... -- CONSUMER...`."""
     return [
         sys.executable, "-m", "xsk_broker", "request", "--socket", str(broker.socket_path),
         "--ifname", ifname, "--queues", str(queues), "--handout", "map", *extra, "--",
+        *consumer,
     ]  # fmt: skip
 
 
@@ -79,10 +81,10 @@ def test_device_plugin_hands_the_map_to_the_consumer_uid_only(
     ifname = lab2.ifname_a
     other = in_lab(lab2, as_uid(OTHER_UID, ["sleep", "0"]))
     assert other.returncode == 0, other.stderr
-    consumer = request_map(broker2, ifname, 2) + [
-        "sh", "-c", 'echo "$0" >&2; "$@"; sleep 0.2', "{dp-path} {map-path}",
+    consumer = request_map(broker2, ifname, 2, [
+        "sh", "-c", 'echo "$0" >&2; "$@"', "{dp-path} {map-path}",
         *actor("device_plugin", "{dp-path}", ifname, "/config_busy_poll,10,64", "/bogus"),
-    ]  # fmt: skip
+    ])  # fmt: skip
     with subprocess.Popen(
         as_uid(UNPRIVILEGED_UID, consumer),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -116,10 +118,10 @@ def test_another_uid_gets_no_map_and_is_logged(
     ifname = lab2.ifname_a
     ready = workdir / "lease.json"
     holder = subprocess.Popen(
-        as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 2) + [
+        as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 2, [
             "sh", "-c", 'echo "$1 $2" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 60',
             str(ready), "{dp-path}", "{map-path}",
-        ]),
+        ])),
         preexec_fn=lambda: enter_netns(lab2.ns_a),
     )  # fmt: skip
     os.chmod(workdir, 0o777)
@@ -147,8 +149,79 @@ def test_another_uid_gets_no_map_and_is_logged(
 def test_a_map_lease_takes_the_whole_interface(broker2: BrokerProcess, lab2: VethLab) -> None:
     """A map fd reaches every slot, so part of an interface is refused before anything is
     attached, and a map lease blocks socket leases on the same interface."""
-    got = in_lab(lab2, request_map(broker2, lab2.ifname_a, 1) + ["true"])
+    got = in_lab(lab2, request_map(broker2, lab2.ifname_a, 1, ["true"]))
     assert got.returncode != 0
     assert got.stderr.startswith("BAD_QUEUES"), got.stderr
     assert "every queue" in got.stderr
     assert not broker2.client().status().attachments
+
+
+@pytest.fixture(scope="module")
+def dpdk() -> Dpdk:
+    return ensure_dpdk()
+
+
+@pytest.fixture
+def lab1() -> Iterator[VethLab]:
+    """One queue: DPDK sizes its port by the combined channel count, which veth does not
+    report, so the PMD takes one queue of a veth at most."""
+    with VethLab(queues=1) as lab:
+        yield lab
+
+
+def peer_rx_packets(lab: VethLab) -> int:
+    (link,) = json.loads(run(["ip", "-n", lab.ns_b, "-j", "-s", "link", "show", lab.ifname_b]))
+    return int(link["stats64"]["rx"]["packets"])
+
+
+@pytest.mark.parametrize("forward", ["rxonly", "txonly"])
+@pytest.mark.parametrize("how", ["use_cni", "use_pinned_map"])
+@pytest.mark.parametrize("mode", ["native", "skb"])
+def test_unmodified_testpmd_unprivileged(
+    dpdk: Dpdk, lab1: VethLab, pin_root: Path, workdir: Path, mode: str, how: str, forward: str
+) -> None:
+    """dpdk-testpmd as uid 61000 with CAP_NET_RAW and CAP_IPC_LOCK only, through
+    `xsk-broker request --handout map`: frames the peer sends arrive (rxonly), frames it
+    sends reach the peer (txonly)."""
+    path = "{dp-path}" if how == "use_cni" else "{map-path}"
+    vdev = f"net_af_xdp0,iface={lab1.ifname_a},start_queue=0,queue_count=1,{how}=1,dp_path={path}"
+    with BrokerProcess(lab1.ns_a, pin_root, workdir) as broker:
+        command = dpdk.testpmd() + pmd_args(vdev, 1, forward)
+        argv = as_uid(
+            UNPRIVILEGED_UID, request_map(broker, lab1.ifname_a, 1, command, "--mode", mode)
+        )
+        before = peer_rx_packets(lab1)
+        pmd = PmdRun(argv, preexec_fn=lambda: enter_netns(lab1.ns_a))
+        try:
+            assert pmd.started(), pmd.output
+            if forward == "rxonly":
+                sent = send_to_queue(lab1.b, lab1.a, steer_queue(0, mode, 1), "dpdk", 100)
+                assert sent == 100
+            time.sleep(1.0)
+        finally:
+            output = pmd.stop()
+        rx, tx = queue_stats(output, 1)[0]
+        if forward == "rxonly":
+            assert rx == 100, output
+        else:
+            assert tx > 0 and peer_rx_packets(lab1) - before >= tx * 0.9, output
+        assert ("XSKMAP of" in broker.log()) == (how == "use_cni")
+        wait_until(lambda: not leases(broker))
+    assert not xdp_of(lab1)
+
+
+def test_testpmd_refused_where_the_policy_says_no(
+    dpdk: Dpdk, lab1: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """The same testpmd command, with a policy that does not name uid 61000: the request is
+    refused before testpmd runs, and the refusal is in the broker's log."""
+    policy = '[[allow]]\nname = "root only"\nusers = [0]\n'
+    vdev = f"net_af_xdp0,iface={lab1.ifname_a},use_cni=1,dp_path={{dp-path}}"
+    with BrokerProcess(lab1.ns_a, pin_root, workdir, policy=policy) as broker:
+        command = dpdk.testpmd() + pmd_args(vdev, 1, "rxonly")
+        got = in_lab(lab1, as_uid(UNPRIVILEGED_UID, request_map(broker, lab1.ifname_a, 1, command)))
+        assert got.returncode != 0
+        assert got.stderr.startswith("DENIED"), got.stderr
+        assert "EAL" not in got.stdout + got.stderr
+        assert f"to uid {UNPRIVILEGED_UID}" in broker.log() and "event=denied" in broker.log()
+    assert not xdp_of(lab1)
