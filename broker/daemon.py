@@ -37,7 +37,8 @@ def main(config: ServeConfig) -> int:
     group = int(config.group) if config.group and config.group.isdigit() else config.group
     inherited = activation.inherited_fds()
     listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
-    caps.enter_least_privilege(config.allow_root)
+    keep = caps.REQUIRED + caps.OPTIONAL + (caps.MAP_PINS if config.map_pins else ())
+    caps.enter_least_privilege(config.allow_root, keep)
     notifier = activation.Notifier()
     stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
     config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ The socket file is open to all (mode 0666 in a 0755 directory) because the answe
 the file, is the gate: dpfront.py serves only the consumer's uid, as SO_PEERCRED says. A pin
 has no such gate (BPF_OBJ_GET checks file permissions only), so it is owned by the consumer
 uid with mode 0600, in a directory everyone may traverse but not list; changing a file's
-owner takes CAP_CHOWN, and a broker without it hands out no pin (dp_path only).
+owner takes CAP_CHOWN, which the broker keeps only with `serve --map-pins`; without it
+no pin is made (dp_path only).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ class MapLeases:
         return path
 
     def _pin(self, lease_id: str, consumer_uid: int, map_fd: int) -> str:
-        if "chown" not in caps.current()["CapEff"]:
-            log.info("lease %s: no CAP_CHOWN, so no pinned map (dp_path only)", lease_id)
+        if not set(caps.MAP_PINS) <= caps.current()["CapEff"]:
+            log.info("lease %s: no pinned map (serve --map-pins keeps CAP_CHOWN)", lease_id)
             return ""
         path = self.pin_dir / lease_id
         try:

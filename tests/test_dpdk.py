@@ -64,7 +64,7 @@ def lab2() -> Iterator[VethLab]:
 
 @pytest.fixture
 def broker2(lab2: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProcess]:
-    with BrokerProcess(lab2.ns_a, pin_root, workdir) as proc:
+    with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as proc:
         yield proc
 
 
@@ -185,7 +185,7 @@ def test_unmodified_testpmd_unprivileged(
     sends reach the peer (txonly)."""
     path = "{dp-path}" if how == "use_cni" else "{map-path}"
     vdev = f"net_af_xdp0,iface={lab1.ifname_a},start_queue=0,queue_count=1,{how}=1,dp_path={path}"
-    with BrokerProcess(lab1.ns_a, pin_root, workdir) as broker:
+    with BrokerProcess(lab1.ns_a, pin_root, workdir, "--map-pins") as broker:
         command = dpdk.testpmd() + pmd_args(vdev, 1, forward)
         argv = as_uid(
             UNPRIVILEGED_UID, request_map(broker, lab1.ifname_a, 1, command, "--mode", mode)
