@@ -94,33 +94,24 @@ class PmdRun:
         return self.output
 
 
-def pmd_args(vdev: str, queues: int, forward: str) -> list[str]:
-    """EAL and testpmd options for one af_xdp vdev: no hugepages, no PCI, no shared config (no
-    files), one forwarding lcore, periodic statistics instead of a prompt."""
+def pmd_args(vdevs: list[str], forward: str) -> list[str]:
+    """EAL and testpmd options for af_xdp vdevs of one queue each (DPDK sizes an af_xdp port
+    by the combined channel count, which veth does not report, so on veth a port has one
+    queue and a port per queue covers them all): no hugepages, no PCI, no shared config
+    files, one forwarding lcore, periodic statistics instead of a prompt, few mbufs."""
     return [
-        "--no-huge", "--no-pci", "-m", "512", "--no-shconf", "-l", "0-1", "--vdev", vdev,
-        "--", f"--rxq={queues}", f"--txq={queues}", f"--forward-mode={forward}",
-        "--stats-period=1", "--total-num-mbufs=8192",
+        "--no-huge", "--no-pci", "-m", "512", "--no-shconf", "-l", "0-1",
+        *(arg for vdev in vdevs for arg in ("--vdev", vdev)),
+        "--", f"--forward-mode={forward}", "--stats-period=1", "--total-num-mbufs=8192",
     ]  # fmt: skip
 
 
-_STREAM = re.compile(
-    r"Forward Stats for RX Port=\s*\d+/Queue=\s*(\d+) -> TX Port=\s*\d+/Queue=\s*\d+ -+\s*"
-    r"RX-packets:\s*(\d+)\s+TX-packets:\s*(\d+)"
-)
 _PORT = re.compile(
-    r"Forward statistics for\s+port\s+\d+\s+-+\s*RX-packets:\s*(\d+).*?TX-packets:\s*(\d+)",
+    r"Forward statistics for\s+port\s+(\d+)\s+-+\s*RX-packets:\s*(\d+).*?TX-packets:\s*(\d+)",
     re.S,
 )
 
 
-def queue_stats(output: str, queues: int) -> dict[int, tuple[int, int]]:
-    """(rx, tx) packets per port queue from testpmd's final statistics; with one queue
-    testpmd prints only the port's totals."""
-    streams = {int(q): (int(rx), int(tx)) for q, rx, tx in _STREAM.findall(output)}
-    if queues == 1 and not streams:
-        totals = _PORT.findall(output)
-        if totals:
-            rx, tx = totals[-1]
-            streams = {0: (int(rx), int(tx))}
-    return streams
+def port_stats(output: str) -> dict[int, tuple[int, int]]:
+    """(rx, tx) packets per port from testpmd's final statistics."""
+    return {int(port): (int(rx), int(tx)) for port, rx, tx in _PORT.findall(output)}

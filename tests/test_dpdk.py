@@ -18,7 +18,7 @@ from support import actor, run_captured, xdp_of
 
 from broker.protocol import LeaseInfo
 from lab.brokerproc import BrokerProcess, wait_until
-from lab.dpdk import Dpdk, PmdRun, ensure_dpdk, pmd_args, queue_stats
+from lab.dpdk import Dpdk, PmdRun, ensure_dpdk, pmd_args, port_stats
 from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, enter_netns, run, steer_queue
 from lab.traffic import send_to_queue
 
@@ -161,67 +161,69 @@ def dpdk() -> Dpdk:
     return ensure_dpdk()
 
 
-@pytest.fixture
-def lab1() -> Iterator[VethLab]:
-    """One queue: DPDK sizes its port by the combined channel count, which veth does not
-    report, so the PMD takes one queue of a veth at most."""
-    with VethLab(queues=1) as lab:
-        yield lab
-
-
 def peer_rx_packets(lab: VethLab) -> int:
     (link,) = json.loads(run(["ip", "-n", lab.ns_b, "-j", "-s", "link", "show", lab.ifname_b]))
     return int(link["stats64"]["rx"]["packets"])
+
+
+def vdevs(ifname: str, queues: int, option: str) -> list[str]:
+    """One af_xdp port per queue (see lab.dpdk.pmd_args)."""
+    return [
+        f"net_af_xdp{q},iface={ifname},start_queue={q},queue_count=1,{option}"
+        for q in range(queues)
+    ]
 
 
 @pytest.mark.parametrize("forward", ["rxonly", "txonly"])
 @pytest.mark.parametrize("how", ["use_cni", "use_pinned_map"])
 @pytest.mark.parametrize("mode", ["native", "skb"])
 def test_unmodified_testpmd_unprivileged(
-    dpdk: Dpdk, lab1: VethLab, pin_root: Path, workdir: Path, mode: str, how: str, forward: str
+    dpdk: Dpdk, lab2: VethLab, pin_root: Path, workdir: Path, mode: str, how: str, forward: str
 ) -> None:
     """dpdk-testpmd as uid 61000 with CAP_NET_RAW and CAP_IPC_LOCK only, through
-    `xsk-broker request --handout map`: frames the peer sends arrive (rxonly), frames it
-    sends reach the peer (txonly)."""
+    `xsk-broker request --handout map`, one port per leased queue: frames the peer sends to
+    each queue arrive on its port (rxonly; in skb mode veth steers to queue 0 only, see
+    lab.netlab.steer_queue), and every port sends frames the peer receives (txonly)."""
     path = "{dp-path}" if how == "use_cni" else "{map-path}"
-    vdev = f"net_af_xdp0,iface={lab1.ifname_a},start_queue=0,queue_count=1,{how}=1,dp_path={path}"
-    with BrokerProcess(lab1.ns_a, pin_root, workdir, "--map-pins") as broker:
-        command = dpdk.testpmd() + pmd_args(vdev, 1, forward)
-        argv = as_uid(
-            UNPRIVILEGED_UID, request_map(broker, lab1.ifname_a, 1, command, "--mode", mode)
-        )
-        before = peer_rx_packets(lab1)
-        pmd = PmdRun(argv, preexec_fn=lambda: enter_netns(lab1.ns_a))
+    ports = vdevs(lab2.ifname_a, 2, f"{how}=1,dp_path={path}")
+    with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as broker:
+        command = dpdk.testpmd() + pmd_args(ports, forward)
+        request = request_map(broker, lab2.ifname_a, 2, command, "--mode", mode)
+        before = peer_rx_packets(lab2)
+        pmd = PmdRun(as_uid(UNPRIVILEGED_UID, request), preexec_fn=lambda: enter_netns(lab2.ns_a))
+        sent = {}
         try:
             assert pmd.started(), pmd.output
             if forward == "rxonly":
-                sent = send_to_queue(lab1.b, lab1.a, steer_queue(0, mode, 1), "dpdk", 100)
-                assert sent == 100
+                for q in range(2) if mode == "native" else range(1):
+                    sent[q] = send_to_queue(lab2.b, lab2.a, steer_queue(q, mode, 2), "dp", 100 + q)
             time.sleep(1.0)
         finally:
             output = pmd.stop()
-        rx, tx = queue_stats(output, 1)[0]
+        stats = port_stats(output)
+        assert set(stats) == {0, 1}, output
         if forward == "rxonly":
-            assert rx == 100, output
+            assert {q: stats[q][0] for q in sent} == sent == {q: 100 + q for q in sent}, output
         else:
-            assert tx > 0 and peer_rx_packets(lab1) - before >= tx * 0.9, output
-        assert ("XSKMAP of" in broker.log()) == (how == "use_cni")
+            assert all(tx > 0 for _rx, tx in stats.values()), output
+            assert peer_rx_packets(lab2) - before >= 0.9 * sum(tx for _rx, tx in stats.values())
+        assert (broker.log().count("XSKMAP of") == 2) == (how == "use_cni")
         wait_until(lambda: not leases(broker))
-    assert not xdp_of(lab1)
+    assert not xdp_of(lab2)
 
 
 def test_testpmd_refused_where_the_policy_says_no(
-    dpdk: Dpdk, lab1: VethLab, pin_root: Path, workdir: Path
+    dpdk: Dpdk, lab2: VethLab, pin_root: Path, workdir: Path
 ) -> None:
     """The same testpmd command, with a policy that does not name uid 61000: the request is
     refused before testpmd runs, and the refusal is in the broker's log."""
     policy = '[[allow]]\nname = "root only"\nusers = [0]\n'
-    vdev = f"net_af_xdp0,iface={lab1.ifname_a},use_cni=1,dp_path={{dp-path}}"
-    with BrokerProcess(lab1.ns_a, pin_root, workdir, policy=policy) as broker:
-        command = dpdk.testpmd() + pmd_args(vdev, 1, "rxonly")
-        got = in_lab(lab1, as_uid(UNPRIVILEGED_UID, request_map(broker, lab1.ifname_a, 1, command)))
+    ports = vdevs(lab2.ifname_a, 2, "use_cni=1,dp_path={dp-path}")
+    with BrokerProcess(lab2.ns_a, pin_root, workdir, policy=policy) as broker:
+        command = dpdk.testpmd() + pmd_args(ports, "rxonly")
+        got = in_lab(lab2, as_uid(UNPRIVILEGED_UID, request_map(broker, lab2.ifname_a, 2, command)))
         assert got.returncode != 0
         assert got.stderr.startswith("DENIED"), got.stderr
         assert "EAL" not in got.stdout + got.stderr
         assert f"to uid {UNPRIVILEGED_UID}" in broker.log() and "event=denied" in broker.log()
-    assert not xdp_of(lab1)
+    assert not xdp_of(lab2)
