@@ -27,6 +27,8 @@ LOADER = "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu",)
 TESTPMD = "usr/bin/dpdk-testpmd"
 PLUGINS = ("librte_net_af_xdp.so.25", "librte_mempool_ring.so.25")
+# libxdp's BPF objects, for a PMD that loads its own program (no use_cni).
+BPF_OBJECTS = "usr/lib/x86_64-linux-gnu/bpf"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,11 @@ class Dpdk:
     """A cached rootfs holding dpdk-testpmd."""
 
     rootfs: Path
+
+    @property
+    def bpf_objects(self) -> Path:
+        """Where libxdp must look (LIBXDP_OBJECT_PATH) from the host's view."""
+        return self.rootfs / BPF_OBJECTS
 
     def testpmd(self) -> list[str]:
         """The command prefix running dpdk-testpmd (append EAL options, --, app options)."""
