@@ -7,7 +7,8 @@
 Each round gives each case a fresh one-queue veth pair in native mode; a generator testpmd
 (txonly, root) on the peer sends for --seconds while the receiver counts. The two use
 different lcores (generator forwards on cpu 0, receiver on cpu 1). Cases alternate within
-each round; the verdict is the median of the per-round ratios. Goal (issue 11): brokered/self >= 0.95.
+each round; the verdict is the median of the per-round ratios.
+Goal (issue 11): brokered/self >= 0.95.
 
 Run as root: .venv/bin/python -m bench.dpdk_rx [--rounds N] [--seconds S].
 """
