@@ -19,16 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from broker import fdpass, memlock, netdev, procinfo, xsk
+from broker import bpf, fdpass, memlock, netdev, procinfo, xsk
 from broker.audit import log_event
 from broker.errors import (
-    BadQueues,
+    AttachFailed,
     BrokerError,
     ConsumerGone,
     Denied,
     LeasesLive,
     NoSuchLease,
     QueueBusy,
+    XdpConflict,
 )
 from broker.leases import LeaseTable, LiveLease
 from broker.loader import Attachment, Loader
@@ -76,11 +77,14 @@ class MapPaths:
 
 class MapHandouts(Protocol):
     """What a map lease gets besides the lease (maplease.MapLeases): made before the lease is
-    recorded, removed when it ends."""
+    recorded, removed when it ends. open() takes over the lease's map fd (closed by close(),
+    or by open() itself if it fails); map_fd() lends it."""
 
     def open(self, lease_id: str, consumer_uid: int, map_fd: int) -> MapPaths: ...
 
     def close(self, lease_id: str) -> None: ...
+
+    def map_fd(self, lease_id: str) -> int | None: ...
 
 
 class FdStore(Protocol):
@@ -330,25 +334,35 @@ class Service:
         ifindex: int,
         start_time: int,
     ) -> Done:
-        """A map lease: whoever holds an XSKMAP fd can fill any of its slots, so it takes
-        every queue of the interface, and the map dies with the lease (_end detaches the
-        program: the next lease gets a new map). Its fds go out through maps, not here."""
+        """A map lease: its queues redirect through an XSKMAP of its own, which its consumer
+        fills itself (whoever holds an XSKMAP fd can fill any slot), so no other queue is
+        reachable through it; when the lease ends they go back to the shared map and the
+        lease's map steers nothing, whoever still holds it. Its fds go out through maps."""
         if self.maps is None:
             raise Denied("this broker hands out no maps (it has no device-plugin front end)")
-        rx_queues = netdev.link_state(ifindex).rx_queues
-        if request.queue_ids != range(rx_queues):
-            raise BadQueues(
-                f"a map lease takes every queue of the interface: {request.ifname} has "
-                f"{rx_queues}, so ask for --queues {rx_queues} --start-queue 0"
-            )
         attachment = self.loader.ensure(request.ifname, grant.mode, request.queue_ids, ifindex)
-        lease_id = self.new_lease_id()
-        paths = self.maps.open(lease_id, consumer.uid, attachment.map_fd)
+        if attachment.queues_fd < 0:
+            raise XdpConflict(
+                f"{request.ifname} carries the program of an older broker, which has no "
+                f"per-queue maps; once its leases end, detach it (xsk-broker detach --ifname "
+                f"{request.ifname}) and ask again"
+            )
         try:
+            lease_map = bpf.create_xskmap("xsks_lease", attachment.queue_count)
+        except bpf.BpfError as exc:
+            raise AttachFailed(
+                f"creating the lease's XSKMAP: {exc.strerror}", errno=exc.errno
+            ) from None
+        lease_id = self.new_lease_id()
+        paths = self.maps.open(lease_id, consumer.uid, lease_map)
+        queue_ids = list(request.queue_ids)
+        try:
+            attachment.steer(queue_ids, lease_map)
             info = self._record(
                 caller, request, grant, consumer, attachment, start_time, lease_id, paths
             )
         except BaseException:
+            attachment.unsteer(queue_ids)
             self.maps.close(lease_id)
             raise
         return Done(Granted(info), (), info.lease_id)
@@ -531,10 +545,8 @@ class Service:
         """Forget the lease and empty its slots: sockets its consumer (or a child) may still
         hold no longer receive, so nobody keeps queues the quota no longer counts."""
         self._release_slots(lease.info)
-        if lease.info.handout == "map":
-            if self.maps is not None:
-                self.maps.close(lease.info.lease_id)
-            self.loader.detach(lease.info.ifindex)
+        if lease.info.handout == "map" and self.maps is not None:
+            self.maps.close(lease.info.lease_id)
         with contextlib.suppress(KeyError, ValueError):
             self.watch.unwatch(lease.pidfd)
         self.leases.end(lease.info.lease_id)
@@ -544,7 +556,9 @@ class Service:
 
     def _release_slots(self, info: LeaseInfo) -> None:
         attachment = self.loader.attachments.get(info.ifindex)
-        if attachment is not None:
+        if attachment is not None and info.handout == "map":
+            attachment.unsteer(info.queue_ids)
+        elif attachment is not None:
             xsk.release_slots(attachment, info.queue_ids)
 
     def _audit(self, event: str, info: LeaseInfo, reason: str) -> None:

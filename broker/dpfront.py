@@ -66,8 +66,8 @@ class DevicePluginFrontEnd:
             return Answer(b"/fin_ack")
         if command != b"/xsk_map_fd" or argument.decode(errors="replace") != lease.info.ifname:
             return Answer(refusal)
-        attachment = self.service.loader.attachments.get(lease.info.ifindex)
-        if attachment is None:
+        map_fd = self.service.maps.map_fd(self.lease_id) if self.service.maps else None
+        if map_fd is None:
             return Answer(refusal)
-        log.info("lease %s: XSKMAP of %s to pid %d", self.lease_id, lease.info.ifname, caller.pid)
-        return Answer(b"/fd_ack", [os.dup(attachment.map_fd)])
+        log.info("lease %s: its XSKMAP to pid %d", self.lease_id, caller.pid)
+        return Answer(b"/fd_ack", [os.dup(map_fd)])

@@ -1,6 +1,7 @@
-"""What a map lease hands out besides the lease itself: a device-plugin socket (DPDK
-use_cni=1,dp_path=...) served on the broker's loop, and the XSKMAP pinned in bpffs (DPDK
-use_pinned_map=1, QEMU map-path=) for the consumer's uid alone. Both go with the lease.
+"""What a map lease hands out besides the lease itself: its own XSKMAP (core.py steers the
+lease's queues through it), offered on a device-plugin socket (DPDK use_cni=1,dp_path=...)
+served on the broker's loop and pinned in bpffs (DPDK use_pinned_map=1, QEMU map-path=),
+for the consumer's uid alone. All three go with the lease.
 
 The socket file is open to all (mode 0666 in a 0755 directory) because the answer, not
 the file, is the gate: dpfront.py serves only the consumer's uid, as SO_PEERCRED says. A pin
@@ -40,22 +41,32 @@ class MapLeases:
     unserve: Callable[[socket.socket], None]
     front_end: Callable[[str], FrontEnd]
     listeners: dict[str, socket.socket] = field(default_factory=dict)
+    maps: dict[str, int] = field(default_factory=dict)
 
     def open(self, lease_id: str, consumer_uid: int, map_fd: int) -> MapPaths:
-        """The socket and the pin for a new lease; all or nothing."""
-        dp_path = self._listen(lease_id)
+        """The socket and the pin for a new lease, whose map_fd this now owns; all or
+        nothing."""
+        self.maps[lease_id] = map_fd
         try:
+            dp_path = self._listen(lease_id)
             pin = self._pin(lease_id, consumer_uid, map_fd)
         except BaseException:
             self.close(lease_id)
             raise
         return MapPaths(str(dp_path), pin)
 
+    def map_fd(self, lease_id: str) -> int | None:
+        """The lease's map (still this object's), if the lease is open here."""
+        return self.maps.get(lease_id)
+
     def close(self, lease_id: str) -> None:
-        """Take the lease's socket off the loop and remove its file and pin."""
+        """Take the lease's socket off the loop, remove its file and pin, close its map."""
         sock = self.listeners.pop(lease_id, None)
         if sock is not None:
             self.unserve(sock)
+        map_fd = self.maps.pop(lease_id, None)
+        if map_fd is not None:
+            os.close(map_fd)
         for path in (self._socket_path(lease_id), self.pin_dir / lease_id):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
