@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from support import actor, run_captured, xdp_of
 
-from broker.protocol import LeaseInfo
+from broker.protocol import LeaseInfo, Request
 from lab.brokerproc import BrokerProcess, wait_until
 from lab.dpdk import Dpdk, PmdRun, ensure_dpdk, pmd_args, port_stats
 from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, enter_netns, run, steer_queue
@@ -178,6 +178,39 @@ def test_tenants_cannot_reach_each_others_queues(
     assert seen[0]["received"] == 50
     assert seen[1]["received"] == 40
     wait_until(lambda: not leases(broker2))
+
+
+def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
+    broker2: BrokerProcess, lab2: VethLab, workdir: Path
+) -> None:
+    """The lease's steering lives in the pinned map of maps: a broker killed outright and
+    started again adopts it, and when the consumer then exits its pin is removed and its
+    queue can be leased again, to a map lease or to sockets."""
+    ifname = lab2.ifname_a
+    os.chmod(workdir, 0o777)
+    ready = workdir / "paths"
+    script = 'echo "$1" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 60'
+    consumer = ["sh", "-c", script, str(ready), "{map-path}"]
+    holder = subprocess.Popen(
+        as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 1, consumer)),
+        preexec_fn=lambda: enter_netns(lab2.ns_a),
+    )  # fmt: skip
+    try:
+        wait_until(ready.exists, timeout=20)
+        map_pin = Path(ready.read_text().strip())
+        broker2.kill()
+        broker2.start()
+        (lease,) = leases(broker2)
+        assert lease.handout == "map" and map_pin.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_until(lambda: not leases(broker2))
+    assert not map_pin.exists()
+    again = in_lab(lab2, as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 1, ["true"])))
+    assert again.returncode == 0, again.stderr
+    with broker2.client().lease(Request(ifname, 1)) as sockets:
+        assert sockets.queue_ids == [0]
 
 
 @pytest.fixture(scope="module")
