@@ -1,5 +1,6 @@
 """Speak the AF_XDP device-plugin protocol as DPDK's af_xdp PMD does (one connection, text
-commands without NUL, replies read into 128 bytes): argv[1] is the socket path, argv[2] the
+commands without NUL, replies read into 128 bytes; /config_busy_poll goes with an fd, as
+CNDP sends it): argv[1] is the socket path, argv[2] the
 interface, argv[3:] extra commands to send. Prints one JSON object: each reply's text, how
 many fds came with it and the map type of each (17 is an XSKMAP), and, when a map came,
 whether this uid could fill its slot 0 with an AF_XDP socket of its own (DPDK does that).
@@ -21,7 +22,12 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         print(json.dumps({"connect_error": exc.errno}))
         sys.exit(0)
     for command in ["/connect,not-checked", "/version", f"/xsk_map_fd,{ifname}", *extra, "/fin"]:
-        sock.send(command.encode())
+        if command.startswith("/config_busy_poll"):  # sent with the client's socket attached
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as mine:
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [mine.fileno()]))]
+                sock.sendmsg([command.encode()], rights)
+        else:
+            sock.send(command.encode())
         data, anc, _flags, _addr = sock.recvmsg(128, socket.CMSG_SPACE(4 * 4))
         fds = array.array("i")
         for level, kind, payload in anc:
