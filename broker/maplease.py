@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ class MapLeases:
         return self.dp_dir / f"{lease_id}.sock"
 
     def _listen(self, lease_id: str) -> Path:
-        self.dp_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _own_directory(self.dp_dir, 0o755)
         path = self._socket_path(lease_id)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -97,10 +98,9 @@ class MapLeases:
         if not set(caps.MAP_PINS) <= caps.current()["CapEff"]:
             log.info("lease %s: no pinned map (serve --map-pins keeps CAP_CHOWN)", lease_id)
             return ""
+        _own_directory(self.pin_dir, 0o711)
         path = self.pin_dir / lease_id
         try:
-            self.pin_dir.mkdir(mode=0o711, exist_ok=True)
-            os.chmod(self.pin_dir, 0o711)
             bpf.pin(map_fd, str(path))
             os.chmod(path, 0o600)  # before chown: after it, the broker is not the owner
             os.chown(path, consumer_uid, -1)
@@ -112,3 +112,21 @@ class MapLeases:
                 errno=exc.errno or errno.EIO,
             ) from None
         return str(path)
+
+
+def _own_directory(path: Path, mode: int) -> None:
+    """path as a directory of the broker's own with mode, made if missing. bpffs's root is
+    world-writable (sticky), so anyone could have made it first, to swap pins in it."""
+    try:
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        info = os.lstat(path)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
+            os.chmod(path, mode)
+            return
+    except OSError as exc:
+        raise AttachFailed(f"cannot make {path}: {exc.strerror}", errno=exc.errno) from None
+    raise AttachFailed(
+        f"{path} is not a directory of the broker's (uid {info.st_uid}, mode "
+        f"{stat.S_IMODE(info.st_mode):04o}); someone else made it: remove it",
+        errno=errno.EPERM,
+    )

@@ -215,6 +215,27 @@ def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
         assert sockets.queue_ids == [0]
 
 
+def test_a_pin_directory_someone_else_made_is_refused(
+    lab2: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """bpffs's root is world-writable: a uid that makes the lease pin directory first could
+    swap pins in it. The broker refuses to pin there, says why, and leaves nothing behind."""
+    planted = lease_pin_dir(pin_root)
+    planted.mkdir(mode=0o777)
+    os.chown(planted, OTHER_UID, UNPRIVILEGED_GID)
+    try:
+        with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as broker:
+            got = in_lab(lab2, request_map(broker, lab2.ifname_a, 1, ["true"]))
+            assert got.returncode != 0
+            assert got.stderr.startswith("ATTACH_FAILED"), got.stderr
+            assert "someone else made it" in got.stderr
+            assert not leases(broker)
+            assert not list((broker.state_dir / "dp").glob("*"))
+            assert not list(planted.iterdir())
+    finally:
+        planted.rmdir()
+
+
 @pytest.fixture(scope="module")
 def dpdk() -> Dpdk:
     return ensure_dpdk()
