@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import selectors
 
-from broker import activation, audit, caps
+from broker import activation, audit, caps, trust
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
@@ -28,17 +28,28 @@ def _earliest(*timeouts: float | None) -> float | None:
     return min(known) if known else None
 
 
+def refuse_untrusted(config: ServeConfig, activated: bool) -> None:
+    """Refuse a directory another uid could change before anything is mounted, bound or
+    created, so that the refusal leaves nothing behind (each is checked again as it is
+    made)."""
+    trust.check_new_directory("state directory", config.state_dir)
+    trust.check_new_directory("pin directory", config.pin_root)
+    if not activated:
+        trust.check_new_directory("socket directory", config.socket_path.parent)
+
+
 def main(config: ServeConfig) -> int:
     audit.setup_logging(config.verbose)
+    inherited = activation.inherited_fds()
+    refuse_untrusted(config, activated=bool(inherited))
     ensure_bpffs(config.pin_root)
     raise_fd_limit()
     group = int(config.group) if config.group and config.group.isdigit() else config.group
-    inherited = activation.inherited_fds()
     listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
     caps.enter_least_privilege(config.allow_root)
     notifier = activation.Notifier()
     stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
-    config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    trust.ensure_directory("state directory", config.state_dir, 0o755)
     selector = selectors.DefaultSelector()
     service = Service(
         config.policy_path,
