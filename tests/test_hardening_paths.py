@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import BrokerFactory, actor, run_captured
+from support import BrokerFactory, actor, piped, run_captured, xsk_cli
 
 from broker import procinfo
 from broker.journal import STATE_FILE, TEMP_FILE
@@ -32,7 +32,7 @@ from broker.policy import Policy, PolicyError
 from broker.protocol import LeaseInfo
 from broker.trust import UntrustedPath
 from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess, wait_until
-from lab.netlab import VethLab, run_unprivileged
+from lab.netlab import VethLab, run_unprivileged, spawn_unprivileged
 from lab.traffic import client_env
 
 pytestmark = pytest.mark.kernel
@@ -144,6 +144,28 @@ def test_socket_mode_and_group_never_go_through_a_link(
         assert "chmod" not in call, call
         assert call.split()[1].startswith("lchown(") or "AT_SYMLINK_NOFOLLOW" in call, call
     assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, 61000)
+
+
+def test_client_refuses_a_listener_of_another_uid_before_sending(attack_dir: Path) -> None:
+    """Where the broker refused to bind, the attacker's own socket may still wait: root's
+    ping was once answered by the attacker's process."""
+    path = attack_dir / "broker.sock"
+    impostor = spawn_unprivileged(
+        actor("impostor", str(path)), ATTACKER, ATTACKER, cwd=str(REPO), text=True,
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert piped(impostor.stdout).readline().strip() == "listening"
+        done = xsk_cli("ping", "--socket", str(path))
+        assert done.returncode == 1, done.stdout
+        assert done.stderr.startswith(
+            f"UNTRUSTED_BROKER: the process listening on {path} (pid {impostor.pid}) runs as "
+            f"uid {ATTACKER}, not as root or this user"
+        ), done.stderr
+        assert json.loads(piped(impostor.stdout).readline()) == {"request_seen": False}
+    finally:
+        impostor.kill()
+        impostor.wait()
 
 
 # -- the state directory and the lease journal -----------------------------------------------
