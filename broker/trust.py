@@ -78,7 +78,7 @@ def _resolve(what: str, path: Path) -> tuple[str, list[str]]:
     """Follow path as the kernel would, checking every directory looked into and every
     symlink followed; returns the real path and the part of it that does not exist yet."""
     todo = list(reversed(Path(os.path.join(os.getcwd(), path)).parts))
-    current, missing, hops = "/", list[str](), 0
+    current, hops = "/", 0
     while todo:
         name = todo.pop()
         if name == "/":
@@ -95,6 +95,10 @@ def _resolve(what: str, path: Path) -> tuple[str, list[str]]:
             info = os.lstat(candidate)
         except FileNotFoundError:
             return current, [name, *reversed(todo)]
+        except OSError as exc:  # EACCES, ENOTDIR: what cannot be looked at cannot be trusted
+            raise UntrustedPath(
+                f"{what}: {path}: cannot look at {candidate}: {exc.strerror}", errno=exc.errno
+            ) from None
         if stat.S_ISLNK(info.st_mode):
             hops += 1
             if hops > _MAX_SYMLINKS:
@@ -104,7 +108,7 @@ def _resolve(what: str, path: Path) -> tuple[str, list[str]]:
             todo.extend(reversed(Path(os.readlink(candidate)).parts))
         else:
             current = candidate
-    return current, missing
+    return current, []
 
 
 def check_directory(what: str, path: Path) -> None:

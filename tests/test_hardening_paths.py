@@ -125,6 +125,26 @@ def test_socket_directory_others_can_write_is_refused(
     assert_nothing_made(shared / "broker.sock", workdir / "state", pin_root)
 
 
+def test_socket_directory_reached_through_another_uids_link_is_refused(
+    workdir: Path, pin_root: Path
+) -> None:
+    """The link lives in sticky /tmp, the directory it names is root's own: but the link's
+    owner can point it elsewhere whenever it likes, and clients follow the path."""
+    link = Path(f"/tmp/xskt-attack-{os.urandom(4).hex()}")
+    as_attacker("symlink", str(workdir), str(link))
+    try:
+        done = serve(workdir, pin_root, "--socket", str(link / "broker.sock"))
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1, done.stderr
+        assert lines[0].startswith(
+            f"UNTRUSTED_PATH: socket directory: {link} is owned by uid {ATTACKER} with mode "
+            "0777 (a link not owned by root"
+        )
+        assert_nothing_made(workdir / "broker.sock", workdir / "state", pin_root)
+    finally:
+        link.unlink()
+
+
 def test_socket_mode_and_group_never_go_through_a_link(
     lab4: VethLab, pin_root: Path, workdir: Path
 ) -> None:
