@@ -1,8 +1,9 @@
 """`xsk-broker serve`: the order of start-up matters, so it is written down once here.
 
-1. logging (journal or stderr), 2. bpffs and 3. the listening socket (from systemd, or bound
-by hand: mounting and chgrp need privileges the broker is about to drop), 4. capabilities
-down to the three it needs, 5. adopt pins and leases, 6. READY=1, serve.
+1. logging (journal or stderr), 2. the directories it will trust checked (broker.trust),
+before anything is made, 3. bpffs and 4. the listening socket (from systemd, or bound by
+hand: mounting and chgrp need privileges the broker is about to drop), 5. capabilities down
+to the three it needs, 6. adopt pins and leases, 7. READY=1, serve.
 """
 
 from __future__ import annotations
