@@ -9,6 +9,7 @@ directory, no mount.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,11 +27,13 @@ import pytest
 from support import BrokerFactory, actor, piped, run_captured, xsk_cli
 
 from broker import procinfo
+from broker.errors import UntrustedBroker
 from broker.journal import STATE_FILE, TEMP_FILE
 from broker.leases import LeaseTable
 from broker.policy import Policy, PolicyError
 from broker.protocol import LeaseInfo
 from broker.trust import UntrustedPath
+from client.aio import AsyncClient
 from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess, wait_until
 from lab.netlab import VethLab, run_unprivileged, spawn_unprivileged
 from lab.traffic import client_env
@@ -166,26 +169,48 @@ def test_socket_mode_and_group_never_go_through_a_link(
     assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, 61000)
 
 
-def test_client_refuses_a_listener_of_another_uid_before_sending(attack_dir: Path) -> None:
-    """Where the broker refused to bind, the attacker's own socket may still wait: root's
-    ping was once answered by the attacker's process."""
-    path = attack_dir / "broker.sock"
-    impostor = spawn_unprivileged(
-        actor("impostor", str(path)), ATTACKER, ATTACKER, cwd=str(REPO), text=True,
-        stdout=subprocess.PIPE,
+@pytest.fixture
+def impostor(attack_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """The attacker's own socket at attack_dir/broker.sock, answering like a broker would.
+
+    Where the broker refused to bind, such a socket may still wait: root's ping was once
+    answered by the attacker's process."""
+    proc = spawn_unprivileged(
+        actor("impostor", str(attack_dir / "broker.sock")), ATTACKER, ATTACKER,
+        cwd=str(REPO), text=True, stdout=subprocess.PIPE,
     )  # fmt: skip
     try:
-        assert piped(impostor.stdout).readline().strip() == "listening"
-        done = xsk_cli("ping", "--socket", str(path))
-        assert done.returncode == 1, done.stdout
-        assert done.stderr.startswith(
-            f"UNTRUSTED_BROKER: the process listening on {path} (pid {impostor.pid}) runs as "
-            f"uid {ATTACKER}, not as root or this user"
-        ), done.stderr
-        assert json.loads(piped(impostor.stdout).readline()) == {"request_seen": False}
+        assert piped(proc.stdout).readline().strip() == "listening"
+        yield proc
+        assert json.loads(piped(proc.stdout).readline()) == {"request_seen": False}
     finally:
-        impostor.kill()
-        impostor.wait()
+        proc.kill()
+        proc.wait()
+
+
+def refusal_of(impostor: subprocess.Popen[str], path: Path) -> str:
+    return (
+        f"UNTRUSTED_BROKER: the process listening on {path} (pid {impostor.pid}) runs as uid "
+        f"{ATTACKER}, not as root or this user"
+    )
+
+
+def test_cli_refuses_a_listener_of_another_uid_before_sending(
+    impostor: subprocess.Popen[str], attack_dir: Path
+) -> None:
+    path = attack_dir / "broker.sock"
+    done = xsk_cli("ping", "--socket", str(path))
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.startswith(refusal_of(impostor, path)), done.stderr
+
+
+def test_async_client_refuses_a_listener_of_another_uid_before_sending(
+    impostor: subprocess.Popen[str], attack_dir: Path
+) -> None:
+    path = attack_dir / "broker.sock"
+    with pytest.raises(UntrustedBroker) as refused:
+        asyncio.run(AsyncClient(path).ping())
+    assert str(refused.value).startswith(refusal_of(impostor, path))
 
 
 # -- the state directory and the lease journal -----------------------------------------------
