@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker import bpf, caps
+from broker import bpf, caps, trust
 from broker.core import MapPaths
 from broker.errors import AttachFailed
 from broker.frontend import FrontEnd
@@ -76,7 +76,7 @@ class MapLeases:
         return self.dp_dir / f"{lease_id}.sock"
 
     def _listen(self, lease_id: str) -> Path:
-        _own_directory(self.dp_dir, 0o755)
+        trust.ensure_directory("device-plugin socket directory", self.dp_dir, 0o755)
         path = self._socket_path(lease_id)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -98,7 +98,9 @@ class MapLeases:
         if not set(caps.MAP_PINS) <= caps.current()["CapEff"]:
             log.info("lease %s: no pinned map (serve --map-pins keeps CAP_CHOWN)", lease_id)
             return ""
-        _own_directory(self.pin_dir, 0o711)
+        trust.ensure_directory("lease pin directory", self.pin_dir, 0o711)
+        os.chmod(self.pin_dir, 0o711)  # the broker's own now; consumers traverse it
+        _check_reachable(self.pin_dir)
         path = self.pin_dir / lease_id
         try:
             bpf.pin(map_fd, str(path))
@@ -114,19 +116,14 @@ class MapLeases:
         return str(path)
 
 
-def _own_directory(path: Path, mode: int) -> None:
-    """path as a directory of the broker's own with mode, made if missing. bpffs's root is
-    world-writable (sticky), so anyone could have made it first, to swap pins in it."""
-    try:
-        path.mkdir(mode=mode, parents=True, exist_ok=True)
-        info = os.lstat(path)
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
-            os.chmod(path, mode)
-            return
-    except OSError as exc:
-        raise AttachFailed(f"cannot make {path}: {exc.strerror}", errno=exc.errno) from None
-    raise AttachFailed(
-        f"{path} is not a directory of the broker's (uid {info.st_uid}, mode "
-        f"{stat.S_IMODE(info.st_mode):04o}); someone else made it: remove it",
-        errno=errno.EPERM,
-    )
+def _check_reachable(directory: Path) -> None:
+    """Refuse pins a consumer could not open: every directory on the way must let others
+    through (systemd mounts /sys/fs/bpf mode 0700, so pins there reach root alone)."""
+    for parent in (directory, *directory.parents):
+        mode = stat.S_IMODE(parent.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            raise AttachFailed(
+                f"consumers cannot reach pins in {directory}: {parent} has mode {mode:04o}; "
+                f"let others through it (chmod o+x {parent}) or run without --map-pins",
+                errno=errno.EACCES,
+            )

@@ -68,6 +68,15 @@ def broker2(lab2: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProc
         yield proc
 
 
+def drop_box(workdir: Path) -> Path:
+    """A directory the consumers (other uids) may write their ready files to; not the
+    broker's state directory's parent, which the broker checks nobody else can write."""
+    box = workdir / "box"
+    box.mkdir(exist_ok=True)
+    box.chmod(0o777)
+    return box
+
+
 def lease_pin_dir(pin_root: Path) -> Path:
     return pin_root.with_name(pin_root.name + "-leases")
 
@@ -118,7 +127,7 @@ def test_another_uid_gets_no_map_and_is_logged(
     """Kernel identity, not the hostname text: uid OTHER_UID on the consumer's socket gets
     /host_nak and /fd_nak with no fd, and cannot open the pin either."""
     ifname = lab2.ifname_a
-    ready = workdir / "lease.json"
+    ready = drop_box(workdir) / "lease.json"
     holder = subprocess.Popen(
         as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 2, [
             "sh", "-c", 'echo "$1 $2" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 60',
@@ -126,7 +135,6 @@ def test_another_uid_gets_no_map_and_is_logged(
         ])),
         preexec_fn=lambda: enter_netns(lab2.ns_a),
     )  # fmt: skip
-    os.chmod(workdir, 0o777)
     try:
         wait_until(ready.exists, timeout=20)
         dp_path, map_pin = ready.read_text().split()
@@ -156,10 +164,10 @@ def test_tenants_cannot_reach_each_others_queues(
     holder of a shared XSKMAP could do to take or blank other queues): the first tenant
     still gets every frame sent to queue 0, the second those sent to queue 1."""
     ifname = lab2.ifname_a
-    os.chmod(workdir, 0o777)
+    box = drop_box(workdir)
     tenants = {}
     for queue, uid in ((0, UNPRIVILEGED_UID), (1, OTHER_UID)):
-        ready = workdir / f"ready{queue}"
+        ready = box / f"ready{queue}"
         consumer = actor("map_tenant", "{dp-path}", ifname, str(queue), "0,1", str(ready), "6")
         request = request_map(
             broker2, ifname, 1, consumer, "--start-queue", str(queue), "--mode", "native"
@@ -189,8 +197,7 @@ def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
     started again adopts it, and when the consumer then exits its pin is removed and its
     queue can be leased again, to a map lease or to sockets."""
     ifname = lab2.ifname_a
-    os.chmod(workdir, 0o777)
-    ready = workdir / "paths"
+    ready = drop_box(workdir) / "paths"
     script = 'echo "$1" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 60'
     consumer = ["sh", "-c", script, str(ready), "{map-path}"]
     holder = subprocess.Popen(
@@ -227,8 +234,8 @@ def test_a_pin_directory_someone_else_made_is_refused(
         with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as broker:
             got = in_lab(lab2, request_map(broker, lab2.ifname_a, 1, ["true"]))
             assert got.returncode != 0
-            assert got.stderr.startswith("ATTACH_FAILED"), got.stderr
-            assert "someone else made it" in got.stderr
+            assert got.stderr.startswith("UNTRUSTED_PATH"), got.stderr
+            assert str(planted) in got.stderr
             assert not leases(broker)
             assert not list((broker.state_dir / "dp").glob("*"))
             assert not list(planted.iterdir())
