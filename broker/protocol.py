@@ -38,6 +38,9 @@ MAX_TAG_CHARS = 64
 IFNAMSIZ = 16
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 LEASE_ID_CHARS = 12
+# How much of a refused message's unknown field names an error repeats back (and logs).
+MAX_NAMES_ECHOED = 8
+MAX_NAME_ECHO = 64
 
 
 Body = dict[str, Any]
@@ -221,7 +224,11 @@ def decode_message(data: bytes) -> Message:
         raise UnknownOp(f"op {op!r} is not known; known ops: {', '.join(sorted(OPS))}")
     unknown = sorted(set(body) - _KNOWN_FIELDS[kind.op])
     if unknown:
-        raise BadRequest(f"unknown field(s) for op '{op}': {', '.join(unknown)}")
+        named = ", ".join(repr(name[:MAX_NAME_ECHO]) for name in unknown[:MAX_NAMES_ECHOED])
+        more = len(unknown) - MAX_NAMES_ECHOED
+        raise BadRequest(
+            f"unknown field(s) for op '{op}': {named}" + (f" and {more} more" if more > 0 else "")
+        )
     try:
         return kind.from_body(body)
     except (UnicodeError, ValueError, TypeError, OverflowError) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -62,10 +63,14 @@ def request_from(opts: argparse.Namespace, **fixed: Any) -> Request:
     return Request(**{name: value for name, value in given.items() if value is not None})
 
 
+PLACEHOLDER = re.compile(r"\{(netdev|sock-fds)\}")
+
+
 def substitute(args: Sequence[str], lease: Lease, netdev_id: str) -> list[str]:
-    """Replace {netdev} and {sock-fds} in each argument."""
-    netdev = lease.netdev_arg(netdev_id)
-    return [a.replace("{netdev}", netdev).replace("{sock-fds}", lease.sock_fds) for a in args]
+    """Replace {netdev} and {sock-fds} in each argument, in one pass: a value put in (an
+    interface or netdev id that itself reads `{sock-fds}`) is never substituted again."""
+    values = {"netdev": lease.netdev_arg(netdev_id), "sock-fds": lease.sock_fds}
+    return [PLACEHOLDER.sub(lambda found: values[found.group(1)], a) for a in args]
 
 
 def cmd_request(opts: argparse.Namespace) -> int:
