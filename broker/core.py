@@ -172,7 +172,7 @@ class Service:
         if isinstance(message, Request):
             return self._request(caller, message)
         if isinstance(message, StatusQuery):
-            return Done(self.status())
+            return Done(self.status(caller, message))
         if isinstance(message, Ping):
             return Done(Pong(broker_version(), os.getpid()))
         if isinstance(message, Release):
@@ -404,15 +404,35 @@ class Service:
         self._report_status()
         return Done(Detached(message.ifname, attached))
 
-    def status(self) -> Status:
-        """Attachments and at most max_status_leases leases (lease_count says how many there
-        are); a front end may list fewer, to fit its wire."""
-        shown = list(self.leases.by_id.values())[: self.max_status_leases]
+    def status(self, caller: Caller, query: StatusQuery) -> Status:
+        """Attachments, and at most max_status_leases of the leases caller may see that match
+        query; the counts say how many were left out and why. A caller sees the leases it
+        asked for or consumes, an admin (policy.administers) those of its interfaces, and
+        root all (it can read the lease journal anyway). A front end may list fewer, to fit
+        its wire, and adds those to leases_trimmed."""
+        admin: dict[str, bool] = {}
+
+        def visible(info: LeaseInfo) -> bool:
+            if caller.uid in (0, info.uid, info.consumer_uid):
+                return True
+            if info.ifname not in admin:
+                admin[info.ifname] = self.policy.administers(caller, info.ifname)
+            return admin[info.ifname]
+
+        every = [lease.info for lease in self.leases.by_id.values()]
+        matching = [info for info in every if query.matches(info) and visible(info)]
+        shown = matching[: self.max_status_leases]
         return Status(
             BrokerInfo(broker_version(), os.getpid(), str(self.policy.path)),
-            [a.describe() for a in self.loader.attachments.values()],
-            [lease.info for lease in shown],
-            len(self.leases.by_id),
+            [
+                a.describe()
+                for a in self.loader.attachments.values()
+                if query.ifname in (None, a.ifname)
+            ],
+            shown,
+            len(every),
+            len(every) - len(matching),
+            len(matching) - len(shown),
         )
 
     def undelivered(self, lease_id: str) -> None:

@@ -203,6 +203,19 @@ class Policy:
         target = f" on {ifname}" if ifname else ""
         raise Denied(f"{describe(caller)} matches no allow rule with admin = true for {op}{target}")
 
+    def administers(self, caller: Caller, ifname: str) -> bool:
+        """Whether caller may administer ifname (status shows it the interface's leases):
+        an allow rule with admin = true covers it and no deny rule applies. polkit is not
+        asked: this only decides what caller may see."""
+        try:
+            self._check_deny(caller, ifname)
+        except Denied:
+            return False
+        return any(
+            rule.admin and rule.covers(ifname) and rule.identity_match(caller)
+            for rule in self.allow
+        )
+
     def _check_deny(self, caller: Caller, ifname: str | None) -> None:
         for rule in self.deny:
             matched = rule.identity_match(caller)

@@ -139,13 +139,34 @@ REQUEST_FIELDS = tuple(f.name for f in fields(Request))
 
 @dataclass(frozen=True)
 class StatusQuery:
-    """Ask for attachments and leases."""
+    """Ask for attachments and leases: those the caller may see (its own; an admin's, all),
+    narrowed by the filters given (None: no filter)."""
 
     op: ClassVar[str] = "status"
+    ifname: str | None = None
+    lease_id: str | None = None
+    uid: int | None = None
 
     @classmethod
     def from_body(cls, body: Body) -> StatusQuery:
-        return cls()
+        ifname = _field(body, "ifname", str, None, nullable=True)
+        lease_id = _field(body, "lease_id", str, None, nullable=True)
+        uid = _field(body, "uid", int, None, nullable=True)
+        if uid is not None and not 0 <= uid < 1 << 32:
+            raise BadRequest(f"uid must be 0..2^32-1, got {uid}")
+        return cls(
+            None if ifname is None else validate_ifname(ifname),
+            None if lease_id is None else validate_lease_id(lease_id),
+            uid,
+        )
+
+    def matches(self, lease: LeaseInfo) -> bool:
+        """Whether lease passes every filter given."""
+        return (
+            self.ifname in (None, lease.ifname)
+            and self.lease_id in (None, lease.lease_id)
+            and self.uid in (None, lease.uid, lease.consumer_uid)
+        )
 
 
 @dataclass(frozen=True)
@@ -370,14 +391,18 @@ class BrokerInfo:
 
 @dataclass(frozen=True)
 class Status:
-    """The reply to StatusQuery: at most a bounded number of leases (lease_count says how
-    many there are), so it always fits one datagram."""
+    """The reply to StatusQuery: at most a bounded number of leases, so it always fits one
+    datagram. lease_count: every live lease; of those not listed, leases_filtered were left
+    out as not the caller's or not matching the query's filters, leases_trimmed for the
+    reply's size (the broker's maximum, or the datagram)."""
 
     op: ClassVar[str] = "status"
     broker: BrokerInfo
     attachments: list[AttachmentInfo]
     leases: list[LeaseInfo]
     lease_count: int
+    leases_filtered: int = 0
+    leases_trimmed: int = 0
 
     def to_wire(self) -> Body:
         return {
@@ -385,10 +410,16 @@ class Status:
             "attachments": [a.to_wire() for a in self.attachments],
             "leases": [lease.to_wire() for lease in self.leases],
             "lease_count": self.lease_count,
+            "leases_filtered": self.leases_filtered,
+            "leases_trimmed": self.leases_trimmed,
         }
 
     @classmethod
     def from_wire(cls, body: Body) -> Status:
+        """A broker older than the two counts left out only for size."""
+        leases = [LeaseInfo.from_wire(x) for x in body["leases"]]
+        count = int(body["lease_count"])
+        filtered = int(body.get("leases_filtered", 0))
         return cls(
             BrokerInfo(
                 str(body["broker"]["version"]),
@@ -396,8 +427,10 @@ class Status:
                 str(body["broker"]["policy"]),
             ),
             [AttachmentInfo.from_wire(a) for a in body["attachments"]],
-            [LeaseInfo.from_wire(x) for x in body["leases"]],
-            int(body["lease_count"]),
+            leases,
+            count,
+            filtered,
+            int(body.get("leases_trimmed", count - filtered - len(leases))),
         )
 
 
