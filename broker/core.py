@@ -21,7 +21,15 @@ from typing import Protocol
 
 from broker import fdpass, memlock, netdev, procinfo, xsk
 from broker.audit import log_event
-from broker.errors import BrokerError, ConsumerGone, Denied, LeasesLive, NoSuchLease, QueueBusy
+from broker.errors import (
+    BrokerError,
+    ConsumerGone,
+    Denied,
+    InterfaceTaken,
+    LeasesLive,
+    NoSuchLease,
+    QueueBusy,
+)
 from broker.leases import LeaseTable, LiveLease
 from broker.loader import Attachment, Loader
 from broker.policy import Caller, Grant, Policy, PolicyError
@@ -275,11 +283,12 @@ class Service:
         busy = self.leases.holders(ifindex, queue_ids)
         if busy:
             raise QueueBusy("; ".join(_held_by(lease, request) for lease in busy))
+        self._check_tenancy(request, ifindex, consumer)
         memlock.ensure(
             consumer.pid,
             memlock.needed_bytes(request.queues, request.umem_bytes),
             self.leases.held_bytes(consumer.uid),
-            may_raise=grant.raise_memlock,
+            may_raise_to=self._may_raise_to(grant, request, consumer),
             pidfd=consumer.pidfd,
         )
         start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
@@ -292,6 +301,43 @@ class Service:
             fdpass.close_all(fds)
             raise
         return Done(Granted(info), fds, info.lease_id)
+
+    def _may_raise_to(self, grant: Grant, request: Request, consumer: Consumer) -> int | None:
+        """The most the broker may raise the consumer's limit to (None: the rule has no
+        raise_memlock): the rule's UMEM maximum for every queue the consumer's uid would
+        hold, this lease's and its live leases'."""
+        if not grant.raise_memlock:
+            return None
+        held = sum(
+            len(lease.info.queue_ids)
+            for lease in self.leases.by_id.values()
+            if lease.info.consumer_uid == consumer.uid
+        )
+        return memlock.needed_bytes(request.queues + held, grant.max_umem_bytes_per_queue)
+
+    def _check_tenancy(self, request: Request, ifindex: int, consumer: Consumer) -> None:
+        """Under exclusive tenancy, an interface with live leases is refused to consumers
+        of any other uid: a consumer can bind its socket to any queue of its interface."""
+        if not self.policy.exclusive_tenancy:
+            return
+        other = next(
+            (
+                lease
+                for lease in self.leases.by_id.values()
+                if lease.info.ifindex == ifindex and lease.info.consumer_uid != consumer.uid
+            ),
+            None,
+        )
+        if other is not None:
+            info = other.info
+            tag = f", tag {info.tag!r}" if info.tag else ""
+            raise InterfaceTaken(
+                f"{request.ifname} is leased to consumer uid {info.consumer_uid} (lease "
+                f"{info.lease_id}{tag}, pid {info.consumer_pid}), and the policy's "
+                "exclusive_tenancy keeps other uids off an interface while any lease on it "
+                "is live: use another interface, or ask again once that lease has ended",
+                details={"holder_uid": info.consumer_uid, "lease_id": info.lease_id},
+            )
 
     def _record(
         self,

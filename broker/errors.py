@@ -202,6 +202,13 @@ class XdpConflict(Refused):
     default_errno = errno_mod.EBUSY
 
 
+class InterfaceTaken(Refused):
+    """Exclusive tenancy: another uid's consumer holds a lease on the interface."""
+
+    code = "INTERFACE_TAKEN"
+    default_errno = errno_mod.EBUSY
+
+
 class MemlockExceeded(Refused):
     """Consumer cannot lock enough memory."""
 

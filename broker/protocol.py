@@ -33,6 +33,7 @@ DEFAULT_SOCKET_PATH = "/run/xsk-broker/broker.sock"
 SOCKET_ENV = "XSK_BROKER_SOCKET"
 # QEMU: (2048 fill + 2048 completion) * 2 * 4096-byte frames per queue.
 QEMU_UMEM_BYTES = 32 * 1024 * 1024
+MIN_UMEM_BYTES, MAX_UMEM_BYTES = 4096, 1 << 40
 MODES = ("auto", "native", "skb")
 MAX_TAG_CHARS = 64
 IFNAMSIZ = 16
@@ -129,8 +130,8 @@ class Request:
         if pid is not None and not 0 < pid <= PID_MAX_LIMIT:
             raise BadRequest(f"consumer_pid must be 1..{PID_MAX_LIMIT}, got {pid}")
         umem = _field(body, "umem_bytes", int, QEMU_UMEM_BYTES)
-        if not 4096 <= umem <= 1 << 40:
-            raise BadRequest(f"umem_bytes must be 4096..2^40, got {umem}")
+        if not MIN_UMEM_BYTES <= umem <= MAX_UMEM_BYTES:
+            raise BadRequest(f"umem_bytes must be {MIN_UMEM_BYTES}..2^40, got {umem}")
         return cls(ifname, queues, start, mode, tag, pid, umem)
 
 
