@@ -316,6 +316,12 @@ def test_raise_memlock_is_bounded_by_the_rules_umem_per_queue(
     assert memlock_of(consumer.pid) == (6 * MIB, 8 * MIB)
 
 
+def policy_check(path: Path, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`xsk-broker policy check PATH ARGS` once path holds text."""
+    path.write_text(text)
+    return xsk_cli("policy", "check", str(path), *args)
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
@@ -326,33 +332,27 @@ def test_raise_memlock_is_bounded_by_the_rules_umem_per_queue(
 )
 def test_policy_check_refuses_a_bad_umem_maximum(tmp_path: Path, text: str, reason: str) -> None:
     path = tmp_path / "policy.toml"
-    path.write_text(f'[[allow]]\nname = "x"\nusers = ["*"]\n{text}\n')
-    done = xsk_cli("policy", "check", str(path))
+    done = policy_check(path, f'[[allow]]\nname = "x"\nusers = ["*"]\n{text}\n')
     assert done.returncode == 1
     assert done.stderr.startswith(f"BAD_POLICY: {path}:4: allow rule: ") and reason in done.stderr
 
 
 def test_policy_check_explains_the_umem_maximum_and_tenancy(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
-    path.write_text(RAISING)
-    explained = xsk_cli("policy", "check", str(path), "--as", "root")
+    explained = policy_check(path, RAISING, "--as", "root")
     assert explained.returncode == 0, explained.stderr
     assert "at most 4194304 bytes of UMEM per queue" in explained.stdout
     assert "exclusive tenancy: on" in explained.stdout
-    path.write_text("exclusive_tenancy = false\n" + RAISING)
-    assert (
-        json.loads(xsk_cli("policy", "check", str(path), "--json").stdout)["exclusive_tenancy"]
-        is False
-    )
+    shared = policy_check(path, "exclusive_tenancy = false\n" + RAISING, "--json")
+    assert json.loads(shared.stdout)["exclusive_tenancy"] is False
     (tmp_path / "more.toml").write_text("exclusive_tenancy = true\n")
-    path.write_text('include = ["more.toml"]\n' + RAISING)
-    nested = xsk_cli("policy", "check", str(path))
+    nested = policy_check(path, 'include = ["more.toml"]\n' + RAISING)
     assert nested.returncode == 1
     assert "more.toml:1: exclusive_tenancy may be set only in the top policy file" in (
         nested.stderr
     )
-    path.write_text('exclusive_tenancy = "yes"\n' + RAISING)
-    assert "exclusive_tenancy must be true or false" in xsk_cli("policy", "check", str(path)).stderr
+    wrong = policy_check(path, 'exclusive_tenancy = "yes"\n' + RAISING)
+    assert "exclusive_tenancy must be true or false" in wrong.stderr
 
 
 # --- 6: tenants sharing an interface --------------------------------------------------
