@@ -282,7 +282,7 @@ class Service:
         ifindex = netdev.ifindex_of(request.ifname)
         busy = self.leases.holders(ifindex, queue_ids)
         if busy:
-            raise QueueBusy("; ".join(_held_by(lease, request) for lease in busy))
+            raise QueueBusy(_some([_held_by(lease, request) for lease in busy], "; "))
         self._check_tenancy(request, ifindex, consumer)
         memlock.ensure(
             consumer.pid,
@@ -432,7 +432,7 @@ class Service:
         if live and not message.force:
             raise LeasesLive(
                 f"{message.ifname} has {len(live)} live lease(s) ("
-                + ", ".join(f"{x.info.lease_id} for pid {x.info.consumer_pid}" for x in live)
+                + _some([f"{x.info.lease_id} for pid {x.info.consumer_pid}" for x in live], ", ")
                 + "); stop their consumers or pass --force"
             )
         for lease in live:
@@ -584,6 +584,13 @@ class Service:
         """The one line `systemctl status` shows."""
         attachments = ", ".join(f"{a.ifname}/{a.mode}" for a in self.loader.attachments.values())
         return f"{len(self.leases.by_id)} lease(s); attached: {attachments or 'none'}"
+
+
+def _some(parts: Sequence[str], sep: str, most: int = 4) -> str:
+    """At most `most` of parts, then how many more: an error naming other tenants' leases
+    stays short whatever they hold (a tag alone can take 768 bytes of JSON)."""
+    more = len(parts) - most
+    return sep.join(parts[:most]) + (f"{sep}and {more} more" if more > 0 else "")
 
 
 def _held_by(lease: LiveLease, request: Request) -> str:

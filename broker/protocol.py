@@ -42,6 +42,7 @@ LEASE_ID_CHARS = 12
 # How much of a refused message's unknown field names an error repeats back (and logs).
 MAX_NAMES_ECHOED = 8
 MAX_NAME_ECHO = 64
+MAX_ERROR_CHARS = 4096
 
 
 Body = dict[str, Any]
@@ -500,9 +501,14 @@ def encode_reply(reply: Reply) -> bytes:
 
 
 def encode_error(error: BrokerError) -> bytes:
+    """The failure reply; a message over MAX_ERROR_CHARS is cut there (and says so), so that
+    an error reply always fits one datagram (12 bytes a character at most, as JSON)."""
+    body = error.to_wire()
+    if len(error.message) > MAX_ERROR_CHARS:
+        cut = error.message[:MAX_ERROR_CHARS]
+        body["message"] = f"{cut}... ({len(error.message)} characters, cut)"
     return json.dumps(
-        {"version": PROTOCOL_VERSION, "ok": False, "error": error.to_wire()},
-        separators=(",", ":"),
+        {"version": PROTOCOL_VERSION, "ok": False, "error": body}, separators=(",", ":")
     ).encode()
 
 

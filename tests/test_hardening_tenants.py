@@ -24,7 +24,7 @@ import pytest
 from support import BrokerFactory, Spawn, actor, xdp_of, xsk_cli
 
 from broker import procinfo
-from broker.errors import Denied, MemlockExceeded
+from broker.errors import Denied, MemlockExceeded, QueueBusy
 from broker.protocol import MAX_MESSAGE_BYTES, MAX_TAG_CHARS, LeaseInfo
 from client.aio import AsyncClient
 from client.cli import substitute
@@ -107,7 +107,8 @@ def test_status_serves_every_tenant_despite_long_tags_and_filters_what_each_sees
 ) -> None:
     """90 leases with 64-emoji tags (about 1 KiB each as JSON) cannot fit one datagram:
     root's status lists what fits and counts the rest; a tenant sees its own 30 leases,
-    and --lease, --ifname and --uid narrow what is shown, with what was left out counted."""
+    and --lease, --ifname and --uid narrow what is shown, with what was left out counted.
+    A refusal naming the holders names a few and counts the rest, so it fits too."""
     broker, lab = crowded
     uids = (61001, 61002, 61003)
     with tenants(broker, *uids) as crowd:
@@ -150,6 +151,10 @@ def test_status_serves_every_tenant_despite_long_tags_and_filters_what_each_sees
         assert (picked.leases_filtered, picked.leases_trimmed) == (60, 0)
         refused = cli_as(broker, 61001, "status", "--lease", "not-a-lease")
         assert refused.returncode == 1 and refused.stderr.startswith("BAD_REQUEST: lease_id")
+
+        with pytest.raises(QueueBusy) as busy:  # naming all 90 holders would not fit a reply
+            broker.client().request(lab.ifname_a, 90, umem_bytes=4096)
+        assert busy.value.message.endswith("; and 86 more"), busy.value.message[-200:]
 
 
 # --- 4: client text in logs, errors and QEMU arguments ----------------------------------

@@ -9,6 +9,7 @@ import pytest
 
 from broker.errors import BadQueues, BrokerError, ProtocolViolation, QueueBusy
 from broker.protocol import (
+    MAX_MESSAGE_BYTES,
     Granted,
     LeaseInfo,
     Ping,
@@ -117,3 +118,11 @@ def test_unknown_field_names_are_echoed_escaped_and_bounded() -> None:
     message = caught.value.message
     assert message.isprintable() and message.endswith(" and 12 more")
     assert "'f0\\n\\x1b" + "y" * 60 + "'" in message and "y" * 61 not in message
+
+
+def test_an_error_reply_always_fits_one_datagram() -> None:
+    data = encode_error(QueueBusy("\N{GRINNING FACE}" * 10000))
+    assert len(data) < MAX_MESSAGE_BYTES
+    with pytest.raises(QueueBusy) as caught:
+        decode_reply(data, Request)
+    assert caught.value.message.endswith("... (10000 characters, cut)")
