@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import logging
 import selectors
+from typing import TYPE_CHECKING
 
 from broker import activation, audit, caps
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
+from broker.frontend import FrontEnd
 from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
 from broker.limits import raise_fd_limit
 from broker.loader import Loader
 from broker.server import PidfdWatch, Server
+
+if TYPE_CHECKING:
+    from broker.metrics import Metrics
 
 log = logging.getLogger("xsk-broker")
 
@@ -49,14 +54,25 @@ def main(config: ServeConfig) -> int:
         max_status_leases=config.max_status_leases,
         on_change=notifier.status,
     )
-    server = Server(config, listener, JsonFrontEnd(service), service, selector)
+    front: FrontEnd = JsonFrontEnd(service)
+    metrics: Metrics | None = None
+    if config.metrics_file is not None:  # imported only then: a cold start waits for imports
+        from broker.metrics import instrument
+
+        metrics, front = instrument(service, front, config.metrics_file, config.state_dir)
+    server = Server(config, listener, front, service, selector)
     server.catch_signals()
     try:
         service.start(stored)
+        if metrics is not None:
+            metrics.start()
         notifier.ready()
         log.info("serving on %s", config.socket_path)
         while server.running:
-            server.step(_earliest(server.next_timeout(), notifier.watchdog_interval))
+            waits = [server.next_timeout(), notifier.watchdog_interval]
+            server.step(_earliest(*waits, metrics.next_timeout() if metrics else None))
+            if metrics is not None:
+                metrics.flush()
             notifier.watchdog()
             if server.idle_expired():
                 log.info("idle for %.0f s: exiting", config.idle_exit)
@@ -64,5 +80,7 @@ def main(config: ServeConfig) -> int:
     finally:
         notifier.stopping()
         server.close()
+        if metrics is not None:
+            metrics.stop()
         service.close()
     return 0
