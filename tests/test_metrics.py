@@ -233,10 +233,12 @@ def textfile_dir(workdir: Path) -> Path:
 
 @pytest.mark.kernel
 def test_node_exporter_serves_what_a_real_broker_counts(
-    broker_factory: BrokerFactory, spawn: Spawn, textfile_dir: Path
+    broker_factory: BrokerFactory, spawn: Spawn, workdir: Path, textfile_dir: Path
 ) -> None:
-    prom = textfile_dir / "xsk-broker.prom"
-    broker, lab = broker_factory("--metrics-file", str(prom), policy=POLICY)
+    # As docs/operations.md says: in the broker's own state directory (/run/xsk-broker),
+    # linked from node_exporter's textfile directory.
+    broker, lab = broker_factory("--metrics-file", str(workdir / "state" / "x.prom"), policy=POLICY)
+    (textfile_dir / "xsk-broker.prom").symlink_to(broker.state_dir / "x.prom")
     exporter = NodeExporter(spawn, textfile_dir)
     client = broker.client()
     ifname = lab.ifname_a
