@@ -29,7 +29,7 @@ from broker.core import NO_OP, Service
 from broker.errors import BrokerError, MemlockExceeded, UsageError
 from broker.frontend import Answer, FrontEnd, Waiting
 from broker.policy import Caller
-from broker.protocol import AttachmentInfo, Granted, LeaseInfo, Reply
+from broker.protocol import MODES, AttachmentInfo, Granted, LeaseInfo, Reply
 
 log = logging.getLogger("xsk-broker")
 
@@ -41,7 +41,7 @@ WRITE_INTERVAL = 1.0
 # Seconds: a ping answers in ~0.1 ms, a many-queue request in tens of ms, polkit in seconds.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PREVIOUS = ("none", "stopped", "died")  # what came before a start
-MODES = ("native", "skb")
+ATTACH_MODES = tuple(mode for mode in MODES if mode != "auto")  # what an attachment can be in
 TALLY_NAME = "metrics-tally.json"
 
 
@@ -57,17 +57,14 @@ def write_atomically(path: Path, data: bytes) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o644)
     try:
-        os.fchmod(fd, 0o644)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    try:
+        try:
+            os.fchmod(fd, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -95,7 +92,7 @@ class Exposition:
         self.lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
 
     def sample(self, name: str, value: float, **labels: object) -> None:
-        number = repr(float(value)) if isinstance(value, float) else str(value)
+        number = repr(value) if isinstance(value, float) else str(value)
         self.lines.append(f"{name}{_labels(**labels)} {number}")
 
     def text(self) -> str:
@@ -144,27 +141,6 @@ class Tally:
 
     def to_bytes(self) -> bytes:
         return json.dumps(vars(self)).encode()
-
-
-def instrument(
-    service: Service, front: FrontEnd, path: Path, state_dir: Path
-) -> tuple[Metrics, FrontEnd]:
-    """Metrics fed by service and by front, which is returned timed."""
-
-    def live() -> tuple[list[AttachmentInfo], list[LeaseInfo]]:
-        """Every attachment and every live lease (status() lists only so many leases)."""
-        attachments = [a.describe() for a in service.loader.attachments.values()]
-        return attachments, [lease.info for lease in service.leases.by_id.values()]
-
-    metrics = Metrics(path, state_dir, live)
-    report = service.on_change
-
-    def on_change(line: str) -> None:
-        report(line)
-        metrics.changed()
-
-    service.observer, service.on_change = metrics, on_change
-    return metrics, Timed(front, metrics)
 
 
 class Metrics:
@@ -348,7 +324,7 @@ class Metrics:
         out.family(
             "xsk_broker_attachments", "gauge", "interfaces carrying the XSK program, by mode"
         )
-        for mode in sorted({*MODES, *modes}):
+        for mode in sorted({*ATTACH_MODES, *modes}):
             out.sample("xsk_broker_attachments", modes[mode], mode=mode)
 
     def _render_decisions(self, out: Exposition) -> None:
@@ -411,3 +387,24 @@ class Timed:
         if isinstance(answer, Answer):
             self.metrics.answered(self.metrics.last_op, time.perf_counter() - started)
         return answer
+
+
+def instrument(
+    service: Service, front: FrontEnd, path: Path, state_dir: Path
+) -> tuple[Metrics, FrontEnd]:
+    """Metrics fed by service and by front, which is returned timed."""
+
+    def live() -> tuple[list[AttachmentInfo], list[LeaseInfo]]:
+        """Every attachment and every live lease (status() lists only so many leases)."""
+        attachments = [a.describe() for a in service.loader.attachments.values()]
+        return attachments, [lease.info for lease in service.leases.by_id.values()]
+
+    metrics = Metrics(path, state_dir, live)
+    report = service.on_change
+
+    def on_change(line: str) -> None:
+        report(line)
+        metrics.changed()
+
+    service.observer, service.on_change = metrics, on_change
+    return metrics, Timed(front, metrics)
