@@ -245,6 +245,13 @@ class ProtocolViolation(LocalError):
     default_errno = errno_mod.EPROTO
 
 
+class UntrustedBroker(LocalError):
+    """The process listening on the socket is not the broker: it runs as another uid."""
+
+    code = "UNTRUSTED_BROKER"
+    default_errno = errno_mod.EPERM
+
+
 class UsageError(LocalError):
     """The command line itself is wrong; exit status 2 like argparse's own errors."""
 

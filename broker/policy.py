@@ -16,10 +16,10 @@ import errno
 import fnmatch
 import glob
 import grp
+import itertools
 import os
 import pwd
 import re
-import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterable
@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeGuard
 
+from broker import trust
 from broker.config import DEFAULT_POLICY_PATH
 from broker.errors import BadInput, BadRequest, Denied
 from broker.protocol import MAX_QUEUES_PER_LEASE, Request
@@ -303,17 +304,18 @@ class _PolicyReader:
 
 
 def _read(path: Path) -> str:
-    """The file's text, refusing files that others than root or the broker could change."""
+    """The file's text, refusing it when others than root or the broker could change the
+    file or any directory on the way to it (broker.trust)."""
     try:
-        with open(path, "rb") as f:
-            info = os.fstat(f.fileno())
+        real = trust.check_file_path("policy file", path)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        with open(os.open(real, flags), "rb") as f:
+            trust.check_file("policy file", real, os.fstat(f.fileno()))
             data = f.read()
+    except trust.UntrustedPath as exc:
+        raise PolicyError(path, None, exc.message) from None
     except OSError as exc:
         raise PolicyError(path, None, f"cannot read: {exc.strerror}") from None
-    if info.st_uid not in (0, os.geteuid()):
-        raise PolicyError(path, None, f"is owned by uid {info.st_uid}, not by root")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PolicyError(path, None, "is writable by group or others")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -334,12 +336,23 @@ def _includes(source: _Source, value: object) -> list[Path]:
     for entry in value:
         pattern = source.path.parent / entry
         if glob.has_magic(entry):
+            _check_glob_directory(source, pattern, line)
             found.extend(sorted(Path(p) for p in glob.glob(str(pattern))))
         elif pattern.exists():
             found.append(pattern)
         else:
             raise source.error(f"included file {pattern} does not exist", line)
     return found
+
+
+def _check_glob_directory(source: _Source, pattern: Path, line: int | None) -> None:
+    """The directory a glob include lists (up to its first wildcard) must be safe too:
+    whoever may create, rename or remove files there adds or takes away rules."""
+    fixed = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), pattern.parts))
+    try:
+        trust.check_new_directory("policy include directory", fixed)
+    except trust.UntrustedPath as exc:
+        raise source.error(exc.message, line) from None
 
 
 class _Rule:

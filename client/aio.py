@@ -17,7 +17,14 @@ from typing import Any
 from broker import fdpass
 from broker.errors import Timeout
 from broker.protocol import Granted, Ping, Pong, Release, Released, Request, Status, StatusQuery
-from client.exchange import Exchange, R, socket_path_from, unreachable
+from client.exchange import (
+    Exchange,
+    R,
+    broker_uid_from,
+    check_broker,
+    socket_path_from,
+    unreachable,
+)
 from client.lease import Lease
 
 
@@ -40,10 +47,16 @@ class AsyncClient:
     """Talks to the broker at socket_path ($XSK_BROKER_SOCKET or the default when None)."""
 
     def __init__(
-        self, socket_path: str | os.PathLike[str] | None = None, timeout: float | None = 30.0
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        timeout: float | None = 30.0,
+        *,
+        broker_uid: int | None = None,
     ) -> None:
+        """broker_uid: as Client's."""
         self.socket_path = socket_path_from(socket_path)
         self.timeout = timeout
+        self.broker_uid = broker_uid_from(broker_uid)
 
     async def exchange(self, exchange: Exchange[R]) -> tuple[R, list[int]]:
         """Drive one exchange over a fresh non-blocking connection."""
@@ -71,11 +84,12 @@ class AsyncClient:
         while True:
             try:
                 sock.connect(self.socket_path)
-                return
+                break
             except BlockingIOError:
                 await asyncio.sleep(0.005)
             except OSError as exc:
                 raise unreachable(self.socket_path, exc) from None
+        check_broker(sock, self.socket_path, self.broker_uid)
 
     @staticmethod
     async def _receive(sock: socket.socket, max_fds: int) -> fdpass.Datagram:
