@@ -42,6 +42,10 @@ def refuse_untrusted(config: ServeConfig, activated: bool) -> None:
     trust.check_new_directory("pin directory", config.pin_root)
     if not activated:
         trust.check_new_directory("socket directory", config.socket_path.parent)
+    if config.metrics_file is not None:
+        from broker.metrics import check_metrics_path
+
+        check_metrics_path(config.metrics_file)
 
 
 def main(config: ServeConfig) -> int:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker import trust
 from broker.core import NO_OP, Service
 from broker.errors import BrokerError, MemlockExceeded, UsageError
 from broker.frontend import Answer, FrontEnd, Waiting
@@ -69,6 +70,20 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def check_metrics_path(path: Path) -> None:
+    """Refuse a metrics file node_exporter would not read (UsageError), or one in a directory
+    another uid could write (trust.UntrustedPath): such a uid could not make the broker
+    write elsewhere (see write_atomically), but could take the file's name or fake its
+    figures. Checked before the broker makes anything; the directory may not exist yet
+    when it is the state directory."""
+    if path.suffix != ".prom":
+        raise UsageError(
+            f"--metrics-file {path} does not end in .prom: node_exporter's textfile "
+            "collector reads only *.prom files"
+        )
+    trust.check_new_directory("metrics directory", path.parent)
 
 
 def _escape(value: str) -> str:
@@ -155,11 +170,8 @@ class Metrics:
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
     ) -> None:
-        if path.suffix != ".prom":
-            raise UsageError(
-                f"--metrics-file {path} does not end in .prom: node_exporter's textfile "
-                "collector reads only *.prom files"
-            )
+        check_metrics_path(path)
+        trust.check_directory("metrics directory", path.parent)  # now made, if it is ours
         self.path = path
         self.tally_path = state_dir / TALLY_NAME
         self.live = live

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from node_exporter import NodeExporter, key, parse
-from support import BrokerFactory, Spawn
+from support import BrokerFactory, Spawn, xsk_cli
 
 from broker import metrics
 from broker.core import NO_OP, NeedsPolkit
@@ -20,6 +20,7 @@ from broker.frontend import Answer, Waiting
 from broker.metrics import Metrics, Timed, write_atomically
 from broker.policy import Caller
 from broker.protocol import AttachmentInfo, Granted, LeaseInfo, Pong
+from broker.trust import UntrustedPath
 from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID
 
 KIB = 1024
@@ -111,6 +112,16 @@ def test_writes_wait_for_a_change_and_at_most_one_a_second(tmp_path: Path) -> No
 def test_a_metrics_file_must_be_one_node_exporter_reads(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"does not end in \.prom"):
         Metrics(tmp_path / "xsk-broker.txt", tmp_path, lambda: ([], []))
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775], ids=["world", "sticky", "group"])
+def test_a_metrics_directory_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    shared = tmp_path / "textfile"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(UntrustedPath, match="metrics directory"):
+        Metrics(shared / "xsk-broker.prom", tmp_path, lambda: ([], []))
+    assert list(shared.iterdir()) == []
 
 
 def test_starts_are_counted_across_brokers_with_how_the_last_one_ended(tmp_path: Path) -> None:
@@ -229,6 +240,24 @@ def textfile_dir(workdir: Path) -> Path:
     path = workdir / "textfile"
     path.mkdir(mode=0o755)
     return path
+
+
+@pytest.mark.kernel
+def test_serve_refuses_a_metrics_directory_others_can_write_before_making_anything(
+    pin_root: Path, workdir: Path
+) -> None:
+    shared = workdir / "textfile"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    done = xsk_cli(
+        "serve", "--allow-root", "--idle-exit", "1", "--socket", str(workdir / "b.sock"),
+        "--pin-dir", str(pin_root), "--state-dir", str(workdir / "state"),
+        "--policy", str(workdir / "policy.toml"), "--metrics-file", str(shared / "x.prom"),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"UNTRUSTED_PATH: metrics directory: {shared}")
+    assert sorted(p.name for p in workdir.iterdir()) == ["textfile"]
+    assert list(shared.iterdir()) == [] and not pin_root.exists()
 
 
 @pytest.mark.kernel
