@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import selectors
+import sys
 from typing import TYPE_CHECKING
 
 from broker import activation, audit, caps, trust
@@ -96,7 +97,7 @@ def main(config: ServeConfig) -> int:
     finally:
         notifier.stopping()
         server.close()
-        if metrics is not None:
+        if metrics is not None and sys.exc_info()[0] is None:  # a crash is counted as died
             metrics.stop()
         service.close()
     return 0
