@@ -62,6 +62,9 @@ class ServeConfig:
     map_pins: bool = setting(
         False, "pin map leases' XSKMAPs for their consumer uid (keeps CAP_CHOWN)"
     )
+    metrics_file: Path | None = setting(
+        None, "write metrics for node_exporter's textfile collector here (*.prom)", kind=Path
+    )
 
     @property
     def burst(self) -> float:

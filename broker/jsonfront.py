@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from broker.core import Done, NeedsPolkit, Outcome, Service
+from broker.core import NO_OP, Done, NeedsPolkit, Outcome, Service
 from broker.errors import BrokerError
 from broker.frontend import Answer, Waiting
 from broker.policy import Caller
@@ -39,6 +39,7 @@ class JsonFrontEnd:
             message = decode_message(data)
         except BrokerError as error:
             log.debug("refused uid=%d pid=%d: %s", caller.uid, caller.pid, error)
+            self.service.observer.decided(NO_OP, error)
             return Answer(encode_error(error))
         return self._answer(lambda: self.service.handle(caller, message))
 
@@ -49,7 +50,9 @@ class JsonFrontEnd:
             return Answer(encode_error(error))
         except Exception as exc:
             log.exception("internal error")
-            return Answer(encode_error(BrokerError(f"internal error: {exc}")))
+            internal = BrokerError(f"internal error: {exc}")
+            self.service.observer.decided(NO_OP, internal)
+            return Answer(encode_error(internal))
         if isinstance(outcome, Done):
             return self._encoded(outcome)
         return Waiting(outcome, lambda verdict: self._finish(outcome, verdict))
@@ -73,13 +76,16 @@ class JsonFrontEnd:
 
 
 def fitting(status: Status) -> Status:
-    """status with as many of its leases as fit one datagram (lease_count keeps the total):
-    each lease adds its compact JSON, and a comma after the first, to the reply without any."""
-    room = MAX_MESSAGE_BYTES - len(encode_reply(dataclasses.replace(status, leases=[])))
+    """status with as many of its leases as fit one datagram, the rest counted as trimmed:
+    each lease adds its compact JSON, and a comma after the first, to the reply without any
+    (sized with the largest count it can end up with, so the count never overflows it)."""
+    most = status.leases_trimmed + len(status.leases)
+    empty = dataclasses.replace(status, leases=[], leases_trimmed=most)
+    room = MAX_MESSAGE_BYTES - len(encode_reply(empty))
     shown: list[LeaseInfo] = []
     for lease in status.leases:
         room -= len(json.dumps(lease.to_wire(), separators=(",", ":"))) + (1 if shown else 0)
         if room < 0:
             break
         shown.append(lease)
-    return dataclasses.replace(status, leases=shown)
+    return dataclasses.replace(status, leases=shown, leases_trimmed=most - len(shown))

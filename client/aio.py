@@ -109,9 +109,13 @@ class AsyncClient:
         """Sockets for queues [start_queue, start_queue + queues) of ifname, as a Lease."""
         return await self.lease(Request(ifname, queues, *args, **options))
 
-    async def status(self) -> Status:
-        """The broker's view of attachments and leases."""
-        return (await self.exchange(Exchange(StatusQuery(), Status)))[0]
+    async def status(
+        self, *, ifname: str | None = None, lease_id: str | None = None, uid: int | None = None
+    ) -> Status:
+        """Attachments and the leases this caller may see (its own; an admin's, all) that
+        match the filters given; .leases_filtered and .leases_trimmed count the rest."""
+        query = StatusQuery(ifname, lease_id, uid)
+        return (await self.exchange(Exchange(query, Status)))[0]
 
     async def ping(self) -> Pong:
         """A liveness check; the reply carries the broker's version."""

@@ -94,8 +94,12 @@ class Client:
         """Sockets for queues start_queue.. of ifname; the rest as protocol.Request takes."""
         return self.lease(Request(ifname, queues, *args, **options))
 
-    def status(self) -> Status:
-        return self.exchange(Exchange(StatusQuery(), Status))[0]
+    def status(
+        self, *, ifname: str | None = None, lease_id: str | None = None, uid: int | None = None
+    ) -> Status:
+        """Attachments and the leases this caller may see (its own; an admin's, all) that
+        match the filters given; .leases_filtered and .leases_trimmed count the rest."""
+        return self.exchange(Exchange(StatusQuery(ifname, lease_id, uid), Status))[0]
 
     def ping(self) -> Pong:
         return self.exchange(Exchange(Ping(), Pong))[0]

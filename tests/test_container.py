@@ -110,6 +110,33 @@ def test_log_event_fields_are_journal_fields(box: BootedContainer) -> None:
     assert entry["SYSLOG_IDENTIFIER"] == "xsk-broker"
 
 
+ESCAPED = "x\\n1999-01-01 FORGED\\r\\x1b[2J\\x00\\u202e\\ud800\\u2028y"
+
+
+def test_client_text_reaches_the_journal_escaped(box: BootedContainer) -> None:
+    """Newline, CR, ESC, NUL, a bidi override, a lone surrogate and a line separator in a
+    message, a field and an exception: each journal entry carries them as escapes (journalctl
+    would show a field with raw control bytes as a byte array, not text)."""
+    box.exec(
+        [
+            "systemd-run", "--wait", "--quiet", "--collect", "--unit=xskt-hostile",
+            *actor("journal_hostile", python="/opt/xsk-broker/bin/python3",
+                   checkout=Path(SOURCE_MOUNT)),
+        ],
+        check=True,
+    )  # fmt: skip
+    wait_until(lambda: len(box.journal("_SYSTEMD_UNIT=xskt-hostile.service")) >= 3)
+    entries = box.journal("_SYSTEMD_UNIT=xskt-hostile.service")
+    messages = [entry["MESSAGE"] for entry in entries]
+    assert all(isinstance(message, str) for message in messages), messages
+    assert f"denied {ESCAPED}" in messages and f"refused {ESCAPED}" in messages
+    (event,) = [entry for entry in entries if entry.get("INTERFACE") == "xskt-hostile"]
+    assert event["TAG"] == ESCAPED
+    (failure,) = [m for m in messages if m.startswith("internal error")]
+    assert failure.splitlines()[-1] == f"ValueError: {ESCAPED}"
+    assert not any(line.startswith("1999") for m in messages for line in m.splitlines())
+
+
 def test_the_sandboxed_service_attaches_and_hands_out_sockets_on_a_veth(
     box: BootedContainer,
 ) -> None:
@@ -139,3 +166,31 @@ def test_systemctl_reload_rereads_the_policy(box: BootedContainer) -> None:
             "policy reloaded" in box.exec(["journalctl", "-u", "xsk-broker", "-o", "cat"]).stdout
         )
     )
+
+
+def test_the_sandboxed_service_writes_metrics_where_operations_md_says(
+    box: BootedContainer,
+) -> None:
+    """The drop-in of docs/operations.md: the unit's sandbox (ProtectSystem=strict,
+    UMask=0077, the syscall filter) lets the broker write its runtime directory, and the
+    file is readable by node_exporter's user."""
+    prom = "/run/xsk-broker/xsk-broker.prom"
+    dropin = box.path("/etc/systemd/system/xsk-broker.service.d/metrics.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    serve = f"{EXEC_PATH} serve --idle-exit 600 --metrics-file {prom}"
+    dropin.write_text(f"[Service]\nExecStart=\nExecStart={serve}\n")
+    try:
+        box.exec(["systemctl", "daemon-reload"], check=True)
+        box.exec(["systemctl", "stop", "xsk-broker.service"], check=True)
+        box.add_user()
+        assert box.run([EXEC_PATH, "ping"], user=CLIENT_USER).returncode == 0
+        wait_until(lambda: "xsk_broker_up 1" in box.exec(["cat", prom]).stdout, timeout=10)
+        stat = box.exec(["stat", "-c", "%a %U", prom], check=True).stdout.split()
+        assert stat == ["644", "xsk-broker"]
+        ping = 'xsk_broker_request_duration_seconds_count{op="ping"}'
+        wait_until(lambda: ping in box.exec(["cat", prom]).stdout, timeout=10)
+        box.exec(["systemctl", "stop", "xsk-broker.service"], check=True)
+        assert "xsk_broker_up 0" in box.exec(["cat", prom], check=True).stdout
+    finally:
+        dropin.unlink()
+        box.exec(["systemctl", "daemon-reload"], check=True)
