@@ -17,7 +17,7 @@ import pytest
 from support import actor, run_captured, xdp_of
 
 from broker.protocol import LeaseInfo, Request
-from lab.brokerproc import BrokerProcess, wait_until
+from lab.brokerproc import LAB_POLICY, BrokerProcess, wait_until
 from lab.dpdk import Dpdk, PmdRun, ensure_dpdk, pmd_args, port_stats
 from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, enter_netns, run, steer_queue
 from lab.traffic import send_to_queue
@@ -156,13 +156,22 @@ def test_another_uid_gets_no_map_and_is_logged(
     wait_until(lambda: not leases(broker2))
 
 
+SHARED_NIC_POLICY = "exclusive_tenancy = false\n" + LAB_POLICY
+
+
 def test_tenants_cannot_reach_each_others_queues(
-    broker2: BrokerProcess, lab2: VethLab, workdir: Path
+    lab2: VethLab, pin_root: Path, workdir: Path
 ) -> None:
-    """Two map leases on one interface, queue 0 for uid 61000 and queue 1 for uid 61001.
-    The second tenant writes its own socket into every slot of the map it was given (what a
-    holder of a shared XSKMAP could do to take or blank other queues): the first tenant
-    still gets every frame sent to queue 0, the second those sent to queue 1."""
+    """Two map leases on one interface (the policy lets tenants share it), queue 0 for uid
+    61000 and queue 1 for uid 61001. The second tenant writes its own socket into every
+    slot of the map it was given (what a holder of a shared XSKMAP could do to take or
+    blank other queues): the first tenant still gets every frame sent to queue 0, the
+    second those sent to queue 1."""
+    with BrokerProcess(lab2.ns_a, pin_root, workdir, policy=SHARED_NIC_POLICY) as broker:
+        _two_tenants(broker, lab2, workdir)
+
+
+def _two_tenants(broker2: BrokerProcess, lab2: VethLab, workdir: Path) -> None:
     ifname = lab2.ifname_a
     box = drop_box(workdir)
     tenants = {}
