@@ -1,0 +1,163 @@
+"""`xsk-broker attach-nic --libvirt` against Debian 12's real libvirtd (libvirt 9.0) under
+the container's systemd (tests/libvirt_box.py says why and how).
+
+With the af-xdp QEMU as the domain's <emulator>, running as libvirt-qemu with CAP_IPC_LOCK
+alone, the hot-plugged NIC carries the tiny guest's ping, detach-nic takes it out and ends
+the lease, and the lease also ends when the domain's QEMU exits. With Debian's own QEMU 7.2
+the same command fails in one line naming that QEMU and the missing backend, and leaves no
+fd in QEMU and no lease in the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from container import BootedContainer
+from libvirt_box import (
+    AFXDP_EMULATOR,
+    DEBIAN_EMULATOR,
+    IFNAME,
+    console,
+    domain_xml,
+    libvirt_box,
+    qmp,
+    start_domain,
+    virsh,
+)
+
+from lab.brokerproc import wait_until
+from lab.guest import GuestImage, ensure_guest
+from lab.qemu import ensure_qemu
+from lab.vm import PEER_IP
+
+pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
+
+GUEST_MAC = "52:54:00:77:00:02"
+DEVICE = "virtio-net-pci,bus=pci.1"
+NETDEV_ID = f"xsk-{IFNAME}"
+BOOT_TIMEOUT = 120.0
+CAP_IPC_LOCK = 1 << 14
+HOTPLUG = f"""
+while [ ! -e /sys/class/net/eth0 ]; do sleep 0.2; done
+ip addr add 10.77.0.2/24 dev eth0
+ip link set eth0 up
+echo NIC-UP
+ping -c 3 -W 5 {PEER_IP} && echo PING-OK
+while [ -e /sys/class/net/eth0 ]; do sleep 0.2; done
+echo NIC-GONE
+sleep 600
+"""
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    return ensure_guest()
+
+
+@pytest.fixture(scope="module")
+def box(guest: GuestImage) -> Iterator[BootedContainer]:
+    with libvirt_box(ensure_qemu(), guest) as booted:
+        yield booted
+
+
+def xsk(box: BootedContainer, *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed `xsk-broker` as root in the container (root may drive libvirt)."""
+    return box.exec(["xsk-broker", *args], timeout=120)
+
+
+def leases(box: BootedContainer) -> list[dict[str, Any]]:
+    done = xsk(box, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout)["leases"])
+
+
+def wait_console(box: BootedContainer, name: str, pattern: str, timeout: float) -> None:
+    path = box.path(console(name))
+
+    def seen() -> bool:
+        return (
+            path.exists() and re.search(pattern, path.read_text(errors="replace"), re.M) is not None
+        )
+
+    if not wait_until(seen, timeout, fail=False):
+        text = path.read_text(errors="replace") if path.exists() else "(no console)"
+        log = box.path(f"/var/log/libvirt/qemu/{name}.log").read_text(errors="replace")
+        raise AssertionError(f"no /{pattern}/ in {timeout} s\n{text[-2000:]}\n{log[-2000:]}")
+
+
+def proc_status(box: BootedContainer, pid: int) -> dict[str, str]:
+    text = box.path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def socket_fds(box: BootedContainer, pid: int) -> int:
+    fds = box.path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if fd.readlink().name.startswith("socket:"))
+
+
+def attach(box: BootedContainer, name: str) -> subprocess.CompletedProcess[str]:
+    return xsk(
+        box, "attach-nic", "--libvirt", name, "--ifname", IFNAME, "--queues", "1",
+        "--mac", GUEST_MAC, "--device", DEVICE, "--json",
+    )  # fmt: skip
+
+
+def test_hotplug_into_libvirt_domain_carries_traffic(
+    box: BootedContainer, guest: GuestImage
+) -> None:
+    name = "xskt-afxdp"
+    pid = start_domain(box, name, domain_xml(name, AFXDP_EMULATOR, guest, guest.cmdline(HOTPLUG)))
+    try:
+        status = proc_status(box, pid)
+        assert status["Uid"].split()[0] != "0"  # libvirt-qemu
+        assert int(status["CapEff"], 16) == CAP_IPC_LOCK
+        wait_console(box, name, "^XSKT-BOOTED", BOOT_TIMEOUT)
+        attached = attach(box, name)
+        assert attached.returncode == 0, attached.stderr
+        report = json.loads(attached.stdout)
+        (lease,) = leases(box)
+        assert (lease["lease_id"], lease["consumer_pid"]) == (report["lease_id"], pid)
+        assert "af-xdp" in virsh(box, "qemu-monitor-command", name, "--hmp", "info network")
+        wait_console(box, name, "^PING-OK", 60)
+
+        detached = xsk(box, "detach-nic", "--libvirt", name, "--ifname", IFNAME, "--json")
+        assert detached.returncode == 0, detached.stderr
+        result = json.loads(detached.stdout)
+        assert result["device_released"] and result["netdev_removed"]
+        assert result["leases_released"] == [lease["lease_id"]]
+        wait_console(box, name, "^NIC-GONE", 30)
+        assert NETDEV_ID not in virsh(box, "qemu-monitor-command", name, "--hmp", "info network")
+        assert leases(box) == []
+
+        again = attach(box, name)  # the lease ends with QEMU, too
+        assert again.returncode == 0, again.stderr
+        assert [x["consumer_pid"] for x in leases(box)] == [pid]
+    finally:
+        virsh(box, "destroy", name, check=False)
+    wait_until(lambda: leases(box) == [], 10)
+
+
+def test_debian_qemu_without_afxdp_fails_cleanly(box: BootedContainer, guest: GuestImage) -> None:
+    name = "xskt-debian"
+    pid = start_domain(box, name, domain_xml(name, DEBIAN_EMULATOR, guest, guest.cmdline(None)))
+    try:
+        sockets = socket_fds(box, pid)
+        failed = attach(box, name)
+        assert failed.returncode == 1
+        assert failed.stderr.count("\n") == 1, failed.stderr
+        assert failed.stderr.startswith(
+            "QMP_ERROR: Parameter 'type' does not accept value 'af-xdp'"
+        )
+        assert "QEMU 7.2." in failed.stderr and "no af-xdp netdev backend" in failed.stderr
+        fd_name = f"xsk-{NETDEV_ID}-q0"
+        closefd = qmp(box, name, "closefd", fdname=fd_name)
+        assert closefd["error"]["desc"] == f"File descriptor named '{fd_name}' not found"
+        assert socket_fds(box, pid) == sockets
+        assert leases(box) == []
+    finally:
+        virsh(box, "destroy", name, check=False)
