@@ -106,11 +106,14 @@ def libvirt_box(qemu: AfxdpQemu, guest: GuestImage, queues: int = 1) -> Iterator
         yield box
 
 
-def domain_xml(name: str, emulator: str, guest: GuestImage, cmdline: str) -> str:
+def domain_xml(
+    name: str, emulator: str, guest: GuestImage, cmdline: str, metadata: str = ""
+) -> str:
     """A q35 domain booting the tiny guest's kernel, console to a file, one free PCIe root
-    port (pci.1) for the hot-plugged NIC, and no other device."""
+    port (pci.1) for the hot-plugged NIC, and no other device; metadata goes in <metadata>."""
     return f"""<domain type='qemu'>
   <name>{name}</name>
+  <metadata>{metadata}</metadata>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
   <os>

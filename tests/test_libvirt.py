@@ -1,11 +1,13 @@
-"""`xsk-broker attach-nic --libvirt` against Debian 12's real libvirtd (libvirt 9.0) under
-the container's systemd (tests/libvirt_box.py says why and how).
+"""`xsk-broker attach-nic --libvirt` and `xsk-broker libvirt-watch` against Debian 12's
+real libvirtd (libvirt 9.0) under the container's systemd (tests/libvirt_box.py says why and how).
 
 With the af-xdp QEMU as the domain's <emulator>, running as libvirt-qemu with CAP_IPC_LOCK
 alone, the hot-plugged NIC carries the tiny guest's ping, detach-nic takes it out and ends
 the lease, and the lease also ends when the domain's QEMU exits. With Debian's own QEMU 7.2
 the same command fails in one line naming that QEMU and the missing backend, and leaves no
-fd in QEMU and no lease in the broker.
+fd in QEMU and no lease in the broker. A domain that declares a NIC in its <metadata> gets
+it from the watcher's unit when it starts, when it restarts, and when it was already
+running as the watcher started.
 """
 
 from __future__ import annotations
@@ -161,3 +163,46 @@ def test_debian_qemu_without_afxdp_fails_cleanly(box: BootedContainer, guest: Gu
         assert leases(box) == []
     finally:
         virsh(box, "destroy", name, check=False)
+
+
+WATCHER = "xsk-broker-libvirt-watch.service"
+DECLARED = (
+    f'<xsk:nic xmlns:xsk="urn:xsk-broker:libvirt:1" ifname="{IFNAME}" queues="1" '
+    f'mac="{GUEST_MAC}" device="{DEVICE}"/>'
+)
+
+
+def wait_leased_to(box: BootedContainer, pid: int, timeout: float) -> None:
+    """Until the one lease is QEMU pid's; the watcher's journal if it never is."""
+    if not wait_until(lambda: [x["consumer_pid"] for x in leases(box)] == [pid], timeout, False):
+        journal = box.exec(["journalctl", "--no-pager", "-u", WATCHER]).stdout
+        raise AssertionError(f"no lease for pid {pid}: {leases(box)}\n{journal[-3000:]}")
+
+
+def test_watcher_gives_declared_nics(box: BootedContainer, guest: GuestImage) -> None:
+    name = "xskt-declared"
+    xml = domain_xml(name, AFXDP_EMULATOR, guest, guest.cmdline(HOTPLUG), DECLARED)
+    try:
+        # Started while the watcher is down: the watcher's reconcile at start attaches it.
+        first = start_domain(box, name, xml)
+        wait_console(box, name, "^XSKT-BOOTED", BOOT_TIMEOUT)
+        assert leases(box) == []
+        box.exec(["systemctl", "start", WATCHER], check=True)
+        wait_leased_to(box, first, 30)
+        assert [x["tag"] for x in leases(box)] == [NETDEV_ID]
+        wait_console(box, name, "^PING-OK", 60)
+
+        # Restarted: the lease ended with the old QEMU, the start event brings a new one.
+        virsh(box, "destroy", name)
+        wait_until(lambda: leases(box) == [], 10)
+        virsh(box, "start", name)
+        second = int(box.path(f"/run/libvirt/qemu/{name}.pid").read_text())
+        wait_leased_to(box, second, 60)
+        wait_console(box, name, "^PING-OK", BOOT_TIMEOUT)
+        assert box.show(WATCHER, "ActiveState")["ActiveState"] == "active"
+    finally:
+        box.exec(["systemctl", "stop", WATCHER])
+        virsh(box, "destroy", name, check=False)
+    journal = box.exec(["journalctl", "--no-pager", "-u", WATCHER]).stdout
+    assert journal.count(f"{name}: attached {NETDEV_ID}") == 2, journal
+    wait_until(lambda: leases(box) == [], 10)
