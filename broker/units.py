@@ -61,10 +61,10 @@ def install_units(prefix: Path, exec_path: str = DEFAULT_EXEC_PATH) -> list[Path
         raise FileNotFoundError(f"shipped units not found in {systemd}; install from a checkout")
     installed: list[Path] = []
     _copy(systemd / "xsk-broker.socket", prefix / UNIT_DIR / "xsk-broker.socket", installed)
-    for name in SERVICES:
-        service = prefix / UNIT_DIR / name
+    for unit in SERVICES:
+        service = prefix / UNIT_DIR / unit
         service.parent.mkdir(parents=True, exist_ok=True)
-        service.write_text(service_text(exec_path, name))
+        service.write_text(service_text(exec_path, unit))
         service.chmod(0o644)
         installed.append(service)
     for name, target in (SYSUSERS, TMPFILES):
