@@ -125,16 +125,26 @@ def qemu_pid(domain: libvirt.virDomain) -> int:
     return found[0]
 
 
-@contextlib.contextmanager
-def running_domain(name: str, uri: str | None) -> Iterator[LibvirtMonitor]:
-    """A monitor of the running domain name on libvirt at uri (libvirt's default if None)."""
+def _ignore(_ctx: object, _error: object) -> None:
+    """libvirt's error handler: its errors arrive as exceptions, not printed on stderr."""
+
+
+def connect(uri: str | None) -> libvirt.virConnect:
+    """A connection to libvirt at uri (libvirt's default if None), libvirt kept quiet."""
+    libvirt.registerErrorHandler(_ignore, None)
     try:
-        conn = libvirt.open(uri)
+        return libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise LibvirtError(
             f"cannot connect to libvirt at {uri or 'the default URI'}: {exc.get_error_message()}",
             errno=errno_mod.ECONNREFUSED,
         ) from None
+
+
+@contextlib.contextmanager
+def running_domain(name: str, uri: str | None) -> Iterator[LibvirtMonitor]:
+    """A monitor of the running domain name on libvirt at uri (libvirt's default if None)."""
+    conn = connect(uri)
     try:
         try:
             domain = conn.lookupByName(name)

@@ -102,11 +102,23 @@ def socket_fds(box: BootedContainer, pid: int) -> int:
     return sum(1 for fd in fds.iterdir() if fd.readlink().name.startswith("socket:"))
 
 
-def attach(box: BootedContainer, name: str) -> subprocess.CompletedProcess[str]:
+def attach(
+    box: BootedContainer, name: str, device: str = DEVICE
+) -> subprocess.CompletedProcess[str]:
     return xsk(
         box, "attach-nic", "--libvirt", name, "--ifname", IFNAME, "--queues", "1",
-        "--mac", GUEST_MAC, "--device", DEVICE, "--json",
+        "--mac", GUEST_MAC, "--device", device, "--json",
     )  # fmt: skip
+
+
+def assert_nothing_left(box: BootedContainer, name: str, pid: int, sockets: int) -> None:
+    """No fd name registered in QEMU, no netdev, no socket more than before, no lease."""
+    fd_name = f"xsk-{NETDEV_ID}-q0"
+    closefd = qmp(box, name, "closefd", fdname=fd_name)
+    assert closefd["error"]["desc"] == f"File descriptor named '{fd_name}' not found"
+    assert NETDEV_ID not in virsh(box, "qemu-monitor-command", name, "--hmp", "info network")
+    assert socket_fds(box, pid) == sockets
+    assert leases(box) == []
 
 
 def test_hotplug_into_libvirt_domain_carries_traffic(
@@ -155,14 +167,46 @@ def test_debian_qemu_without_afxdp_fails_cleanly(box: BootedContainer, guest: Gu
         assert failed.stderr.startswith(
             "QMP_ERROR: Parameter 'type' does not accept value 'af-xdp'"
         )
-        assert "QEMU 7.2." in failed.stderr and "no af-xdp netdev backend" in failed.stderr
-        fd_name = f"xsk-{NETDEV_ID}-q0"
-        closefd = qmp(box, name, "closefd", fdname=fd_name)
-        assert closefd["error"]["desc"] == f"File descriptor named '{fd_name}' not found"
-        assert socket_fds(box, pid) == sockets
-        assert leases(box) == []
+        assert "(QEMU 7.2." in failed.stderr and "has no af-xdp netdev backend" in failed.stderr
+        assert_nothing_left(box, name, pid, sockets)
     finally:
         virsh(box, "destroy", name, check=False)
+
+
+def test_failed_device_add_rolls_back_through_libvirt(
+    box: BootedContainer, guest: GuestImage
+) -> None:
+    """netdev_add succeeds, device_add fails: the netdev and every fd name go again."""
+    name = "xskt-rollback"
+    pid = start_domain(box, name, domain_xml(name, AFXDP_EMULATOR, guest, guest.cmdline(None)))
+    try:
+        sockets = socket_fds(box, pid)
+        failed = attach(box, name, device="virtio-net-pci,bus=xskt-nope")
+        assert failed.returncode == 1
+        assert failed.stderr == "QMP_ERROR: Bus 'xskt-nope' not found\n"
+        assert_nothing_left(box, name, pid, sockets)
+    finally:
+        virsh(box, "destroy", name, check=False)
+
+
+def test_domain_not_running_or_unknown_is_one_clear_line(
+    box: BootedContainer, guest: GuestImage
+) -> None:
+    name = "xskt-stopped"
+    box.path(f"/tmp/{name}.xml").write_text(
+        domain_xml(name, AFXDP_EMULATOR, guest, guest.cmdline(None))
+    )
+    virsh(box, "define", f"/tmp/{name}.xml")
+    stopped = attach(box, name)
+    assert (stopped.returncode, stopped.stderr) == (
+        1,
+        f"LIBVIRT_ERROR: domain {name} is not running: start it first (virsh start {name})\n",
+    )
+    unknown = attach(box, "xskt-no-such-domain")
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("LIBVIRT_ERROR: Domain not found")
+    assert unknown.stderr.count("\n") == 1
+    assert leases(box) == []
 
 
 WATCHER = "xsk-broker-libvirt-watch.service"

@@ -35,7 +35,7 @@ import libvirt
 from broker.errors import BrokerError
 from broker.protocol import Request
 from client import qmp
-from client.libvirt import LibvirtError, LibvirtMonitor, default_id, qemu_pid
+from client.libvirt import LibvirtError, LibvirtMonitor, connect, default_id, qemu_pid
 from client.sync import Client
 
 NAMESPACE = "urn:xsk-broker:libvirt:1"
@@ -176,13 +176,7 @@ def main(uri: str | None, socket_path: str | None, once: bool) -> int:
     if not once:
         libvirt.virEventRegisterDefaultImpl()  # before the connection opens
         threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
-    try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        raise LibvirtError(
-            f"cannot connect to libvirt at {uri or 'the default URI'}: {exc.get_error_message()}"
-        ) from None
-    watcher = Watcher(conn, socket_path)
+    watcher = Watcher(connect(uri), socket_path)
     if once:
         watcher.reconcile_all()
         return 0
