@@ -30,6 +30,7 @@ from container import REPO, BootedContainer, ensure_rootfs
 from lab import cache as labcache
 from lab.guest import GuestImage
 from lab.qemu import AfxdpQemu
+from lab.vm import PEER_IP
 
 SCRIPT = REPO / "scripts" / "libvirt-rootfs.sh"
 REQUIREMENTS = ["libvirt-python>=9.0"]
@@ -74,7 +75,7 @@ def wrapper(argv: list[str]) -> str:
 @contextlib.contextmanager
 def libvirt_box(qemu: AfxdpQemu, guest: GuestImage, queues: int = 1) -> Iterator[BootedContainer]:
     """The booted container: libvirtd up with both emulators, the broker allowing root to
-    name QEMU as consumer, veth IFNAME/PEER (PEER at 10.77.0.1/24)."""
+    name QEMU as consumer, veth IFNAME/PEER (PEER at PEER_IP/24)."""
     binds = [(qemu.rootfs, QEMU_MOUNT), (guest.kernel.parent, GUEST_MOUNT)]
     with BootedContainer(rootfs=ensure_libvirt_rootfs(), binds=binds) as box:
         box.path(SETPRIV).parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def libvirt_box(qemu: AfxdpQemu, guest: GuestImage, queues: int = 1) -> Iterator
         box.exec(["systemctl", "stop", "xsk-broker.service"], check=True)
         box.exec(["systemctl", "restart", "libvirtd"], check=True)
         box.add_veth(IFNAME, PEER, queues)
-        box.exec(["ip", "addr", "add", "10.77.0.1/24", "dev", PEER], check=True)
+        box.exec(["ip", "addr", "add", f"{PEER_IP}/24", "dev", PEER], check=True)
         yield box
 
 
