@@ -12,6 +12,7 @@ running as the watcher started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -24,6 +25,7 @@ from libvirt_box import (
     AFXDP_EMULATOR,
     DEBIAN_EMULATOR,
     IFNAME,
+    PEER,
     console,
     domain_xml,
     libvirt_box,
@@ -31,11 +33,12 @@ from libvirt_box import (
     start_domain,
     virsh,
 )
-from test_qemu_afxdp import GUEST_MAC, HOTPLUG
+from test_qemu_afxdp import GUEST_MAC, HOTPLUG, TRAFFIC
 
 from lab.brokerproc import wait_until
 from lab.guest import GuestImage, ensure_guest
 from lab.qemu import ensure_qemu
+from lab.vm import PEER_IP
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
 
@@ -43,6 +46,8 @@ DEVICE = "virtio-net-pci,bus=pci.1"
 NETDEV_ID = f"xsk-{IFNAME}"
 BOOT_TIMEOUT = 120.0
 CAP_IPC_LOCK = 1 << 14
+# Once the NIC is up: ping, then iperf3 both ways; then wait for it to go.
+HOTPLUG_TRAFFIC = HOTPLUG.replace(f"ping -c 3 -W 5 {PEER_IP} && echo PING-OK\n", TRAFFIC)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +72,9 @@ def leases(box: BootedContainer) -> list[dict[str, Any]]:
     return list(json.loads(done.stdout)["leases"])
 
 
-def wait_console(box: BootedContainer, name: str, pattern: str, timeout: float) -> None:
+def wait_console(
+    box: BootedContainer, name: str, pattern: str, timeout: float
+) -> re.Match[str] | None:
     path = box.path(console(name))
 
     def seen() -> bool:
@@ -79,6 +86,31 @@ def wait_console(box: BootedContainer, name: str, pattern: str, timeout: float) 
         text = path.read_text(errors="replace") if path.exists() else "(no console)"
         log = box.path(f"/var/log/libvirt/qemu/{name}.log").read_text(errors="replace")
         raise AssertionError(f"no /{pattern}/ in {timeout} s\n{text[-2000:]}\n{log[-2000:]}")
+    return re.search(pattern, path.read_text(errors="replace"), re.M)
+
+
+def bits_per_second(box: BootedContainer, name: str, label: str) -> float:
+    found = wait_console(box, name, rf"^{label} \"bits_per_second\":\s*([0-9.e+]+)", 60)
+    assert found is not None
+    return float(found.group(1))
+
+
+@contextlib.contextmanager
+def iperf_server(box: BootedContainer) -> Iterator[None]:
+    """iperf3 on the peer (the host's binary in the container's network namespace), whose
+    stack sends full checksums (a guest drops partially-checksummed frames)."""
+    netns = ["nsenter", "-t", str(box.leader), "-n"]
+    subprocess.run([*netns, "ethtool", "-K", PEER, "tx", "off"], check=True, capture_output=True)
+    server = subprocess.Popen(
+        [*netns, "iperf3", "-s", "-B", PEER_IP],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        server.kill()
+        server.wait()
 
 
 def proc_status(box: BootedContainer, pid: int) -> dict[str, str]:
@@ -114,35 +146,48 @@ def test_hotplug_into_libvirt_domain_carries_traffic(
     box: BootedContainer, guest: GuestImage
 ) -> None:
     name = "xskt-afxdp"
-    pid = start_domain(box, name, domain_xml(name, AFXDP_EMULATOR, guest, guest.cmdline(HOTPLUG)))
-    try:
-        status = proc_status(box, pid)
-        assert status["Uid"].split()[0] != "0"  # libvirt-qemu
-        assert int(status["CapEff"], 16) == CAP_IPC_LOCK
-        wait_console(box, name, "^XSKT-BOOTED", BOOT_TIMEOUT)
-        attached = attach(box, name)
-        assert attached.returncode == 0, attached.stderr
-        report = json.loads(attached.stdout)
-        (lease,) = leases(box)
-        assert (lease["lease_id"], lease["consumer_pid"]) == (report["lease_id"], pid)
-        assert "af-xdp" in virsh(box, "qemu-monitor-command", name, "--hmp", "info network")
-        wait_console(box, name, "^PING-OK", 60)
-
-        detached = xsk(box, "detach-nic", "--libvirt", name, "--ifname", IFNAME, "--json")
-        assert detached.returncode == 0, detached.stderr
-        result = json.loads(detached.stdout)
-        assert result["device_released"] and result["netdev_removed"]
-        assert result["leases_released"] == [lease["lease_id"]]
-        wait_console(box, name, "^NIC-GONE", 30)
-        assert NETDEV_ID not in virsh(box, "qemu-monitor-command", name, "--hmp", "info network")
-        assert leases(box) == []
-
-        again = attach(box, name)  # the lease ends with QEMU, too
-        assert again.returncode == 0, again.stderr
-        assert [x["consumer_pid"] for x in leases(box)] == [pid]
-    finally:
-        virsh(box, "destroy", name, check=False)
+    xml = domain_xml(name, AFXDP_EMULATOR, guest, guest.cmdline(HOTPLUG_TRAFFIC))
+    with iperf_server(box):
+        pid = start_domain(box, name, xml)
+        try:
+            attached_and_detached(box, name, pid)
+        finally:
+            virsh(box, "destroy", name, check=False)
     wait_until(lambda: leases(box) == [], 10)
+
+
+def attached_and_detached(box: BootedContainer, name: str, pid: int) -> None:
+    """The NIC carries ping and TCP both ways; detach ends the lease; a new one ends with QEMU."""
+    status = proc_status(box, pid)
+    assert status["Uid"].split()[0] != "0"  # libvirt-qemu
+    assert int(status["CapEff"], 16) == CAP_IPC_LOCK
+    wait_console(box, name, "^XSKT-BOOTED", BOOT_TIMEOUT)
+    attached = attach(box, name)
+    assert attached.returncode == 0, attached.stderr
+    report = json.loads(attached.stdout)
+    (lease,) = leases(box)
+    assert (lease["lease_id"], lease["consumer_pid"]) == (report["lease_id"], pid)
+    assert "af-xdp" in virsh(box, "qemu-monitor-command", name, "--hmp", "info network")
+    wait_console(box, name, "^PING-OK", 60)
+    up, down = (bits_per_second(box, name, label) for label in ("UP-BPS", "DOWN-BPS"))
+    print(
+        f"\nlibvirt domain, af-xdp NIC: TCP guest->peer {up / 1e6:.0f} Mbit/s, "
+        f"peer->guest {down / 1e6:.0f} Mbit/s (TCG)"
+    )
+    assert up > 1e6 and down > 1e6
+
+    detached = xsk(box, "detach-nic", "--libvirt", name, "--ifname", IFNAME, "--json")
+    assert detached.returncode == 0, detached.stderr
+    result = json.loads(detached.stdout)
+    assert result["device_released"] and result["netdev_removed"]
+    assert result["leases_released"] == [lease["lease_id"]]
+    wait_console(box, name, "^NIC-GONE", 30)
+    assert NETDEV_ID not in virsh(box, "qemu-monitor-command", name, "--hmp", "info network")
+    assert leases(box) == []
+
+    again = attach(box, name)  # the lease ends with QEMU, too
+    assert again.returncode == 0, again.stderr
+    assert [x["consumer_pid"] for x in leases(box)] == [pid]
 
 
 @pytest.mark.parametrize(
