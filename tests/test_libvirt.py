@@ -248,11 +248,14 @@ DECLARED = (
 )
 
 
+def watcher_log(box: BootedContainer) -> str:
+    return box.exec(["journalctl", "--no-pager", "-u", WATCHER]).stdout
+
+
 def wait_leased_to(box: BootedContainer, pid: int, timeout: float) -> None:
     """Until the one lease is QEMU pid's; the watcher's journal if it never is."""
     if not wait_until(lambda: [x["consumer_pid"] for x in leases(box)] == [pid], timeout, False):
-        journal = box.exec(["journalctl", "--no-pager", "-u", WATCHER]).stdout
-        raise AssertionError(f"no lease for pid {pid}: {leases(box)}\n{journal[-3000:]}")
+        raise AssertionError(f"no lease for pid {pid}: {leases(box)}\n{watcher_log(box)[-3000:]}")
 
 
 def test_watcher_gives_declared_nics(box: BootedContainer, guest: GuestImage) -> None:
@@ -275,10 +278,20 @@ def test_watcher_gives_declared_nics(box: BootedContainer, guest: GuestImage) ->
         second = int(box.path(f"/run/libvirt/qemu/{name}.pid").read_text())
         wait_leased_to(box, second, 60)
         wait_console(box, name, "^PING-OK", BOOT_TIMEOUT)
-        assert box.show(WATCHER, "ActiveState")["ActiveState"] == "active"
+
+        # libvirtd restarted (the domain runs on): the watcher exits, systemd starts it
+        # again, and its reconcile finds the NIC's lease in place.
+        box.exec(["systemctl", "restart", "libvirtd"], check=True)
+        wait_until(lambda: watcher_log(box).count("watching libvirt domain events") == 2, 30)
+        assert box.show(WATCHER, "NRestarts", "ActiveState") == {
+            "NRestarts": "1",
+            "ActiveState": "active",
+        }
+        assert "libvirt closed the connection" in watcher_log(box)
+        assert [x["consumer_pid"] for x in leases(box)] == [second]
     finally:
         box.exec(["systemctl", "stop", WATCHER])
         virsh(box, "destroy", name, check=False)
-    journal = box.exec(["journalctl", "--no-pager", "-u", WATCHER]).stdout
+    journal = watcher_log(box)
     assert journal.count(f"{name}: attached {NETDEV_ID}") == 2, journal
     wait_until(lambda: leases(box) == [], 10)

@@ -144,6 +144,8 @@ class Watcher:
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self.on_lifecycle, None
         )
         self.conn.registerCloseCallback(self.on_close, None)
+        # A libvirtd that hangs instead of closing is noticed too (5 s, 3 missed replies).
+        self.conn.setKeepAlive(5, 3)
         self.reconcile_all()
         _log("watching libvirt domain events")
         while (uuid := self.pending.get()) != _STOP:
