@@ -1,8 +1,9 @@
 """`xsk-broker serve`: the order of start-up matters, so it is written down once here.
 
-1. logging (journal or stderr), 2. bpffs and 3. the listening socket (from systemd, or bound
-by hand: mounting and chgrp need privileges the broker is about to drop), 4. capabilities
-down to the three it needs, 5. adopt pins and leases, 6. READY=1, serve.
+1. logging (journal or stderr), 2. the directories it will trust checked (broker.trust),
+before anything is made, 3. bpffs and 4. the listening socket (from systemd, or bound by
+hand: mounting and chgrp need privileges the broker is about to drop), 5. capabilities down
+to the three it needs, 6. adopt pins and leases, 7. READY=1, serve.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import selectors
 
-from broker import activation, audit, caps
+from broker import activation, audit, caps, trust
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
@@ -28,17 +29,28 @@ def _earliest(*timeouts: float | None) -> float | None:
     return min(known) if known else None
 
 
+def refuse_untrusted(config: ServeConfig, activated: bool) -> None:
+    """Refuse a directory another uid could change before anything is mounted, bound or
+    created, so that the refusal leaves nothing behind (each is checked again as it is
+    made)."""
+    trust.check_new_directory("state directory", config.state_dir)
+    trust.check_new_directory("pin directory", config.pin_root)
+    if not activated:
+        trust.check_new_directory("socket directory", config.socket_path.parent)
+
+
 def main(config: ServeConfig) -> int:
     audit.setup_logging(config.verbose)
+    inherited = activation.inherited_fds()
+    refuse_untrusted(config, activated=bool(inherited))
     ensure_bpffs(config.pin_root)
     raise_fd_limit()
     group = int(config.group) if config.group and config.group.isdigit() else config.group
-    inherited = activation.inherited_fds()
     listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
     caps.enter_least_privilege(config.allow_root)
     notifier = activation.Notifier()
     stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
-    config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    trust.ensure_directory("state directory", config.state_dir, 0o755)
     selector = selectors.DefaultSelector()
     service = Service(
         config.policy_path,
