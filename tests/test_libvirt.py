@@ -26,6 +26,7 @@ from libvirt_box import (
     DEBIAN_EMULATOR,
     IFNAME,
     PEER,
+    POLICY,
     console,
     domain_xml,
     libvirt_box,
@@ -219,6 +220,31 @@ def test_failure_is_one_line_and_leaves_nothing_behind(
     finally:
         virsh(box, "destroy", name, check=False)
         virsh(box, "undefine", name, check=False)
+
+
+def set_policy(box: BootedContainer, policy: str) -> None:
+    """The broker's policy file; the next request starts the broker with it."""
+    box.path("/etc/xsk-broker/policy.toml").write_text(policy)
+    box.exec(["systemctl", "stop", "xsk-broker.service"], check=True)
+
+
+def test_naming_qemu_as_consumer_needs_other_consumers(
+    box: BootedContainer, guest: GuestImage
+) -> None:
+    """The VM-manager case is the policy's to allow: without other_consumers root may not
+    name libvirt-qemu's QEMU, and then no fd ever reaches QEMU."""
+    name = "xskt-denied"
+    pid = start_domain(box, name, domain_xml(name, AFXDP_EMULATOR, guest, guest.cmdline(None)))
+    set_policy(box, POLICY.replace("other_consumers = true\n", ""))
+    try:
+        sockets = socket_fds(box, pid)
+        denied = attach(box, name)
+        assert denied.returncode == 1
+        assert re.fullmatch(r"DENIED: [^\n]*other_consumers[^\n]*\n", denied.stderr), denied.stderr
+        assert_nothing_left(box, name, pid, sockets)
+    finally:
+        set_policy(box, POLICY)
+        virsh(box, "destroy", name, check=False)
 
 
 def test_domain_not_running_or_unknown_is_one_clear_line(
