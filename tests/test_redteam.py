@@ -1,0 +1,76 @@
+"""A hostile review of the privilege boundary beyond issue 10's findings: what a local user
+of another uid, or a consumer granted a lease, can make of identities, namespaces and the
+sockets it holds. Each test runs a real broker and real actors of other uids.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from support import BrokerFactory, actor, xdp_of
+
+from client.exchange import BROKER_UID_ENV
+from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess
+from lab.netlab import run_unprivileged, spawn_unprivileged
+from lab.traffic import client_env
+
+MANAGER_POLICY = (
+    LAB_POLICY
+    + """
+[[allow]]
+name = "manager"
+users = [61001]
+other_consumers = true
+"""
+)
+
+
+def ask_as(broker: BrokerProcess, uid: int, args: dict[str, Any], *wrap: str) -> dict[str, Any]:
+    """tests/actors/ask.py as uid (no capabilities), run through the wrap command if any."""
+    # In a user namespace of its own, the root broker's uid shows as the overflow uid.
+    env = client_env(broker) | ({BROKER_UID_ENV: "65534"} if wrap else {})
+    result = run_unprivileged(
+        [*wrap, *actor("ask", json.dumps(args))], uid,
+        netns=broker.netns, env=env, cwd=str(REPO),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+# A rootless container's view: its own user and pid namespaces (no privilege needed), in
+# which the asking process is pid 1.
+IN_PID_NAMESPACE = ("unshare", "--user", "--map-current-user", "--pid", "--fork", "--kill-child")
+
+
+@pytest.mark.kernel
+def test_consumer_pid_from_another_pid_namespace_is_refused(
+    broker_factory: BrokerFactory,
+) -> None:
+    """A VM manager in a container names its consumer by the pid it sees; the broker read
+    that number in its own namespace, and so bound the lease to another process: asking
+    for "pid 1" (the manager itself, in its namespace) gave a lease consumed by the host's
+    init (uid 0), which never ends, counted against uid 0. Now a consumer_pid from a caller
+    in another pid namespace is refused, before anything is attached."""
+    broker, lab = broker_factory(policy=MANAGER_POLICY)
+    request = {"ifname": lab.ifname_a, "queues": 1, "umem_bytes": 4096, "consumer_pid": 1}
+    reply = ask_as(broker, 61001, request, *IN_PID_NAMESPACE)
+    assert reply["ok"] is False, f"granted to the host's pid 1: {reply}"
+    assert reply["code"] == "BAD_REQUEST", reply
+    assert "another pid namespace" in reply["message"], reply
+    status = broker.client().status()
+    assert status.lease_count == 0
+    assert xdp_of(lab) == {}
+
+    # From the broker's namespace the same manager may still name its consumer.
+    vm = spawn_unprivileged(["sleep", "60"], 61001, netns=broker.netns)
+    try:
+        assert ask_as(broker, 61001, request | {"consumer_pid": vm.pid})["ok"] is True
+        # And in a container, a caller that is its own consumer is unaffected.
+        own = {"ifname": lab.ifname_a, "queues": 1, "start_queue": 1, "umem_bytes": 4096}
+        assert ask_as(broker, 61001, own, *IN_PID_NAMESPACE)["ok"] is True
+    finally:
+        vm.kill()
+        vm.wait()
