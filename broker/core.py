@@ -287,6 +287,8 @@ class Service:
         if busy:
             raise QueueBusy(_some([_held_by(lease, request) for lease in busy], "; "))
         self._check_tenancy(request, ifindex, consumer)
+        # The interface's refusals before the memlock limit is raised: refusals change nothing.
+        self.loader.check(request.ifname, grant.mode, request.queue_ids, ifindex)
         memlock.ensure(
             consumer.pid,
             memlock.needed_bytes(request.queues, request.umem_bytes),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -17,17 +18,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, AnyStr
 
+from broker import procinfo
 from broker.loader import netns_key
 from lab.brokerproc import REPO, BrokerProcess, wait_until
 from lab.netlab import VethLab, in_netns, run
 
 __all__ = [
     "ACTORS",
+    "RAISING_POLICY",
     "REPO",
     "BrokerFactory",
     "Spawn",
     "actor",
+    "capless_consumer",
     "fd_count",
+    "memlock_of",
     "open_fds",
     "pidfd_of_dead",
     "pin_dir",
@@ -95,6 +100,33 @@ def pidfd_of_dead(child: subprocess.Popen[bytes]) -> Iterator[int]:
         yield pidfd
     finally:
         os.close(pidfd)
+
+
+# Root may ask, and the broker may raise a consumer's memlock limit to 4 MiB per queue.
+RAISING_POLICY = """
+[[allow]]
+name = "raise"
+users = [0]
+raise_memlock = true
+max_umem_bytes_per_queue = 4194304
+"""
+
+
+def capless_consumer(spawn: Spawn, soft: int, hard: int) -> subprocess.Popen[bytes]:
+    """A root `sleep` without CAP_IPC_LOCK and with these memlock limits: a consumer whose
+    limit the broker (root, no CAP_SYS_RESOURCE) may raise within the hard limit."""
+    consumer = spawn(
+        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "60"],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard)),
+    )
+    wait_until(lambda: not procinfo.read_status(consumer.pid).has_cap(procinfo.CAP_IPC_LOCK))
+    return consumer
+
+
+def memlock_of(pid: int) -> tuple[int | None, int | None]:
+    """pid's memlock (soft, hard) limits; None is unlimited."""
+    limit = procinfo.memlock_limit(pid)
+    return limit.soft, limit.hard
 
 
 def xdp_of(lab: VethLab) -> dict[str, Any]:

@@ -9,12 +9,23 @@ import json
 from typing import Any
 
 import pytest
-from support import BrokerFactory, actor, xdp_of
+from support import (
+    RAISING_POLICY,
+    BrokerFactory,
+    Spawn,
+    actor,
+    capless_consumer,
+    memlock_of,
+    xdp_of,
+)
 
+from broker.errors import BadQueues, ModeUnsupported
 from client.exchange import BROKER_UID_ENV
 from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess
 from lab.netlab import run_unprivileged, spawn_unprivileged
 from lab.traffic import client_env
+
+MIB = 1 << 20
 
 MANAGER_POLICY = (
     LAB_POLICY
@@ -74,3 +85,30 @@ def test_consumer_pid_from_another_pid_namespace_is_refused(
     finally:
         vm.kill()
         vm.wait()
+
+
+@pytest.mark.kernel
+def test_a_refused_request_leaves_the_consumers_memlock_limit_alone(
+    broker_factory: BrokerFactory, spawn: Spawn
+) -> None:
+    """Under raise_memlock the broker raised the consumer's limit before it asked the
+    interface whether the queues and the mode could be had at all: a request for a queue
+    the device lacks, or for a mode other than the attachment's, was refused with the
+    consumer's limit left raised (1 MiB -> 3 MiB). Refusals change nothing."""
+    broker, lab = broker_factory(policy=RAISING_POLICY)
+    consumer = capless_consumer(spawn, MIB, 8 * MIB)
+    client = broker.client()
+    ask = {"umem_bytes": 3 * MIB, "consumer_pid": consumer.pid}
+
+    with pytest.raises(BadQueues):
+        client.request(lab.ifname_a, 1, start_queue=4, **ask)
+    assert memlock_of(consumer.pid) == (MIB, 8 * MIB)
+    assert xdp_of(lab) == {}
+
+    with client.request(lab.ifname_a, 1, umem_bytes=4096) as attached:
+        other = "skb" if attached.mode == "native" else "native"
+        with pytest.raises(ModeUnsupported):
+            client.request(lab.ifname_a, 1, start_queue=1, mode=other, **ask)
+        assert memlock_of(consumer.pid) == (MIB, 8 * MIB)
+        with client.request(lab.ifname_a, 1, start_queue=1, **ask):  # uid 0 holds 4 KiB too
+            assert memlock_of(consumer.pid) == (3 * MIB + 4096, 8 * MIB)
