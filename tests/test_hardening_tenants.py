@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from support import (
     actor,
     capless_consumer,
     memlock_of,
+    tenants,
     xdp_of,
     xsk_cli,
 )
@@ -37,55 +37,11 @@ from client.aio import AsyncClient
 from client.cli import substitute
 from client.lease import Lease
 from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess, wait_until
-from lab.netlab import VethLab, run, run_unprivileged, spawn_unprivileged
+from lab.netlab import VethLab, run, run_unprivileged
 from lab.traffic import client_env
 
 MIB = 1 << 20
 SHARED = "exclusive_tenancy = false\n" + LAB_POLICY
-
-
-class Tenant:
-    """One tenant actor: a process of uid that holds its leases until it exits."""
-
-    def __init__(self, broker: BrokerProcess, uid: int) -> None:
-        self.uid = uid
-        self.proc = spawn_unprivileged(
-            actor("tenant"), uid, netns=broker.netns, env=client_env(broker), cwd=str(REPO),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-
-    def ask(self, **command: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"tenant {self.uid} died: {self.proc.communicate()[1]}"
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def leases(self, ifname: str, *queues: int, **args: Any) -> list[str]:
-        """One lease per queue; the ids, in queue order."""
-        one = {"ifname": ifname, "queues": 1, "umem_bytes": MIB} | args
-        reply = self.ask(lease=[one | {"start_queue": q} for q in queues])
-        assert "leases" in reply, reply
-        ids: list[str] = reply["leases"]
-        return ids
-
-    def exit(self) -> None:
-        """End the tenant (its leases end with it); again is harmless."""
-        if self.proc.returncode is None:
-            self.proc.communicate(timeout=30)
-
-
-@contextmanager
-def tenants(broker: BrokerProcess, *uids: int) -> Iterator[list[Tenant]]:
-    with ExitStack() as stack:
-        crowd = []
-        for uid in uids:
-            tenant = Tenant(broker, uid)
-            stack.callback(tenant.exit)
-            crowd.append(tenant)
-        yield crowd
 
 
 def cli_as(broker: BrokerProcess, uid: int, *args: str) -> subprocess.CompletedProcess[str]:

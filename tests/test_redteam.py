@@ -16,13 +16,15 @@ from support import (
     actor,
     capless_consumer,
     memlock_of,
+    tenants,
+    wait_until,
     xdp_of,
 )
 
 from broker.errors import BadQueues, ModeUnsupported
 from client.exchange import BROKER_UID_ENV
 from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess
-from lab.netlab import run_unprivileged, spawn_unprivileged
+from lab.netlab import netns_path, run, run_unprivileged, spawn_unprivileged
 from lab.traffic import client_env
 
 MIB = 1 << 20
@@ -112,3 +114,34 @@ def test_a_refused_request_leaves_the_consumers_memlock_limit_alone(
         assert memlock_of(consumer.pid) == (MIB, 8 * MIB)
         with client.request(lab.ifname_a, 1, start_queue=1, **ask):  # uid 0 holds 4 KiB too
             assert memlock_of(consumer.pid) == (3 * MIB + 4096, 8 * MIB)
+
+
+@pytest.mark.kernel
+def test_a_socket_of_an_ended_lease_binds_its_interface_when_the_interface_returns(
+    broker_factory: BrokerFactory,
+) -> None:
+    """A residual risk the broker cannot close (docs/security.md): SO_BINDTODEVICE keeps
+    an ifindex, not a device. The interface leaves the broker's namespace (the lease ends
+    with it) and comes back with the same ifindex (a move keeps a free ifindex, and `ip
+    link add ... index N` picks one): the former tenant's socket, never bound while
+    leased, now binds it, although no lease covers it, and exclusive tenancy, seeing no
+    live lease, admits the next uid, whose bind of that queue is refused."""
+    broker, lab = broker_factory()
+    away = lab.name + "t"
+    run(["ip", "netns", "add", away])
+    try:
+        with tenants(broker, 61001, 61002) as (former, following):
+            (stale,) = former.leases(lab.ifname_a, 0)
+            run(["ip", "-n", lab.ns_a, "link", "set", lab.ifname_a, "netns", away])
+            wait_until(lambda: broker.client().status().lease_count == 0)
+            run(["ip", "-n", away, "link", "set", lab.ifname_a, "netns", lab.ns_a])
+            run(["ip", "-n", lab.ns_a, "link", "set", lab.ifname_a, "up"])
+            (link,) = json.loads(run(["ip", "-n", lab.ns_a, "-j", "link", "show", lab.ifname_a]))
+            assert link["ifindex"] == lab.a.ifindex
+
+            assert former.ask(bind=[stale, 0, 0]) == {"bound": 0}
+            (wanted,) = following.leases(lab.ifname_a, 0)
+            assert following.ask(bind=[wanted, 0, 0]) == {"errno": "EBUSY"}
+    finally:
+        if netns_path(away).exists():
+            run(["ip", "netns", "delete", away])
