@@ -95,6 +95,14 @@ def read_status(pid: int, pidfd: int | None = None) -> ProcStatus:
     return ProcStatus(pid, uids, gids, groups, cap_eff, nspids)
 
 
+def in_own_user_namespace(pid: int, pidfd: int | None = None) -> bool:
+    """Whether pid runs in the broker's user namespace. /proc/PID/uid_map (readable by
+    anyone) reads as the reader sees it, so the same text means the same namespace; any
+    user can make a namespace of its own, where it has every capability, which the kernel
+    does not count outside it."""
+    return _read(pid, "uid_map", pidfd) == _read(os.getpid(), "uid_map", None)
+
+
 def memlock_limit(pid: int, pidfd: int | None = None) -> Limit:
     """RLIMIT_MEMLOCK of pid from /proc/PID/limits (world-readable, unlike prlimit)."""
     limit = parse_memlock(_read(pid, "limits", pidfd))

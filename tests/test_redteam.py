@@ -145,3 +145,25 @@ def test_a_socket_of_an_ended_lease_binds_its_interface_when_the_interface_retur
     finally:
         if netns_path(away).exists():
             run(["ip", "netns", "delete", away])
+
+
+# An unprivileged user's own user namespace, in which it is root with every capability.
+AS_NAMESPACE_ROOT = ("unshare", "--user", "--map-root-user")
+
+
+@pytest.mark.kernel
+def test_capabilities_in_a_user_namespace_do_not_pass_the_memlock_check(
+    broker_factory: BrokerFactory,
+) -> None:
+    """/proc/PID/status shows a process's capabilities in its own user namespace: any user
+    can be root with CAP_IPC_LOCK in one of its own, and the broker took that for the
+    kernel's exemption, so a consumer with a 1 MiB limit was granted 32 MiB of UMEM that
+    the kernel (which asks the initial namespace) will refuse to register. Now only
+    capabilities in the broker's user namespace count, and the request is refused."""
+    broker, lab = broker_factory()
+    request = {"ifname": lab.ifname_a, "queues": 1, "umem_bytes": 32 * MIB}
+    limited = ("prlimit", f"--memlock={MIB}:{MIB}", "--")
+    reply = ask_as(broker, 61001, request, *limited, *AS_NAMESPACE_ROOT)
+    assert reply["ok"] is False, f"granted past a 1 MiB limit: {reply}"
+    assert reply["code"] == "MEMLOCK", reply
+    assert ask_as(broker, 61001, request | {"umem_bytes": MIB}, *limited, *AS_NAMESPACE_ROOT)["ok"]
