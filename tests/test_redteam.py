@@ -167,3 +167,24 @@ def test_capabilities_in_a_user_namespace_do_not_pass_the_memlock_check(
     assert reply["ok"] is False, f"granted past a 1 MiB limit: {reply}"
     assert reply["code"] == "MEMLOCK", reply
     assert ask_as(broker, 61001, request | {"umem_bytes": MIB}, *limited, *AS_NAMESPACE_ROOT)["ok"]
+
+
+@pytest.mark.kernel
+def test_numbers_a_caller_sends_cannot_flood_the_log(broker_factory: BrokerFactory) -> None:
+    """start_queue had no upper bound: 4299 digits (what the parser takes) with queues=253
+    made every refusal's audit line name 253 such queue ids, about 2 MB of log for a 4 KiB
+    request that any user who may open the socket can send 200 times a second. Queue ids
+    are now bounded by the kernel's (u32), so such a request is BAD_QUEUES and its log
+    line short."""
+    broker, lab = broker_factory()
+    before = broker.log_path.stat().st_size
+    result = run_unprivileged(
+        actor("huge_numbers", lab.ifname_a, "5"), 61002,
+        netns=broker.netns, env=client_env(broker), cwd=str(REPO),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sent = json.loads(result.stdout)
+    assert sent["codes"] == ["BAD_QUEUES"] * 5, sent
+    assert sent["reply_bytes"] < 1024
+    assert broker.log_path.stat().st_size - before < 5 * 1024
+    assert xdp_of(lab) == {}
