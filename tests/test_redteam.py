@@ -188,3 +188,26 @@ def test_numbers_a_caller_sends_cannot_flood_the_log(broker_factory: BrokerFacto
     assert sent["reply_bytes"] < 1024
     assert broker.log_path.stat().st_size - before < 5 * 1024
     assert xdp_of(lab) == {}
+
+
+@pytest.mark.kernel
+def test_a_consumer_cannot_widen_its_socket_beyond_the_interface(
+    broker_factory: BrokerFactory,
+) -> None:
+    """What a consumer of another uid, without capabilities, holding a socket the broker
+    made, may change on it: not its device (neither undone nor moved, by name or index),
+    nor a mark or a priority above a user's; it still binds its own queue."""
+    broker, lab = broker_factory()
+    env = client_env(broker) | {"IFNAME": lab.ifname_a}
+    result = run_unprivileged(
+        actor("socket_misuse"), 61001, netns=broker.netns, env=env, cwd=str(REPO)
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "unbind_device": "EPERM",
+        "bind_device_lo": "EPERM",
+        "bind_ifindex_lo": "EPERM",
+        "mark": "EPERM",
+        "priority_7": "EPERM",
+        "bound_to": lab.a.ifindex,
+    }
