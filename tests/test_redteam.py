@@ -6,6 +6,8 @@ sockets it holds. Each test runs a real broker and real actors of other uids.
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -211,3 +213,40 @@ def test_a_consumer_cannot_widen_its_socket_beyond_the_interface(
         "priority_7": "EPERM",
         "bound_to": lab.a.ifindex,
     }
+
+
+def spawn_with_pid(spawn: Spawn, pid: int, tries: int = 500) -> subprocess.Popen[bytes]:
+    """A `sleep` that has exactly pid: the kernel gives the next fork ns_last_pid + 1, unless
+    another process forks in between (then try again)."""
+    for _ in range(tries):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        child = spawn()
+        if child.pid == pid:
+            return child
+        child.kill()
+        child.wait()
+    raise AssertionError(f"pid {pid} was not had in {tries} forks")
+
+
+@pytest.mark.kernel
+def test_a_journaled_lease_is_not_taken_over_by_a_process_reusing_its_consumers_pid(
+    broker_factory: BrokerFactory, spawn: Spawn
+) -> None:
+    """The broker crashes (no fd store keeps its pidfds); meanwhile the consumer exits and
+    a new process gets its pid. The restarted broker reopens the pid from the journal and
+    finds another start time: the lease ended, its queue is free, and the newcomer did
+    not inherit it."""
+    broker, lab = broker_factory()
+    consumer = spawn()
+    with broker.client().request(lab.ifname_a, 1, umem_bytes=4096, consumer_pid=consumer.pid):
+        pass
+    broker.kill()
+    consumer.kill()
+    consumer.wait()
+    newcomer = spawn_with_pid(spawn, consumer.pid)
+    broker.start()
+    client = broker.client()
+    assert client.status().lease_count == 0
+    assert "consumer exited while the broker was down" in broker.log()
+    with client.request(lab.ifname_a, 1, umem_bytes=4096, consumer_pid=newcomer.pid) as lease:
+        assert lease.queue_ids == [0]
