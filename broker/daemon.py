@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import logging
 import selectors
+import sys
+from typing import TYPE_CHECKING
 
 from broker import activation, audit, caps, trust
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
+from broker.frontend import FrontEnd
 from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
 from broker.limits import raise_fd_limit
 from broker.loader import Loader
 from broker.server import PidfdWatch, Server
+
+if TYPE_CHECKING:
+    from broker.metrics import Metrics
 
 log = logging.getLogger("xsk-broker")
 
@@ -37,6 +43,10 @@ def refuse_untrusted(config: ServeConfig, activated: bool) -> None:
     trust.check_new_directory("pin directory", config.pin_root)
     if not activated:
         trust.check_new_directory("socket directory", config.socket_path.parent)
+    if config.metrics_file is not None:
+        from broker.metrics import check_metrics_path
+
+        check_metrics_path(config.metrics_file)
 
 
 def main(config: ServeConfig) -> int:
@@ -61,14 +71,25 @@ def main(config: ServeConfig) -> int:
         max_status_leases=config.max_status_leases,
         on_change=notifier.status,
     )
-    server = Server(config, listener, JsonFrontEnd(service), service, selector)
+    front: FrontEnd = JsonFrontEnd(service)
+    metrics: Metrics | None = None
+    if config.metrics_file is not None:  # imported only then: a cold start waits for imports
+        from broker.metrics import instrument
+
+        metrics, front = instrument(service, front, config.metrics_file, config.state_dir)
+    server = Server(config, listener, front, service, selector)
     server.catch_signals()
     try:
         service.start(stored)
+        if metrics is not None:
+            metrics.start()
         notifier.ready()
         log.info("serving on %s", config.socket_path)
         while server.running:
-            server.step(_earliest(server.next_timeout(), notifier.watchdog_interval))
+            waits = [server.next_timeout(), notifier.watchdog_interval]
+            server.step(_earliest(*waits, metrics.next_timeout() if metrics else None))
+            if metrics is not None:
+                metrics.flush()
             notifier.watchdog()
             if server.idle_expired():
                 log.info("idle for %.0f s: exiting", config.idle_exit)
@@ -76,5 +97,7 @@ def main(config: ServeConfig) -> int:
     finally:
         notifier.stopping()
         server.close()
+        if metrics is not None and sys.exc_info()[0] is None:  # a crash is counted as died
+            metrics.stop()
         service.close()
     return 0
