@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from support import (
     xdp_of,
 )
 
+from broker import procinfo
 from broker.errors import BadQueues, ModeUnsupported
 from client.exchange import BROKER_UID_ENV
 from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess
@@ -250,3 +252,35 @@ def test_a_journaled_lease_is_not_taken_over_by_a_process_reusing_its_consumers_
     assert "consumer exited while the broker was down" in broker.log()
     with client.request(lab.ifname_a, 1, umem_bytes=4096, consumer_pid=newcomer.pid) as lease:
         assert lease.queue_ids == [0]
+
+
+RENAME_SELF = """
+import ctypes, sys
+sys.stdin.readline()
+ctypes.CDLL(None).prctl(15, b"x) Z 1 1\\nUid:\\t0", 0, 0, 0)  # PR_SET_NAME, 15 bytes
+print("renamed", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.kernel
+def test_a_process_name_cannot_forge_the_identity_the_broker_reads() -> None:
+    """A consumer chooses its own name (PR_SET_NAME), which /proc shows inside status and
+    stat: one holding ')', a state, numbers and a newline with a Uid line changes neither
+    the uid nor the start time the broker reads."""
+    child = spawn_unprivileged(
+        [sys.executable, "-c", RENAME_SELF], 61001,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        started = procinfo.start_time(child.pid)
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "renamed\n"
+        assert "(x) Z 1 1\nUid:\t0) " in Path(f"/proc/{child.pid}/stat").read_text()
+        assert procinfo.start_time(child.pid) == started
+        assert procinfo.read_status(child.pid).uids == (61001,) * 4
+    finally:
+        child.kill()
+        child.wait()
