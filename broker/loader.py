@@ -20,7 +20,7 @@ from pathlib import Path
 from broker import bpf, netdev, xdpprog
 from broker.bpffs import ensure_bpffs, remove_pins
 from broker.config import DEFAULT_PIN_ROOT
-from broker.errors import AttachFailed, BadQueues, ModeUnsupported, XdpConflict
+from broker.errors import AttachFailed, BadQueues, Denied, ModeUnsupported, XdpConflict
 from broker.protocol import AttachmentInfo
 
 MODE_FLAGS = {"native": bpf.XDP_FLAGS_DRV_MODE, "skb": bpf.XDP_FLAGS_SKB_MODE}
@@ -272,7 +272,14 @@ class Loader:
 
 
 def _check_link(state: netdev.LinkState, ifname: str, queue_ids: range) -> None:
-    """An interface without the broker's attachment: the queues exist, no other program."""
+    """An interface without the broker's attachment: not loopback, the queues exist, no
+    other program."""
+    if state.loopback:
+        raise Denied(
+            f"{ifname} is a loopback interface: every local connection of the broker's "
+            "network namespace passes it, so its queues are never handed out, whatever the "
+            "policy says; give the consumer a veth, macvlan or NIC of its own"
+        )
     check_queue_range(ifname, state.rx_queues, queue_ids)
     if state.xdp_mode is not None:
         raise XdpConflict(

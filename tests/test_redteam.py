@@ -284,3 +284,20 @@ def test_a_process_name_cannot_forge_the_identity_the_broker_reads() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.kernel
+def test_the_loopback_interface_is_never_handed_out(broker_factory: BrokerFactory) -> None:
+    """An allow rule that names no interfaces covers all of them, lo included: uid 61001
+    was leased lo's queue, bound it, and received what root sent to a local UDP service
+    (every local connection of the namespace passes lo, and its frames are taken from the
+    stack), and could forge frames from 127.0.0.1. No VM needs lo: it is refused whatever
+    the policy says, by its IFF_LOOPBACK flag, before anything is attached."""
+    broker, _ = broker_factory()
+    run(["ip", "-n", broker.netns, "link", "set", "lo", "up"])
+    reply = ask_as(broker, 61001, {"ifname": "lo", "queues": 1, "umem_bytes": MIB})
+    assert reply["ok"] is False, f"lo was handed out: {reply}"
+    assert reply["code"] == "DENIED", reply
+    assert "loopback" in reply["message"], reply
+    (link,) = json.loads(run(["ip", "-n", broker.netns, "-d", "-j", "link", "show", "lo"]))
+    assert "xdp" not in link
