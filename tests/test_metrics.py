@@ -219,6 +219,9 @@ def test_answers_are_timed_under_the_operation_the_core_decided(tmp_path: Path, 
 # --- a real broker, Debian's node_exporter ---
 
 POLICY = """
+# Another uid's consumer on the same interface, to show its memlock shortfall.
+exclusive_tenancy = false
+
 [[allow]]
 name = "lab"
 users = ["*"]
