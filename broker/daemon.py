@@ -17,11 +17,13 @@ from broker import activation, audit, caps, trust
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
+from broker.dpfront import DevicePluginFrontEnd
 from broker.frontend import FrontEnd
 from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
 from broker.limits import raise_fd_limit
 from broker.loader import Loader
+from broker.maplease import MapLeases
 from broker.server import PidfdWatch, Server
 
 if TYPE_CHECKING:
@@ -57,7 +59,8 @@ def main(config: ServeConfig) -> int:
     raise_fd_limit()
     group = int(config.group) if config.group and config.group.isdigit() else config.group
     listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
-    caps.enter_least_privilege(config.allow_root)
+    keep = caps.REQUIRED + caps.OPTIONAL + (caps.MAP_PINS if config.map_pins else ())
+    caps.enter_least_privilege(config.allow_root, keep)
     notifier = activation.Notifier()
     stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
     trust.ensure_directory("state directory", config.state_dir, 0o755)
@@ -78,6 +81,13 @@ def main(config: ServeConfig) -> int:
 
         metrics, front = instrument(service, front, config.metrics_file, config.state_dir)
     server = Server(config, listener, front, service, selector)
+    service.maps = MapLeases(
+        dp_dir=config.state_dir / "dp",
+        pin_dir=config.pin_root.with_name(config.pin_root.name + "-leases"),
+        serve=server.serve,
+        unserve=server.unserve,
+        front_end=lambda lease_id: DevicePluginFrontEnd(service, lease_id),
+    )
     server.catch_signals()
     try:
         service.start(stored)

@@ -42,12 +42,17 @@ def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def _add_request_flags(parser: argparse.ArgumentParser, *, umem: bool = False) -> None:
-    """One flag per protocol.Request field that callers set (--umem-bytes only where the
-    consumer's UMEM is not known: probe registers its own, attach-nic's consumer is QEMU)."""
+# Flags of `request` only: probe registers its own UMEM and attach-nic's consumer is QEMU,
+# so the UMEM is known there, and both need sockets, not a map.
+REQUEST_ONLY = ("umem_bytes", "handout")
+
+
+def _add_request_flags(parser: argparse.ArgumentParser, *, request: bool = False) -> None:
+    """One flag per protocol.Request field that callers set (REQUEST_ONLY ones for
+    `request` alone)."""
     hints = get_type_hints(Request)
     for f in fields(Request):
-        if not f.metadata["flag"] or (f.name == "umem_bytes" and not umem):
+        if not f.metadata["flag"] or (f.name in REQUEST_ONLY and not request):
             continue
         kind = hints[f.name]
         parser.add_argument(
@@ -65,13 +70,21 @@ def request_from(opts: argparse.Namespace, **fixed: Any) -> Request:
     return Request(**{name: value for name, value in given.items() if value is not None})
 
 
-PLACEHOLDER = re.compile(r"\{(netdev|sock-fds)\}")
+PLACEHOLDER = re.compile(r"\{(netdev|sock-fds|dp-path|map-path|map-start-index)\}")
 
 
 def substitute(args: Sequence[str], lease: Lease, netdev_id: str) -> list[str]:
-    """Replace {netdev} and {sock-fds} in each argument, in one pass: a value put in (an
-    interface or netdev id that itself reads `{sock-fds}`) is never substituted again."""
-    values = {"netdev": lease.netdev_arg(netdev_id), "sock-fds": lease.sock_fds}
+    """Replace {netdev}, {sock-fds} and, for a map lease, {dp-path}, {map-path} and
+    {map-start-index} in each argument, in one pass: a value put in (an interface or netdev
+    id that itself reads `{sock-fds}`) is never substituted again."""
+    info = lease.info
+    values = {
+        "netdev": lease.netdev_arg(netdev_id),
+        "sock-fds": lease.sock_fds,
+        "dp-path": info.dp_path,
+        "map-path": info.map_pin,
+        "map-start-index": str(info.start_queue),
+    }
     return [PLACEHOLDER.sub(lambda found: values[found.group(1)], a) for a in args]
 
 
@@ -87,6 +100,8 @@ def cmd_request(opts: argparse.Namespace) -> int:
         XSK_BROKER_SOCK_FDS=lease.sock_fds,
         XSK_BROKER_LEASE=lease.lease_id,
         XSK_BROKER_MODE=lease.mode,
+        XSK_BROKER_DP_PATH=lease.info.dp_path,
+        XSK_BROKER_MAP_PATH=lease.info.map_pin,
     )
     try:
         os.execvp(argv[0], argv)
@@ -186,17 +201,33 @@ def cmd_detach(opts: argparse.Namespace) -> int:
     return 0
 
 
+def _netdev_id(opts: argparse.Namespace) -> str:
+    return str(opts.id or f"xsk-{opts.ifname}")
+
+
 def cmd_attach_nic(opts: argparse.Namespace) -> int:
-    """Hot-plug an AF_XDP NIC into a running QEMU over QMP (QEMU becomes the consumer)."""
+    """Hot-plug an AF_XDP NIC into a running QEMU over QMP or libvirt (QEMU becomes the
+    consumer)."""
     from client import qmp
 
-    result = qmp.attach_nic(
-        opts.qmp,
-        request_from(opts),
-        opts.id,
-        device=None if opts.device == "none" else opts.device,
-        socket_path=opts.socket,
-    )
+    device = None if opts.device == "none" else opts.device
+    if opts.mac and device:
+        device = f"{device},mac={opts.mac}"
+    if opts.libvirt:
+        from client import libvirt
+
+        result = libvirt.attach_nic(
+            opts.libvirt,
+            request_from(opts),
+            _netdev_id(opts),
+            uri=opts.connect,
+            device=device,
+            socket_path=opts.socket,
+        )
+    else:
+        result = qmp.attach_nic(
+            opts.qmp, request_from(opts), _netdev_id(opts), device=device, socket_path=opts.socket
+        )
     report = {
         "netdev_id": result.netdev_id,
         "device_id": result.device_id,
@@ -218,9 +249,18 @@ def cmd_attach_nic(opts: argparse.Namespace) -> int:
 
 
 def cmd_detach_nic(opts: argparse.Namespace) -> int:
-    from client import qmp
+    if not (opts.id or opts.ifname):
+        raise UsageError("give --id (or the --ifname given to attach-nic)")
+    if opts.libvirt:
+        from client import libvirt
 
-    result = qmp.detach_nic(opts.qmp, opts.id, tag=opts.tag, socket_path=opts.socket)
+        result = libvirt.detach_nic(
+            opts.libvirt, _netdev_id(opts), uri=opts.connect, tag=opts.tag, socket_path=opts.socket
+        )
+    else:
+        from client import qmp
+
+        result = qmp.detach_nic(opts.qmp, _netdev_id(opts), tag=opts.tag, socket_path=opts.socket)
     if opts.json:
         print(json.dumps(result.__dict__))
     else:
@@ -228,7 +268,7 @@ def cmd_detach_nic(opts: argparse.Namespace) -> int:
         device = f"device {released}" if result.device_found else "no device"
         netdev = "removed" if result.netdev_removed else "absent"
         ended = ", ".join(result.leases_released) or "none"
-        print(f"{opts.id}: {device}, netdev {netdev}, lease(s) ended: {ended}")
+        print(f"{result.netdev_id}: {device}, netdev {netdev}, lease(s) ended: {ended}")
     return 0
 
 
@@ -241,16 +281,28 @@ def cmd_revoke(opts: argparse.Namespace) -> int:
     return 0
 
 
+def _add_monitor_flags(parser: argparse.ArgumentParser) -> None:
+    """Which QEMU: its QMP socket, or a libvirt domain (and libvirt's URI)."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--qmp", metavar="PATH", help="QEMU's QMP unix socket")
+    which.add_argument("--libvirt", metavar="DOMAIN", help="a running libvirt domain")
+    parser.add_argument(
+        "--connect", metavar="URI", help="libvirt URI with --libvirt (default: libvirt's own)"
+    )
+
+
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """The client commands, each with --socket and, where it reports, --json."""
     req = sub.add_parser(
         "request",
         help="get sockets, then exec COMMAND with them",
-        description="Placeholders in COMMAND: {netdev} (the whole -netdev value) and "
-        "{sock-fds} (a:b:c). Also exported as XSK_BROKER_NETDEV and XSK_BROKER_SOCK_FDS.",
+        description="Placeholders in COMMAND: {netdev} (the whole -netdev value), "
+        "{dp-path}, {map-path} and {map-start-index} (map leases, --handout map) and "
+        "{sock-fds} (a:b:c). Also exported as XSK_BROKER_NETDEV, XSK_BROKER_SOCK_FDS, "
+        "XSK_BROKER_DP_PATH and XSK_BROKER_MAP_PATH.",
     )
     add_socket(req)
-    _add_request_flags(req, umem=True)
+    _add_request_flags(req, request=True)
     req.add_argument("--id", default="net0", help="netdev id in {netdev} (default net0)")
     req.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     req.set_defaults(func=cmd_request)
@@ -292,25 +344,28 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     att = sub.add_parser(
         "attach-nic",
         aliases=["attach"],
-        help="hot-plug an AF_XDP NIC into a running QEMU over QMP ('attach' is the old name)",
+        help="hot-plug an AF_XDP NIC into a running QEMU over QMP or libvirt ('attach' is "
+        "the old name)",
     )
     add_socket(att)
     add_json(att)
     _add_request_flags(att)
-    att.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
-    att.add_argument("--id", required=True, help="netdev id (the device gets ID-dev)")
+    _add_monitor_flags(att)
+    att.add_argument("--id", help="netdev id (the device gets ID-dev; default xsk-IFNAME)")
     att.add_argument(
         "--device", default="virtio-net-pci", help="device_add driver[,opts], or 'none'"
     )
+    att.add_argument("--mac", help="the NIC's MAC address (added to --device as mac=)")
     att.set_defaults(func=cmd_attach_nic)
 
     dnic = sub.add_parser(
         "detach-nic", help="remove a hot-plugged NIC (device and netdev) and end its lease"
     )
     add_json(dnic)
-    dnic.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
+    _add_monitor_flags(dnic)
     add_socket(dnic)
-    dnic.add_argument("--id", required=True, help="netdev id given to attach-nic")
+    dnic.add_argument("--id", help="netdev id given to attach-nic")
+    dnic.add_argument("--ifname", help="instead of --id: the --ifname given to attach-nic")
     dnic.add_argument("--tag", help="tag given to attach-nic, if not the default (the id)")
     dnic.set_defaults(func=cmd_detach_nic)
 
