@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker import fdpass
+from broker import fdguard, fdpass
 from broker.config import ServeConfig
 from broker.core import Service
 from broker.errors import BrokerError, RateLimited
@@ -40,6 +40,7 @@ class Connection:
     sock: socket.socket
     peer: Caller
     deadline: float
+    sealed: bool  # no fd of the client's can be queued on it: close it on the loop
     parked: bool = False
 
 
@@ -96,6 +97,11 @@ class Server:
         for end in (self.signals, self.signals_w):
             end.setblocking(False)
         self.linkwatch = LinkWatch()
+        self.closer = fdguard.Closer()
+        self.refuses_rights = not config.without_passrights and fdguard.refuse_rights(listener)
+        if not self.refuses_rights:
+            log.warning("SO_PASSRIGHTS is off: client fds reach the broker and are closed "
+                        "by a thread of their own")  # fmt: skip
         self.running = True
         self.last_activity = time.monotonic()
         for source, what in (
@@ -185,18 +191,20 @@ class Server:
         try:
             peer = peer_of(sock)
         except OSError:
-            sock.close()
+            self._close(sock, sealed=False)
             return
+        sealed = self.refuses_rights and fdguard.sealed(sock)
         refusal = self.limits.refuse_connection(peer.uid)
         if refusal is not None:
             os.close(peer.pidfd)
-            with sock, contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
                 fdpass.send(sock, self.front.refuse(refusal).data)
+            self._close(sock, sealed)
             return
         self.limits.connected(peer.uid)
         sock.setblocking(False)
         deadline = self.last_activity + self.config.connection_deadline
-        self.connections[sock.fileno()] = Connection(sock, peer, deadline)
+        self.connections[sock.fileno()] = Connection(sock, peer, deadline, sealed)
         self.selector.register(sock, selectors.EVENT_READ, "conn")
 
     def _drop(self, fd: int) -> None:
@@ -205,8 +213,15 @@ class Server:
             self.limits.disconnected(conn.peer.uid)
             if not conn.parked:
                 self.selector.unregister(conn.sock)
-            conn.sock.close()
+            self._close(conn.sock, conn.sealed)
             os.close(conn.peer.pidfd)
+
+    def _close(self, sock: socket.socket, sealed: bool) -> None:
+        """Close a connection; one that may still hold a client's fd, off the loop."""
+        if sealed:
+            sock.close()
+        else:
+            self.closer.close_socket(sock)
 
     def _readable(self, conn: Connection) -> None:
         self.last_activity = time.monotonic()
@@ -214,12 +229,12 @@ class Server:
         refusal = self.limits.refuse_message(conn.peer.uid)
         if refusal is not None:
             with contextlib.suppress(OSError):
-                fdpass.close_all(fdpass.receive(conn.sock, max_fds=0).fds)
+                self.closer.close_fds(fdpass.receive(conn.sock, fdpass.SCM_MAX_FD).fds)
             self._reply(conn, self.front.refuse(refusal))
             self._drop(conn.sock.fileno())
             return
         try:
-            data = fdpass.receive_request(conn.sock)
+            data = fdpass.receive_request(conn.sock, self.closer.close_fds)
         except BrokerError as error:
             self._reply(conn, self.front.refuse(error))
             return

@@ -1,0 +1,119 @@
+"""No socket user can stall the broker's loop, crowd out other uids, or leave a refused start
+behind (issue 10: findings 1, 3's connection cap and 7, and the unit's exposure score).
+
+Real broker, real attackers: other uids without capabilities, in their own namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import BrokerFactory, actor, piped, wait_until
+
+from client.sync import Client
+from lab.brokerproc import REPO, BrokerProcess
+from lab.netlab import VethLab, run, spawn_unprivileged
+from lab.traffic import client_env
+
+ATTACKER_UID = 61003
+PROMPT = 5.0  # seconds: generous for a loaded 2-core VM; a stalled loop never answers
+TRAPS = ["ping", "request", "truncated", "many", "hangup", "refused"]
+
+
+def blocked_threads(pid: int) -> int:
+    """Threads of pid waiting in the kernel's lingering close (tcp_close's wait_woken)."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            count += (task / "wchan").read_text() == "wait_woken"
+        except OSError:
+            continue
+    return count
+
+
+def prompt_ping(broker: BrokerProcess) -> float:
+    """Seconds root's ping took; BrokerError (NOT_ANSWERING) if beyond PROMPT."""
+    start = time.monotonic()
+    assert Client(broker.socket_path, timeout=PROMPT).ping().broker
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def trap_lab(lab4: VethLab) -> Iterator[VethLab]:
+    """lab4 with lo up in the `b` namespace, where the attacker makes its TCP pair."""
+    run(["ip", "-n", lab4.ns_b, "link", "set", "lo", "up"])
+    yield lab4
+
+
+def spring_trap(
+    broker: BrokerProcess, lab: VethLab, variant: str, idle: int = 0
+) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    """Start the fd_trap actor and let it send its trap while the broker is stopped, so
+    that the broker's copy is surely the last (the race is the attacker's to win anyway)."""
+    baseline = broker.fd_count()
+    attacker = spawn_unprivileged(
+        actor("fd_trap", str(broker.socket_path), variant, str(idle)),
+        uid=ATTACKER_UID, netns=lab.ns_b, env=client_env(broker), cwd=str(REPO),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out = piped(attacker.stdout)
+    assert out.readline() == "ready\n", piped(attacker.stderr).read()
+    wait_until(lambda: broker.fd_count() >= baseline + 2 * idle)  # socket and pidfd each
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        piped(attacker.stdin).write("go\n")
+        piped(attacker.stdin).flush()
+        line = out.readline()
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    assert line, piped(attacker.stderr).read()
+    return attacker, json.loads(line)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("variant", TRAPS)
+def test_client_fds_are_refused_at_sendmsg_and_the_loop_keeps_serving(
+    broker_factory: BrokerFactory, trap_lab: VethLab, variant: str
+) -> None:
+    """SO_PASSRIGHTS=0: the attacker's sendmsg fails with EPERM, nothing reaches the broker."""
+    broker, _ = broker_factory("--max-connections-per-uid", "3")
+    baseline = broker.quiet_fd_count()
+    attacker, outcome = spring_trap(broker, trap_lab, variant, 3 if variant == "refused" else 0)
+    try:
+        assert outcome == {"sent": False, "errno": "EPERM"}
+        assert prompt_ping(broker) < PROMPT
+    finally:
+        attacker.communicate("exit\n", timeout=30)
+    assert broker.settled_fd_count(baseline) == baseline
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("variant", TRAPS)
+def test_without_passrights_client_fds_are_closed_off_the_loop(
+    broker_factory: BrokerFactory, trap_lab: VethLab, variant: str
+) -> None:
+    """As on a kernel before 6.16 (--without-passrights): the trap reaches the broker and
+    blocks a closer thread, never the loop; everything is closed once the attacker goes."""
+    broker, _ = broker_factory("--max-connections-per-uid", "3", "--without-passrights")
+    baseline = broker.quiet_fd_count()
+    attacker, outcome = spring_trap(broker, trap_lab, variant, 3 if variant == "refused" else 0)
+    try:
+        assert outcome == {"sent": True}
+        deadline = time.monotonic() + PROMPT
+        while not blocked_threads(broker.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert blocked_threads(broker.pid) == 1, "the trap never sprang: the test proves nothing"
+        assert prompt_ping(broker) < PROMPT
+        for _ in range(20):  # connections and refusals keep flowing past the blocked closer
+            assert broker.client().ping().broker
+    finally:
+        attacker.communicate("exit\n", timeout=30)
+    assert broker.settled_fd_count(baseline) == baseline
+    assert blocked_threads(broker.pid) == 0
