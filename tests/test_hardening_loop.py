@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +19,8 @@ import pytest
 from support import BrokerFactory, actor, piped, wait_until
 
 from client.sync import Client
-from lab.brokerproc import REPO, BrokerProcess
-from lab.netlab import VethLab, run, spawn_unprivileged
+from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess
+from lab.netlab import DEFAULT_ENV, VethLab, run, spawn_unprivileged
 from lab.traffic import client_env
 
 ATTACKER_UID = 61003
@@ -117,3 +118,46 @@ def test_without_passrights_client_fds_are_closed_off_the_loop(
         attacker.communicate("exit\n", timeout=30)
     assert broker.settled_fd_count(baseline) == baseline
     assert blocked_threads(broker.pid) == 0
+
+
+@pytest.mark.kernel
+def test_socket_activated_listener_refuses_rights_and_a_backlogged_trap_is_closed_off_the_loop(
+    trap_lab: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """The listener systemd passes has SO_PASSRIGHTS on until the broker turns it off; a
+    trap queued by a connection made before that (it starts the broker) lands on a closer
+    thread, and a connection made afterwards cannot send fds at all."""
+    path, policy = workdir / "broker.sock", workdir / "policy.toml"
+    policy.write_text(LAB_POLICY)
+    serve = [sys.executable, "-m", "xsk_broker", "serve", "--allow-root", "--policy", str(policy),
+             "--pin-dir", str(pin_root), "--state-dir", str(workdir / "state")]  # fmt: skip
+    activator = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{trap_lab.ns_a}", "systemd-socket-activate",
+         "--seqpacket", "-l", str(path), *serve],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    attackers: list[subprocess.Popen[str]] = []
+    try:
+        wait_until(path.exists, 10)
+        path.chmod(0o666)
+        for expected in ({"sent": True}, {"sent": False, "errno": "EPERM"}):
+            attacker = spawn_unprivileged(
+                actor("fd_trap", str(path), "ping"),
+                uid=ATTACKER_UID, netns=trap_lab.ns_b, env=DEFAULT_ENV, cwd=str(REPO),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            attackers.append(attacker)
+            assert piped(attacker.stdout).readline() == "ready\n"
+            piped(attacker.stdin).write("go\n")
+            piped(attacker.stdin).flush()
+            assert json.loads(piped(attacker.stdout).readline()) == expected
+            wait_until(lambda: Client(path, timeout=PROMPT).ping().broker != "", 10)
+        wait_until(lambda: blocked_threads(activator.pid) == 1, PROMPT)
+        start = time.monotonic()
+        assert Client(path, timeout=PROMPT).ping().broker
+        assert time.monotonic() - start < PROMPT
+    finally:
+        for attacker in attackers:
+            attacker.communicate("exit\n", timeout=30)
+        activator.terminate()
+        assert activator.wait(30) == 0, piped(activator.stderr).read()
