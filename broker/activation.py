@@ -82,7 +82,7 @@ def _inherited_listener(inherited: Sequence[tuple[str, int]]) -> socket.socket |
     return sock
 
 
-def _gid(group: str | int) -> int:
+def gid_of(group: str | int) -> int:
     if isinstance(group, int):
         return group
     try:
@@ -125,7 +125,7 @@ def _bind(path: Path, mode: int, group: str | int | None) -> socket.socket:
     finally:
         os.umask(old_umask)
     if group is not None:
-        os.chown(path, -1, _gid(group))
+        os.chown(path, -1, gid_of(group))
     os.chmod(path, mode)
     sock.listen(socket.SOMAXCONN)
     return sock

@@ -36,7 +36,10 @@ def is_bpffs(path: Path) -> bool:
 
 
 def ensure_bpffs(pin_root: Path) -> None:
-    """Make pin_root's directory, mounting bpffs at /sys/fs/bpf first if nobody has."""
+    """Make pin_root's directory, mounting bpffs at /sys/fs/bpf first if nobody has; a
+    pin_root that is on a bpffs already (a mount point of its own, say) is used as it is."""
+    if is_bpffs(pin_root):
+        return
     anchor = pin_root.parent
     if not is_bpffs(anchor) and anchor == DEFAULT_PIN_ROOT.parent:
         libc = _libc()

@@ -1,14 +1,21 @@
 """`xsk-broker serve`: the order of start-up matters, so it is written down once here.
 
-1. logging (journal or stderr), 2. bpffs and 3. the listening socket (from systemd, or bound
-by hand: mounting and chgrp need privileges the broker is about to drop), 4. capabilities
-down to the three it needs, 5. adopt pins and leases, 6. READY=1, serve.
+1. logging (journal or stderr), 2. every refusal that can be decided up front (root without
+--allow-root, missing capabilities, an unknown group, a bad policy), so a refused start
+creates nothing, 3. the listening socket (from systemd, or bound by hand) and 4. bpffs
+(chgrp and mounting need privileges the broker is about to drop), 5. capabilities down to
+the three it needs, 6. adopt pins and leases, 7. READY=1, serve. A start that fails after
+3 removes what it made: the socket it bound, the pin and state directories it created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
+import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 from broker import activation, audit, caps
 from broker.bpffs import ensure_bpffs
@@ -28,18 +35,32 @@ def _earliest(*timeouts: float | None) -> float | None:
     return min(known) if known else None
 
 
+@contextlib.contextmanager
+def undone_on_failure(listener: socket.socket, bound: Path | None, *dirs: Path) -> Iterator[None]:
+    """Undo the start's traces if the body fails: the socket file bound here (not one
+    systemd owns), and whichever of dirs did not exist before (if still empty)."""
+    made = [path for path in dirs if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        listener.close()
+        if bound is not None:
+            with contextlib.suppress(OSError):
+                bound.unlink()
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
 def main(config: ServeConfig) -> int:
     audit.setup_logging(config.verbose)
-    ensure_bpffs(config.pin_root)
-    raise_fd_limit()
-    group = int(config.group) if config.group and config.group.isdigit() else config.group
-    inherited = activation.inherited_fds()
-    listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
-    caps.enter_least_privilege(config.allow_root)
-    notifier = activation.Notifier()
-    stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
-    config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    caps.check_start(config.allow_root)
+    group = None
+    if config.group is not None:
+        group = activation.gid_of(int(config.group) if config.group.isdigit() else config.group)
     selector = selectors.DefaultSelector()
+    notifier = activation.Notifier()
     service = Service(
         config.policy_path,
         Loader(config.pin_root),
@@ -49,10 +70,24 @@ def main(config: ServeConfig) -> int:
         max_status_leases=config.max_status_leases,
         on_change=notifier.status,
     )
-    server = Server(config, listener, JsonFrontEnd(service), service, selector)
-    server.catch_signals()
+    raise_fd_limit()
+    inherited = activation.inherited_fds()
+    listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
+    bound = None if any(fd == listener.fileno() for _, fd in inherited) else config.socket_path
+    with undone_on_failure(listener, bound, config.pin_root, config.state_dir):
+        ensure_bpffs(config.pin_root)
+        caps.enter_least_privilege(config.allow_root)
+        config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
+        server = Server(config, listener, JsonFrontEnd(service), service, selector)
+        server.catch_signals()
+        try:
+            service.start(stored)
+        except BaseException:
+            server.close()
+            service.close()
+            raise
     try:
-        service.start(stored)
         notifier.ready()
         log.info("serving on %s", config.socket_path)
         while server.running:

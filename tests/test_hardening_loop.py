@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import BrokerFactory, actor, piped, wait_until
+from support import BrokerFactory, actor, pins_of, piped, wait_until
 
 from client.sync import Client
 from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess
-from lab.netlab import DEFAULT_ENV, VethLab, run, spawn_unprivileged
+from lab.netlab import DEFAULT_ENV, VethLab, bpffs, run, run_unprivileged, spawn_unprivileged
 from lab.traffic import client_env
 
 ATTACKER_UID = 61003
@@ -161,3 +162,73 @@ def test_socket_activated_listener_refuses_rights_and_a_backlogged_trap_is_close
             attacker.communicate("exit\n", timeout=30)
         activator.terminate()
         assert activator.wait(30) == 0, piped(activator.stderr).read()
+
+
+def mounts(*under: Path) -> list[str]:
+    """The mounts at or below the given paths (other sessions mount elsewhere meanwhile)."""
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return sorted(p for p in points if any(Path(p).is_relative_to(u) for u in under))
+
+
+REFUSALS = {
+    "root": ([], "ROOT_REFUSED: running as root"),
+    "group": (["--allow-root", "--group", "xskt-no-such-group"], "ACTIVATION: group"),
+    "policy": (["--allow-root", "--policy", "{work}/bad.toml"], "BAD_POLICY"),
+    "pin-dir": (["--allow-root", "--pin-dir", "{work}/not-bpffs/pins"], "ATTACH_FAILED"),
+    "live": (["--allow-root", "--socket", "{work}/live.sock"], "ACTIVATION: another process"),
+    "file": (["--allow-root", "--socket", "{work}/file.sock"], "ACTIVATION: "),
+}
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_a_refused_start_creates_nothing(pin_root: Path, workdir: Path, refusal: str) -> None:
+    """Each start-up refusal exits with its code and leaves no socket, state directory,
+    pin directory or mount behind (and leaves alone a path that was someone else's)."""
+    extra, code = REFUSALS[refusal]
+    (workdir / "bad.toml").write_text("[[allow]\n")
+    (workdir / "not-bpffs").mkdir()
+    (workdir / "file.sock").write_text("not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as live:
+        live.bind(str(workdir / "live.sock"))
+        live.listen()
+        watched = (workdir, pin_root.parent, Path("/sys/fs/bpf"))
+        before = mounts(*watched)
+        argv = [sys.executable, "-m", "xsk_broker", "serve", "--socket", str(workdir / "b.sock"),
+                "--pin-dir", str(pin_root), "--state-dir", str(workdir / "state"),
+                *(arg.format(work=workdir) for arg in extra)]  # fmt: skip
+        result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines()[-1].startswith(code), result.stderr
+        assert mounts(*watched) == before
+    left = sorted(p.name for p in workdir.iterdir())
+    assert left == ["bad.toml", "file.sock", "live.sock", "not-bpffs"]
+    assert (workdir / "file.sock").read_text() == "not a socket"
+    assert not pin_root.exists()
+    assert list((workdir / "not-bpffs").iterdir()) == []
+
+
+@pytest.mark.kernel
+def test_a_start_without_the_capabilities_creates_nothing(pin_root: Path, workdir: Path) -> None:
+    result = run_unprivileged(
+        [sys.executable, "-m", "xsk_broker", "serve", "--socket", str(workdir / "b.sock"),
+         "--pin-dir", str(pin_root), "--state-dir", str(workdir / "state")],
+        uid=ATTACKER_UID, cwd=str(REPO), env={**DEFAULT_ENV, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("MISSING_CAPABILITIES: missing capabilities CAP_NET_ADMIN")
+    assert list(workdir.iterdir()) == []
+    assert not pin_root.exists()
+
+
+@pytest.mark.kernel
+def test_pin_dir_may_be_a_bpffs_mount_point(lab4: VethLab, workdir: Path) -> None:
+    """--pin-dir naming the bpffs mount itself works (it was refused, naming its parent)."""
+    with bpffs() as mount, BrokerProcess(lab4.ns_a, mount, workdir) as broker:
+        client = broker.client()
+        with client.request(lab4.ifname_a, 2, umem_bytes=1 << 20) as lease:
+            assert len(lease.fds) == 2
+            assert pins_of(lab4, mount)
+        client.release(lease.lease_id)
+        broker.stop()
+        assert BrokerProcess(lab4.ns_a, mount, workdir).start().stop() == 0
