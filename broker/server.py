@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from broker import fdguard, fdpass
 from broker.config import ServeConfig
 from broker.core import Service
-from broker.errors import BrokerError, RateLimited
+from broker.errors import BrokerError, RateLimited, TooManyConnections
 from broker.frontend import Answer, FrontEnd, Waiting
 from broker.limits import UidLimits
 from broker.linkwatch import LinkWatch
@@ -194,6 +194,9 @@ class Server:
             self._close(sock, sealed=False)
             return
         sealed = self.refuses_rights and fdguard.sealed(sock)
+        crowded = self.limits.crowding(peer.uid)
+        if crowded is not None:
+            self._evict(crowded)
         refusal = self.limits.refuse_connection(peer.uid)
         if refusal is not None:
             os.close(peer.pidfd)
@@ -215,6 +218,23 @@ class Server:
                 self.selector.unregister(conn.sock)
             self._close(conn.sock, conn.sealed)
             os.close(conn.peer.pidfd)
+
+    def _evict(self, uid: int) -> None:
+        """Close uid's connection silent the longest (one waiting for polkit is busy, not
+        idle), telling its client why."""
+        idle = [
+            conn for conn in self.connections.values() if conn.peer.uid == uid and not conn.parked
+        ]
+        if not idle:
+            return
+        conn = min(idle, key=lambda c: c.deadline)
+        fd, held = conn.sock.fileno(), self.limits.connections[uid]
+        self._reply(conn, self.front.refuse(TooManyConnections(
+            f"closed to make room: the broker is full and uid {uid} holds the most "
+            f"connections ({held}); close idle ones"
+        )))  # fmt: skip
+        log.info("evicted an idle connection of uid %d (%d open) to make room", uid, held)
+        self._drop(fd)
 
     def _close(self, sock: socket.socket, sealed: bool) -> None:
         """Close a connection; one that may still hold a client's fd, off the loop."""

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import BrokerFactory, actor, pins_of, piped, wait_until
@@ -232,3 +233,90 @@ def test_pin_dir_may_be_a_bpffs_mount_point(lab4: VethLab, workdir: Path) -> Non
         client.release(lease.lease_id)
         broker.stop()
         assert BrokerProcess(lab4.ns_a, mount, workdir).start().stop() == 0
+
+
+class Hoarders:
+    """hoard actors, one uid each, started and reported on together."""
+
+    def __init__(self, broker: BrokerProcess, lab: VethLab) -> None:
+        self.broker, self.lab = broker, lab
+        self.procs: dict[int, subprocess.Popen[str]] = {}
+
+    def start(self, uid: int, count: int) -> None:
+        self.procs[uid] = spawn_unprivileged(
+            actor("hoard", str(self.broker.socket_path), str(count)),
+            uid=uid, netns=self.lab.ns_a, env=client_env(self.broker), cwd=str(REPO),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert piped(self.procs[uid].stdout).readline() == "open\n"
+        self.broker.quiet_fd_count()  # the broker has taken (or refused) them all
+
+    def report(self) -> dict[int, dict[str, Any]]:
+        for proc in self.procs.values():
+            piped(proc.stdin).write("report\n")
+            piped(proc.stdin).flush()
+        return {uid: json.loads(piped(p.stdout).readline()) for uid, p in self.procs.items()}
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.communicate("exit\n", timeout=30)
+
+
+def ping_as(broker: BrokerProcess, lab: VethLab, uid: int) -> subprocess.CompletedProcess[str]:
+    return run_unprivileged(
+        [sys.executable, "-m", "xsk_broker", "ping"], uid=uid, netns=lab.ns_a,
+        env=client_env(broker), cwd=str(REPO),
+    )  # fmt: skip
+
+
+@pytest.mark.kernel
+def test_colluding_uids_filling_the_cap_do_not_lock_out_another_uid(
+    broker_factory: BrokerFactory,
+) -> None:
+    """Four uids at their per-uid cap fill the broker's; a fifth uid, and root, are still
+    served: each takes the place of an idle connection of a heaviest uid."""
+    broker, lab = broker_factory("--max-connections", "40", "--max-connections-per-uid", "10")
+    baseline = broker.quiet_fd_count()
+    hoarders = Hoarders(broker, lab)
+    try:
+        for uid in range(61010, 61014):
+            hoarders.start(uid, 10)
+        assert broker.fd_count() == baseline + 2 * 40
+        again = ping_as(broker, lab, 61010)  # a colluder at its cap gains nothing
+        assert again.stderr.startswith("TOO_MANY_CONNECTIONS: uid 61010 already has 10")
+        hoarders.start(61014, 3)  # a lighter uid holding connections gets them
+        result = ping_as(broker, lab, 61015)
+        assert result.returncode == 0, result.stderr
+        assert broker.client().ping().broker
+        reports = hoarders.report()
+        assert reports[61014] == {"open": 3, "codes": {}}
+        evicted = sum(r["codes"].get("TOO_MANY_CONNECTIONS", 0) for r in reports.values())
+        assert evicted >= 4  # three for 61014, one for 61015's ping (and root's, if full)
+        assert sum(r["open"] for r in reports.values()) + evicted == 4 * 10 + 3
+    finally:
+        hoarders.stop()
+    assert broker.settled_fd_count(baseline) == baseline
+
+
+@pytest.mark.kernel
+def test_an_idle_flood_from_many_uids_settles_at_fair_shares(
+    broker_factory: BrokerFactory,
+) -> None:
+    """Twelve uids, each hoarding up to its cap of 10 against a broker cap of 40, one
+    after the other: holdings even out (no uid ends with more than one over another's),
+    a newcomer is served, and every fd is given back once they leave."""
+    broker, lab = broker_factory("--max-connections", "40", "--max-connections-per-uid", "10")
+    baseline = broker.quiet_fd_count()
+    hoarders = Hoarders(broker, lab)
+    try:
+        for uid in range(61020, 61032):
+            hoarders.start(uid, 10)
+        result = ping_as(broker, lab, 61040)
+        assert result.returncode == 0, result.stderr
+        held = [r["open"] for r in hoarders.report().values()]
+        assert sum(held) <= 40
+        assert max(held) - min(held) <= 1, held
+        assert broker.fd_count() <= baseline + 2 * 40
+    finally:
+        hoarders.stop()
+    assert broker.settled_fd_count(baseline) == baseline
