@@ -232,7 +232,9 @@ def test_pin_dir_may_be_a_bpffs_mount_point(lab4: VethLab, workdir: Path) -> Non
             assert pins_of(lab4, mount)
         client.release(lease.lease_id)
         broker.stop()
-        assert BrokerProcess(lab4.ns_a, mount, workdir).start().stop() == 0
+        with BrokerProcess(lab4.ns_a, mount, workdir) as again:
+            assert [a.ifname for a in again.client().status().attachments] == [lab4.ifname_a]
+            assert pins_of(lab4, mount)
 
 
 class Hoarders:
@@ -283,7 +285,7 @@ def test_colluding_uids_filling_the_cap_do_not_lock_out_another_uid(
             hoarders.start(uid, 10)
         assert broker.fd_count() == baseline + 2 * 40
         again = ping_as(broker, lab, 61010)  # a colluder at its cap gains nothing
-        assert again.stderr.startswith("TOO_MANY_CONNECTIONS: uid 61010 already has 10")
+        assert again.stderr.startswith("TOO_MANY_CONNECTIONS: "), again.stderr
         hoarders.start(61014, 3)  # a lighter uid holding connections gets them
         result = ping_as(broker, lab, 61015)
         assert result.returncode == 0, result.stderr
