@@ -242,6 +242,7 @@ class Hoarders:
 
     def __init__(self, broker: BrokerProcess, lab: VethLab) -> None:
         self.broker, self.lab = broker, lab
+        self.baseline = broker.quiet_fd_count()
         self.procs: dict[int, subprocess.Popen[str]] = {}
 
     def start(self, uid: int, count: int) -> None:
@@ -271,54 +272,50 @@ def ping_as(broker: BrokerProcess, lab: VethLab, uid: int) -> subprocess.Complet
     )  # fmt: skip
 
 
+@pytest.fixture
+def hoarders(broker_factory: BrokerFactory) -> Iterator[Hoarders]:
+    """A broker capped at 40 connections, 10 a uid, for hoard actors; afterwards it must
+    have given back every fd they cost it."""
+    broker, lab = broker_factory("--max-connections", "40", "--max-connections-per-uid", "10")
+    group = Hoarders(broker, lab)
+    try:
+        yield group
+    finally:
+        group.stop()
+    assert broker.settled_fd_count(group.baseline) == group.baseline
+
+
 @pytest.mark.kernel
-def test_colluding_uids_filling_the_cap_do_not_lock_out_another_uid(
-    broker_factory: BrokerFactory,
-) -> None:
+def test_colluding_uids_filling_the_cap_do_not_lock_out_another_uid(hoarders: Hoarders) -> None:
     """Four uids at their per-uid cap fill the broker's; a fifth uid, and root, are still
     served: each takes the place of an idle connection of a heaviest uid."""
-    broker, lab = broker_factory("--max-connections", "40", "--max-connections-per-uid", "10")
-    baseline = broker.quiet_fd_count()
-    hoarders = Hoarders(broker, lab)
-    try:
-        for uid in range(61010, 61014):
-            hoarders.start(uid, 10)
-        assert broker.fd_count() == baseline + 2 * 40
-        again = ping_as(broker, lab, 61010)  # a colluder at its cap gains nothing
-        assert again.stderr.startswith("TOO_MANY_CONNECTIONS: "), again.stderr
-        hoarders.start(61014, 3)  # a lighter uid holding connections gets them
-        result = ping_as(broker, lab, 61015)
-        assert result.returncode == 0, result.stderr
-        assert broker.client().ping().broker
-        reports = hoarders.report()
-        assert reports[61014] == {"open": 3, "codes": {}}
-        evicted = sum(r["codes"].get("TOO_MANY_CONNECTIONS", 0) for r in reports.values())
-        assert evicted >= 4  # three for 61014, one for 61015's ping (and root's, if full)
-        assert sum(r["open"] for r in reports.values()) + evicted == 4 * 10 + 3
-    finally:
-        hoarders.stop()
-    assert broker.settled_fd_count(baseline) == baseline
+    broker, lab = hoarders.broker, hoarders.lab
+    for uid in range(61010, 61014):
+        hoarders.start(uid, 10)
+    assert broker.fd_count() == hoarders.baseline + 2 * 40
+    again = ping_as(broker, lab, 61010)  # a colluder at its cap gains nothing
+    assert again.stderr.startswith("TOO_MANY_CONNECTIONS: "), again.stderr
+    hoarders.start(61014, 3)  # a lighter uid holding connections gets them
+    result = ping_as(broker, lab, 61015)
+    assert result.returncode == 0, result.stderr
+    assert broker.client().ping().broker
+    reports = hoarders.report()
+    assert reports[61014] == {"open": 3, "codes": {}}
+    evicted = sum(r["codes"].get("TOO_MANY_CONNECTIONS", 0) for r in reports.values())
+    assert evicted >= 4  # three for 61014, one for 61015's ping (and root's, if full)
+    assert sum(r["open"] for r in reports.values()) + evicted == 4 * 10 + 3
 
 
 @pytest.mark.kernel
-def test_an_idle_flood_from_many_uids_settles_at_fair_shares(
-    broker_factory: BrokerFactory,
-) -> None:
+def test_an_idle_flood_from_many_uids_settles_at_fair_shares(hoarders: Hoarders) -> None:
     """Twelve uids, each hoarding up to its cap of 10 against a broker cap of 40, one
     after the other: holdings even out (no uid ends with more than one over another's),
-    a newcomer is served, and every fd is given back once they leave."""
-    broker, lab = broker_factory("--max-connections", "40", "--max-connections-per-uid", "10")
-    baseline = broker.quiet_fd_count()
-    hoarders = Hoarders(broker, lab)
-    try:
-        for uid in range(61020, 61032):
-            hoarders.start(uid, 10)
-        result = ping_as(broker, lab, 61040)
-        assert result.returncode == 0, result.stderr
-        held = [r["open"] for r in hoarders.report().values()]
-        assert sum(held) <= 40
-        assert max(held) - min(held) <= 1, held
-        assert broker.fd_count() <= baseline + 2 * 40
-    finally:
-        hoarders.stop()
-    assert broker.settled_fd_count(baseline) == baseline
+    and a newcomer is served."""
+    for uid in range(61020, 61032):
+        hoarders.start(uid, 10)
+    result = ping_as(hoarders.broker, hoarders.lab, 61040)
+    assert result.returncode == 0, result.stderr
+    held = [r["open"] for r in hoarders.report().values()]
+    assert sum(held) <= 40
+    assert max(held) - min(held) <= 1, held
+    assert hoarders.broker.fd_count() <= hoarders.baseline + 2 * 40

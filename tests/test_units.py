@@ -1,4 +1,4 @@
-"""The shipped units as installed: clean `systemd-analyze verify`, security exposure <= 2.0."""
+"""The shipped units as installed: clean `systemd-analyze verify`, security exposure <= 1.7."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pytest
 
 from broker import units
 
-MAX_EXPOSURE = 2.0
+# What the unit measures now. 1.5 would need ProtectProc= (hides the consumers' /proc/PID
+# that the broker reads: identity, start time, RLIMIT_MEMLOCK) or PrivateUsers=/
+# PrivateNetwork= (its capabilities would no longer reach the host's interfaces).
+MAX_EXPOSURE = 1.7
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def test_verify_is_clean(installed: Path) -> None:
     assert done.stdout + done.stderr == ""
 
 
-def test_security_exposure_is_at_most_two(installed: Path) -> None:
+def test_security_exposure_stays_at_its_measured_figure(installed: Path) -> None:
     done = analyze("security", "--offline=true", str(installed / "xsk-broker.service"))
     match = re.search(r"Overall exposure level for xsk-broker\.service: (\d+\.\d+)", done.stdout)
     assert match, done.stdout + done.stderr
