@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from broker import trust
 from broker.errors import Failed
 from systemd import daemon
 
@@ -112,11 +113,15 @@ def _remove_stale(path: Path) -> None:
 
 
 def _bind(path: Path, mode: int, group: str | int | None) -> socket.socket:
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    """Bind path in a directory only root or the broker can write (broker.trust), so nobody
+    can put their own socket there. The mode comes from the umask at bind(), and the group
+    is set without following a link: nothing is done by path after bind() that a link
+    swapped in could redirect."""
+    gid = None if group is None else gid_of(group)
+    trust.ensure_directory("socket directory", path.parent, 0o755)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # No moment in which the socket is reachable with broader permissions than asked for.
-    old_umask = os.umask(0o177)
+    old_umask = os.umask(0o777 & ~mode)
     try:
         sock.bind(str(path))
     except OSError:
@@ -124,10 +129,14 @@ def _bind(path: Path, mode: int, group: str | int | None) -> socket.socket:
         raise
     finally:
         os.umask(old_umask)
-    if group is not None:
-        os.chown(path, -1, gid_of(group))
-    os.chmod(path, mode)
-    sock.listen(socket.SOMAXCONN)
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid, follow_symlinks=False)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        path.unlink()
+        raise
     return sock
 
 

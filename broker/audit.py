@@ -1,11 +1,16 @@
 """Where the broker's lines go: the journal with structured fields under journald, else
-stderr with key=value fields; and the one function every audit line goes through."""
+stderr with key=value fields; the one function every audit line goes through; and the one
+place where every record is made printable (client text must not forge or colour lines)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import traceback
+from types import TracebackType
+
+from broker.errors import printable
 
 SYSLOG_IDENTIFIER = "xsk-broker"
 log = logging.getLogger(SYSLOG_IDENTIFIER)
@@ -35,6 +40,35 @@ class _StderrFormatter(logging.Formatter):
         return f"{text} {fields}" if fields else text
 
 
+class _Printable(logging.Filter):
+    """Escapes what a record carries before any handler writes it: the message with its
+    arguments, the event's fields (journal fields and key=value text) and an exception's
+    message, so that whatever text a client put anywhere stays on one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = printable(record.getMessage()), ()
+        for key, value in vars(record).items():
+            if (key.isupper() or key == _FIELDS_TEXT) and isinstance(value, str):
+                setattr(record, key, printable(value))
+        if record.exc_info and record.exc_text is None:
+            record.exc_text = _exception_text(record.exc_info)
+        return True
+
+
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+def _exception_text(exc_info: _ExcInfo | tuple[None, None, None]) -> str:
+    """The traceback of the broker's own code, and the exception's message escaped (chained
+    exceptions are left out: their messages, too, may quote a client)."""
+    kind, exc, tb = exc_info
+    if kind is None:
+        return ""
+    only = "".join(traceback.format_exception_only(kind, exc)).rstrip("\n")
+    frames = "".join(traceback.format_tb(tb))
+    return f"Traceback (most recent call last):\n{frames}{printable(only)}"
+
+
 def stderr_is_journal() -> bool:
     """True when stderr is journald's stream (JOURNAL_STREAM names stderr's dev:ino)."""
     try:
@@ -62,6 +96,7 @@ def setup_logging(verbose: bool = False) -> logging.Handler:
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
+    handler.addFilter(_Printable())
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger(SYSLOG_IDENTIFIER).setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -12,6 +12,7 @@ import errno
 import os
 from pathlib import Path
 
+from broker import trust
 from broker.config import DEFAULT_PIN_ROOT
 from broker.errors import AttachFailed
 
@@ -37,26 +38,32 @@ def is_bpffs(path: Path) -> bool:
 
 def ensure_bpffs(pin_root: Path) -> None:
     """Make pin_root's directory, mounting bpffs at /sys/fs/bpf first if nobody has; a
-    pin_root that is on a bpffs already (a mount point of its own, say) is used as it is."""
+    pin_root on a bpffs already (a mount point of its own, say) is used as it is.
+
+    A pin root others could write is refused before anything is mounted (broker.trust):
+    whoever can rename the pins can make a restarted broker lose its attachments. The
+    broker's own mount is mode 0700; bpffs's default is 1777.
+    """
+    trust.check_new_directory("pin directory", pin_root)
     if is_bpffs(pin_root):
         return
     anchor = pin_root.parent
     if not is_bpffs(anchor) and anchor == DEFAULT_PIN_ROOT.parent:
         libc = _libc()
-        if libc.mount(b"bpf", str(anchor).encode(), b"bpf", 0, None) != 0:
+        if libc.mount(b"bpf", str(anchor).encode(), b"bpf", 0, b"mode=0700") != 0:
             err = ctypes.get_errno()
             raise AttachFailed(
                 f"bpffs is not mounted at {anchor} and mounting it failed "
-                f"({os.strerror(err)}); run: mount -t bpf bpf {anchor}",
+                f"({os.strerror(err)}); run: mount -t bpf -o mode=0700 bpf {anchor}",
                 errno=err,
             )
     if not is_bpffs(anchor):
         raise AttachFailed(
-            f"{anchor} is not a bpffs mount; mount one (mount -t bpf bpf {anchor}) "
+            f"{anchor} is not a bpffs mount; mount one (mount -t bpf -o mode=0700 bpf {anchor}) "
             "or choose another --pin-dir",
             errno=errno.ENOTDIR,
         )
-    pin_root.mkdir(mode=0o700, exist_ok=True)
+    trust.ensure_directory("pin directory", pin_root, 0o700)
 
 
 def remove_pins(pin_dir: Path) -> None:

@@ -21,7 +21,15 @@ from typing import Protocol
 
 from broker import fdpass, memlock, netdev, procinfo, xsk
 from broker.audit import log_event
-from broker.errors import BrokerError, ConsumerGone, Denied, LeasesLive, NoSuchLease, QueueBusy
+from broker.errors import (
+    BrokerError,
+    ConsumerGone,
+    Denied,
+    InterfaceTaken,
+    LeasesLive,
+    NoSuchLease,
+    QueueBusy,
+)
 from broker.leases import LeaseTable, LiveLease
 from broker.loader import Attachment, Loader
 from broker.policy import Caller, Grant, Policy, PolicyError
@@ -172,7 +180,7 @@ class Service:
         if isinstance(message, Request):
             return self._request(caller, message)
         if isinstance(message, StatusQuery):
-            return Done(self.status())
+            return Done(self.status(caller, message))
         if isinstance(message, Ping):
             return Done(Pong(broker_version(), os.getpid()))
         if isinstance(message, Release):
@@ -274,12 +282,13 @@ class Service:
         ifindex = netdev.ifindex_of(request.ifname)
         busy = self.leases.holders(ifindex, queue_ids)
         if busy:
-            raise QueueBusy("; ".join(_held_by(lease, request) for lease in busy))
+            raise QueueBusy(_some([_held_by(lease, request) for lease in busy], "; "))
+        self._check_tenancy(request, ifindex, consumer)
         memlock.ensure(
             consumer.pid,
             memlock.needed_bytes(request.queues, request.umem_bytes),
             self.leases.held_bytes(consumer.uid),
-            may_raise=grant.raise_memlock,
+            may_raise_to=self._may_raise_to(grant, request, consumer),
             pidfd=consumer.pidfd,
         )
         start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
@@ -292,6 +301,43 @@ class Service:
             fdpass.close_all(fds)
             raise
         return Done(Granted(info), fds, info.lease_id)
+
+    def _may_raise_to(self, grant: Grant, request: Request, consumer: Consumer) -> int | None:
+        """The most the broker may raise the consumer's limit to (None: the rule has no
+        raise_memlock): the rule's UMEM maximum for every queue the consumer's uid would
+        hold, this lease's and its live leases'."""
+        if not grant.raise_memlock:
+            return None
+        held = sum(
+            len(lease.info.queue_ids)
+            for lease in self.leases.by_id.values()
+            if lease.info.consumer_uid == consumer.uid
+        )
+        return memlock.needed_bytes(request.queues + held, grant.max_umem_bytes_per_queue)
+
+    def _check_tenancy(self, request: Request, ifindex: int, consumer: Consumer) -> None:
+        """Under exclusive tenancy, an interface with live leases is refused to consumers
+        of any other uid: a consumer can bind its socket to any queue of its interface."""
+        if not self.policy.exclusive_tenancy:
+            return
+        other = next(
+            (
+                lease
+                for lease in self.leases.by_id.values()
+                if lease.info.ifindex == ifindex and lease.info.consumer_uid != consumer.uid
+            ),
+            None,
+        )
+        if other is not None:
+            info = other.info
+            tag = f", tag {info.tag!r}" if info.tag else ""
+            raise InterfaceTaken(
+                f"{request.ifname} is leased to consumer uid {info.consumer_uid} (lease "
+                f"{info.lease_id}{tag}, pid {info.consumer_pid}), and the policy's "
+                "exclusive_tenancy keeps other uids off an interface while any lease on it "
+                "is live: use another interface, or ask again once that lease has ended",
+                details={"holder_uid": info.consumer_uid, "lease_id": info.lease_id},
+            )
 
     def _record(
         self,
@@ -386,7 +432,7 @@ class Service:
         if live and not message.force:
             raise LeasesLive(
                 f"{message.ifname} has {len(live)} live lease(s) ("
-                + ", ".join(f"{x.info.lease_id} for pid {x.info.consumer_pid}" for x in live)
+                + _some([f"{x.info.lease_id} for pid {x.info.consumer_pid}" for x in live], ", ")
                 + "); stop their consumers or pass --force"
             )
         for lease in live:
@@ -404,15 +450,35 @@ class Service:
         self._report_status()
         return Done(Detached(message.ifname, attached))
 
-    def status(self) -> Status:
-        """Attachments and at most max_status_leases leases (lease_count says how many there
-        are); a front end may list fewer, to fit its wire."""
-        shown = list(self.leases.by_id.values())[: self.max_status_leases]
+    def status(self, caller: Caller, query: StatusQuery) -> Status:
+        """Attachments, and at most max_status_leases of the leases caller may see that match
+        query; the counts say how many were left out and why. A caller sees the leases it
+        asked for or consumes, an admin (policy.administers) those of its interfaces, and
+        root all (it can read the lease journal anyway). A front end may list fewer, to fit
+        its wire, and adds those to leases_trimmed."""
+        admin: dict[str, bool] = {}
+
+        def visible(info: LeaseInfo) -> bool:
+            if caller.uid in (0, info.uid, info.consumer_uid):
+                return True
+            if info.ifname not in admin:
+                admin[info.ifname] = self.policy.administers(caller, info.ifname)
+            return admin[info.ifname]
+
+        every = [lease.info for lease in self.leases.by_id.values()]
+        matching = [info for info in every if query.matches(info) and visible(info)]
+        shown = matching[: self.max_status_leases]
         return Status(
             BrokerInfo(broker_version(), os.getpid(), str(self.policy.path)),
-            [a.describe() for a in self.loader.attachments.values()],
-            [lease.info for lease in shown],
-            len(self.leases.by_id),
+            [
+                a.describe()
+                for a in self.loader.attachments.values()
+                if query.ifname in (None, a.ifname)
+            ],
+            shown,
+            len(every),
+            len(every) - len(matching),
+            len(matching) - len(shown),
         )
 
     def undelivered(self, lease_id: str) -> None:
@@ -518,6 +584,13 @@ class Service:
         """The one line `systemctl status` shows."""
         attachments = ", ".join(f"{a.ifname}/{a.mode}" for a in self.loader.attachments.values())
         return f"{len(self.leases.by_id)} lease(s); attached: {attachments or 'none'}"
+
+
+def _some(parts: Sequence[str], sep: str, most: int = 4) -> str:
+    """At most `most` of parts, then how many more: an error naming other tenants' leases
+    stays short whatever they hold (a tag alone can take 768 bytes of JSON)."""
+    more = len(parts) - most
+    return sep.join(parts[:most]) + (f"{sep}and {more} more" if more > 0 else "")
 
 
 def _held_by(lease: LiveLease, request: Request) -> str:

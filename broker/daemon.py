@@ -1,11 +1,12 @@
 """`xsk-broker serve`: the order of start-up matters, so it is written down once here.
 
 1. logging (journal or stderr), 2. every refusal that can be decided up front (root without
---allow-root, missing capabilities, an unknown group, a bad policy), so a refused start
-creates nothing, 3. the listening socket (from systemd, or bound by hand) and 4. bpffs
-(chgrp and mounting need privileges the broker is about to drop), 5. capabilities down to
-the three it needs, 6. adopt pins and leases, 7. READY=1, serve. A start that fails after
-3 removes what it made: the socket it bound, the pin and state directories it created.
+--allow-root, missing capabilities, an unknown group, a directory another uid could change
+(broker.trust), a bad policy), so a refused start creates nothing, 3. the listening socket
+(from systemd, or bound by hand) and 4. bpffs (chgrp and mounting need privileges the
+broker is about to drop), 5. capabilities down to the three it needs, 6. adopt pins and
+leases, 7. READY=1, serve. A start that fails after 3 removes what it made: the socket it
+bound, the pin and state directories it created.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from broker import activation, audit, caps
+from broker import activation, audit, caps, trust
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
@@ -33,6 +34,16 @@ log = logging.getLogger("xsk-broker")
 def _earliest(*timeouts: float | None) -> float | None:
     known = [t for t in timeouts if t is not None]
     return min(known) if known else None
+
+
+def refuse_untrusted(config: ServeConfig, activated: bool) -> None:
+    """Refuse a directory another uid could change before anything is mounted, bound or
+    created, so that the refusal leaves nothing behind (each is checked again as it is
+    made)."""
+    trust.check_new_directory("state directory", config.state_dir)
+    trust.check_new_directory("pin directory", config.pin_root)
+    if not activated:
+        trust.check_new_directory("socket directory", config.socket_path.parent)
 
 
 @contextlib.contextmanager
@@ -59,6 +70,8 @@ def main(config: ServeConfig) -> int:
     group = None
     if config.group is not None:
         group = activation.gid_of(int(config.group) if config.group.isdigit() else config.group)
+    inherited = activation.inherited_fds()
+    refuse_untrusted(config, activated=bool(inherited))
     selector = selectors.DefaultSelector()
     notifier = activation.Notifier()
     service = Service(
@@ -71,13 +84,12 @@ def main(config: ServeConfig) -> int:
         on_change=notifier.status,
     )
     raise_fd_limit()
-    inherited = activation.inherited_fds()
     listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
     bound = None if any(fd == listener.fileno() for _, fd in inherited) else config.socket_path
     with undone_on_failure(listener, bound, config.pin_root, config.state_dir):
         ensure_bpffs(config.pin_root)
         caps.enter_least_privilege(config.allow_root)
-        config.state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        trust.ensure_directory("state directory", config.state_dir, 0o755)
         stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
         server = Server(config, listener, JsonFrontEnd(service), service, selector)
         server.catch_signals()

@@ -23,6 +23,19 @@ from typing import Any, ClassVar
 Details = dict[str, Any]
 
 
+def printable(text: str) -> str:
+    """text with every character that is not printable (newlines, ESC, NUL, bidi controls,
+    lone surrogates, ...) written as its Python escape (\\n, \\x1b, \\u202e, \\ud800).
+
+    The one escaping function for text that may carry client input: applied to every error
+    message (so replies and the lines that log them stay one line, and a terminal shows what
+    was sent rather than obeying it) and to every log record (broker/audit.py).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class BrokerError(Exception):
     """An error with a stable code for programs, an errno, and a sentence for people."""
 
@@ -33,8 +46,8 @@ class BrokerError(Exception):
     def __init__(
         self, message: str, *, errno: int | None = None, details: Details | None = None
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        self.message = printable(message)
+        super().__init__(self.message)
         self.errno = self.default_errno if errno is None else errno
         self.details: Details = details or {}
 
@@ -189,6 +202,13 @@ class XdpConflict(Refused):
     default_errno = errno_mod.EBUSY
 
 
+class InterfaceTaken(Refused):
+    """Exclusive tenancy: another uid's consumer holds a lease on the interface."""
+
+    code = "INTERFACE_TAKEN"
+    default_errno = errno_mod.EBUSY
+
+
 class MemlockExceeded(Refused):
     """Consumer cannot lock enough memory."""
 
@@ -243,6 +263,13 @@ class ProtocolViolation(LocalError):
 
     code = "PROTOCOL"
     default_errno = errno_mod.EPROTO
+
+
+class UntrustedBroker(LocalError):
+    """The process listening on the socket is not the broker: it runs as another uid."""
+
+    code = "UNTRUSTED_BROKER"
+    default_errno = errno_mod.EPERM
 
 
 class UsageError(LocalError):

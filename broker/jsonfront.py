@@ -73,13 +73,16 @@ class JsonFrontEnd:
 
 
 def fitting(status: Status) -> Status:
-    """status with as many of its leases as fit one datagram (lease_count keeps the total):
-    each lease adds its compact JSON, and a comma after the first, to the reply without any."""
-    room = MAX_MESSAGE_BYTES - len(encode_reply(dataclasses.replace(status, leases=[])))
+    """status with as many of its leases as fit one datagram, the rest counted as trimmed:
+    each lease adds its compact JSON, and a comma after the first, to the reply without any
+    (sized with the largest count it can end up with, so the count never overflows it)."""
+    most = status.leases_trimmed + len(status.leases)
+    empty = dataclasses.replace(status, leases=[], leases_trimmed=most)
+    room = MAX_MESSAGE_BYTES - len(encode_reply(empty))
     shown: list[LeaseInfo] = []
     for lease in status.leases:
         room -= len(json.dumps(lease.to_wire(), separators=(",", ":"))) + (1 if shown else 0)
         if room < 0:
             break
         shown.append(lease)
-    return dataclasses.replace(status, leases=shown)
+    return dataclasses.replace(status, leases=shown, leases_trimmed=most - len(shown))

@@ -4,7 +4,7 @@ Each lease holds a pidfd on its consumer: it becomes readable when the process e
 unlike a pid it cannot be fooled by pid reuse. Every change is appended to a journal in the
 runtime directory (one write() of one JSON line, before the reply goes out) so that a
 restarted broker can re-open the pidfds, checking each process's start time, and keep
-refusing leased queues. A torn last line from a crash is ignored; restore compacts.
+refusing leased queues. broker.journal reads back only valid records; restore compacts.
 """
 
 from __future__ import annotations
@@ -14,29 +14,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict, final
 
-from broker import procinfo
+from broker import journal, procinfo
 from broker.errors import BrokerError
-from broker.protocol import Body, LeaseInfo
-
-STATE_FILE = "leases.jsonl"
-
-
-@final  # so that `"add" in entry` tells the two kinds of line apart
-class _Added(TypedDict):
-    """A journal line for a new lease: its wire form and the consumer's start time."""
-
-    add: Body
-    start_time: int
-
-
-@final
-class _Ended(TypedDict):
-    end: str
-
-
-_JournalEntry = _Added | _Ended
+from broker.journal import Added, Entry
+from broker.protocol import LeaseInfo
 
 
 @dataclass
@@ -55,7 +37,7 @@ class LeaseTable:
     """Leases by id and by (ifindex, queue), journaled to state_dir when one is given."""
 
     def __init__(self, state_dir: Path | None) -> None:
-        self.state_path = state_dir / STATE_FILE if state_dir else None
+        self.state_dir = state_dir
         self.by_id: dict[str, LiveLease] = {}
         self.by_queue: dict[tuple[int, int], LiveLease] = {}
         self._journal: int | None = None
@@ -114,8 +96,8 @@ class LeaseTable:
         rewritten to hold just the live leases.
         """
         stored = dict(stored_pidfds or {})
-        records: dict[str, _Added] = {}
-        for entry in self._read_journal():
+        records: dict[str, Added] = {}
+        for entry in journal.read(self.state_dir) if self.state_dir else ():
             if "add" in entry:
                 records[entry["add"]["lease_id"]] = entry
             elif (ended_id := entry.get("end")) is not None:
@@ -158,41 +140,33 @@ class LeaseTable:
         for key in lease.key_queues():
             self.by_queue[key] = lease
 
-    def _append(self, entry: _JournalEntry) -> None:
+    def _append(self, entry: Entry) -> None:
         """One line per change; rewritten to the live leases once mostly history, so a busy
         broker's journal (in RAM, on /run) stays in proportion to its leases."""
         if self._journal is None:
             return
-        os.write(self._journal, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        os.write(self._journal, _line(entry))
         self._journal_lines += 1
         if self._journal_lines > 2 * len(self.by_id) + 64:
             self._compact()
 
-    def _read_journal(self) -> list[_JournalEntry]:
-        """The journal's entries as written (by _append and _compact); torn lines skipped."""
-        if self.state_path is None or not self.state_path.exists():
-            return []
-        entries: list[_JournalEntry] = []
-        for line in self.state_path.read_bytes().splitlines():
-            with contextlib.suppress(ValueError):
-                entries.append(json.loads(line))
-        return entries
-
     def _compact(self) -> None:
         """Rewrite the journal with only live leases (atomically), then append to it."""
-        if self.state_path is None:
+        if self.state_dir is None:
             return
-        tmp = self.state_path.with_suffix(".tmp")
-        lines = [json.dumps(_added(lease)) + "\n" for lease in self.by_id.values()]
-        tmp.write_text("".join(lines))
-        os.replace(tmp, self.state_path)
+        lines = [_line(_added(lease)) for lease in self.by_id.values()]
+        fd = journal.rewrite(self.state_dir, lines)
         if self._journal is not None:
             os.close(self._journal)
-        self._journal = os.open(self.state_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._journal = fd
         self._journal_lines = len(lines)
 
 
-def _added(lease: LiveLease) -> _Added:
+def _line(entry: Entry) -> bytes:
+    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+
+
+def _added(lease: LiveLease) -> Added:
     return {"add": lease.info.to_wire(), "start_time": lease.start_time}
 
 

@@ -119,21 +119,28 @@ def ensure(
     needed_bytes: int,
     held_bytes_for_uid: int,
     *,
-    may_raise: bool,
+    may_raise_to: int | None,
     pidfd: int | None = None,
 ) -> None:
-    """check(), and where the policy allows it (may_raise), try raise_limit() once first.
+    """check(), and where the policy allows it (may_raise_to: the most the broker may set the
+    limit to, None: never), try raise_limit() once first.
 
-    A failed raise is reported together with the original shortfall, so the person reading
-    it learns both what is missing and why the broker could not fix it itself.
+    A raise beyond may_raise_to is refused before the limit is touched. A failed raise is
+    reported together with the original shortfall, so the person reading it learns both
+    what is missing and why the broker could not fix it itself.
     """
     try:
         check(consumer_pid, needed_bytes, held_bytes_for_uid, pidfd=pidfd)
     except MemlockExceeded as shortfall:
-        if not may_raise:
+        if may_raise_to is None:
             raise
+        total = (_pages(needed_bytes) + _pages(held_bytes_for_uid)) * PAGE_SIZE
         try:
-            total = (_pages(needed_bytes) + _pages(held_bytes_for_uid)) * PAGE_SIZE
+            if total > may_raise_to:
+                raise MemlockExceeded(
+                    f"it would need {mib(total)}, beyond the {mib(may_raise_to)} that the "
+                    "rule's max_umem_bytes_per_queue allows for the uid's queues"
+                )
             raise_limit(consumer_pid, total, pidfd=pidfd)
         except MemlockExceeded as failure:
             raise MemlockExceeded(

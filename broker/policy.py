@@ -16,10 +16,10 @@ import errno
 import fnmatch
 import glob
 import grp
+import itertools
 import os
 import pwd
 import re
-import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterable
@@ -27,15 +27,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeGuard
 
+from broker import trust
 from broker.config import DEFAULT_POLICY_PATH
 from broker.errors import BadInput, BadRequest, Denied
-from broker.protocol import MAX_QUEUES_PER_LEASE, Request
+from broker.protocol import MAX_QUEUES_PER_LEASE, MAX_UMEM_BYTES, MIN_UMEM_BYTES, Request
 
 REQUEST_ACTION = "org.xsk-broker.request"
 ADMIN_ACTION = "org.xsk-broker.admin"
 ADMIN_OPS = ("revoke", "detach")
 RULE_MODES = ("native", "skb")
 EVERYONE = "*"
+# QEMU registers 32 MiB per queue; twice that leaves room for larger rings, and bounds what a
+# caller-chosen umem_bytes can make the broker do (raise_memlock) to a sane amount per queue.
+DEFAULT_MAX_UMEM_BYTES_PER_QUEUE = 64 * 1024 * 1024
+TOP_KEYS = ("include", "allow", "deny", "exclusive_tenancy")
 
 
 class PolicyError(BadInput):
@@ -70,13 +75,15 @@ class Grant:
     mode: the XDP mode to attach in, decided here once: the one asked for, or the rule's
     only mode, or "auto" (native, then skb) when the rule allows both. polkit_action: when
     set, polkit must be asked for this action and say yes. raise_memlock: the broker may
-    raise the consumer's RLIMIT_MEMLOCK (memlock.ensure(..., may_raise=True)).
+    raise the consumer's RLIMIT_MEMLOCK (memlock.ensure(..., may_raise_to=...)), never beyond
+    max_umem_bytes_per_queue for each queue the consumer's uid would then hold.
     """
 
     rule: str
     mode: str
     polkit_action: str | None
     raise_memlock: bool
+    max_umem_bytes_per_queue: int = DEFAULT_MAX_UMEM_BYTES_PER_QUEUE
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,7 @@ class Rule:
     polkit: bool = False
     admin: bool = False
     raise_memlock: bool = False
+    max_umem_bytes_per_queue: int = DEFAULT_MAX_UMEM_BYTES_PER_QUEUE
 
     @property
     def label(self) -> str:
@@ -142,6 +150,11 @@ class Rule:
                 f"uid {caller.uid} holds {queues_held_by_uid} queues; {request.queues} more "
                 f"exceed its {self.max_queues_per_uid} per uid"
             )
+        if request.umem_bytes > self.max_umem_bytes_per_queue:
+            return (
+                f"umem_bytes {request.umem_bytes} exceed its max_umem_bytes_per_queue "
+                f"{self.max_umem_bytes_per_queue}"
+            )
         if request.mode != "auto" and request.mode not in self.modes:
             return f"mode {request.mode} is not in {', '.join(self.modes)}"
         if consumer_uid != caller.uid and not self.other_consumers:
@@ -152,17 +165,28 @@ class Rule:
         return None
 
     def grant(self, mode: str, action: str) -> Grant:
-        return Grant(self.label, mode, action if self.polkit else None, self.raise_memlock)
+        return Grant(
+            self.label,
+            mode,
+            action if self.polkit else None,
+            self.raise_memlock,
+            self.max_umem_bytes_per_queue,
+        )
 
 
 @dataclass(frozen=True)
 class Policy:
-    """A loaded policy: the top file, every file it drew in, and the rules in file order."""
+    """A loaded policy: the top file, every file it drew in, and the rules in file order.
+
+    exclusive_tenancy: an interface with a live lease is refused to consumers of any other
+    uid (docs/security.md, "Tenants sharing an interface").
+    """
 
     path: Path
     files: tuple[Path, ...]
     deny: tuple[Rule, ...]
     allow: tuple[Rule, ...]
+    exclusive_tenancy: bool = True
 
     @classmethod
     def load(cls, path: Path | str = DEFAULT_POLICY_PATH) -> Policy:
@@ -170,7 +194,13 @@ class Policy:
         reader = _PolicyReader()
         top = Path(path).absolute()
         reader.load(top, ())
-        return cls(top, tuple(reader.files), tuple(reader.deny), tuple(reader.allow))
+        return cls(
+            top,
+            tuple(reader.files),
+            tuple(reader.deny),
+            tuple(reader.allow),
+            reader.exclusive_tenancy,
+        )
 
     def authorize(
         self, caller: Caller, request: Request, *, queues_held_by_uid: int, consumer_uid: int
@@ -202,6 +232,19 @@ class Policy:
                 return rule.grant("auto", ADMIN_ACTION)
         target = f" on {ifname}" if ifname else ""
         raise Denied(f"{describe(caller)} matches no allow rule with admin = true for {op}{target}")
+
+    def administers(self, caller: Caller, ifname: str) -> bool:
+        """Whether caller may administer ifname (status shows it the interface's leases):
+        an allow rule with admin = true covers it and no deny rule applies. polkit is not
+        asked: this only decides what caller may see."""
+        try:
+            self._check_deny(caller, ifname)
+        except Denied:
+            return False
+        return any(
+            rule.admin and rule.covers(ifname) and rule.identity_match(caller)
+            for rule in self.allow
+        )
 
     def _check_deny(self, caller: Caller, ifname: str | None) -> None:
         for rule in self.deny:
@@ -271,6 +314,7 @@ class _PolicyReader:
         self.files: list[Path] = []
         self.deny: list[Rule] = []
         self.allow: list[Rule] = []
+        self.exclusive_tenancy = True
 
     def load(self, path: Path, stack: tuple[Path, ...]) -> None:
         real = path.resolve()
@@ -288,10 +332,12 @@ class _PolicyReader:
             raise source.error(str(exc), line) from None
         self.files.append(real)
         for key in body:
-            if key not in ("include", "allow", "deny"):
+            if key not in TOP_KEYS:
                 raise source.error(
-                    f"unknown key {key!r} (known: include, allow, deny)", source.key_line(key)
+                    f"unknown key {key!r} (known: {', '.join(TOP_KEYS)})", source.key_line(key)
                 )
+        if "exclusive_tenancy" in body:
+            self.exclusive_tenancy = _tenancy(source, body["exclusive_tenancy"], top=not stack)
         for kind in ("deny", "allow"):
             tables = body.get(kind, [])
             if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
@@ -302,18 +348,29 @@ class _PolicyReader:
             self.load(included, (*stack, real))
 
 
+def _tenancy(source: _Source, value: object, *, top: bool) -> bool:
+    """exclusive_tenancy = true|false, a setting of the whole policy: only in the top file."""
+    line = source.key_line("exclusive_tenancy")
+    if not top:
+        raise source.error("exclusive_tenancy may be set only in the top policy file", line)
+    if not isinstance(value, bool):
+        raise source.error(f"exclusive_tenancy must be true or false, got {value!r}", line)
+    return value
+
+
 def _read(path: Path) -> str:
-    """The file's text, refusing files that others than root or the broker could change."""
+    """The file's text, refusing it when others than root or the broker could change the
+    file or any directory on the way to it (broker.trust)."""
     try:
-        with open(path, "rb") as f:
-            info = os.fstat(f.fileno())
+        real = trust.check_file_path("policy file", path)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        with open(os.open(real, flags), "rb") as f:
+            trust.check_file("policy file", real, os.fstat(f.fileno()))
             data = f.read()
+    except trust.UntrustedPath as exc:
+        raise PolicyError(path, None, exc.message) from None
     except OSError as exc:
         raise PolicyError(path, None, f"cannot read: {exc.strerror}") from None
-    if info.st_uid not in (0, os.geteuid()):
-        raise PolicyError(path, None, f"is owned by uid {info.st_uid}, not by root")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PolicyError(path, None, "is writable by group or others")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -334,12 +391,23 @@ def _includes(source: _Source, value: object) -> list[Path]:
     for entry in value:
         pattern = source.path.parent / entry
         if glob.has_magic(entry):
+            _check_glob_directory(source, pattern, line)
             found.extend(sorted(Path(p) for p in glob.glob(str(pattern))))
         elif pattern.exists():
             found.append(pattern)
         else:
             raise source.error(f"included file {pattern} does not exist", line)
     return found
+
+
+def _check_glob_directory(source: _Source, pattern: Path, line: int | None) -> None:
+    """The directory a glob include lists (up to its first wildcard) must be safe too:
+    whoever may create, rename or remove files there adds or takes away rules."""
+    fixed = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), pattern.parts))
+    try:
+        trust.check_new_directory("policy include directory", fixed)
+    except trust.UntrustedPath as exc:
+        raise source.error(exc.message, line) from None
 
 
 class _Rule:
@@ -359,6 +427,7 @@ class _Rule:
             "polkit",
             "admin",
             "raise_memlock",
+            "max_umem_bytes_per_queue",
         )
     )
     DENY_KEYS = frozenset(("name", "users", "groups", "interfaces"))
@@ -416,6 +485,7 @@ class _Rule:
             polkit=self.flag("polkit"),
             admin=self.flag("admin"),
             raise_memlock=self.flag("raise_memlock"),
+            max_umem_bytes_per_queue=self.umem(),
         )
 
     def ids(self, key: str, resolve: Callable[[str], int]) -> tuple[set[int], bool]:
@@ -476,6 +546,18 @@ class _Rule:
             raise self.fail(key, f"must be a positive whole number, got {value!r}")
         if key == "max_queues_per_lease" and value > MAX_QUEUES_PER_LEASE:
             raise self.fail(key, f"must be at most {MAX_QUEUES_PER_LEASE}, got {value}")
+        return value
+
+    def umem(self) -> int:
+        """max_umem_bytes_per_queue: bytes, within what a request may declare at all."""
+        key = "max_umem_bytes_per_queue"
+        value = self.table.get(key, DEFAULT_MAX_UMEM_BYTES_PER_QUEUE)
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not MIN_UMEM_BYTES <= value <= MAX_UMEM_BYTES
+        ):
+            raise self.fail(key, f"must be bytes in {MIN_UMEM_BYTES}..2^40, got {value!r}")
         return value
 
     def flag(self, key: str) -> bool:

@@ -33,11 +33,16 @@ DEFAULT_SOCKET_PATH = "/run/xsk-broker/broker.sock"
 SOCKET_ENV = "XSK_BROKER_SOCKET"
 # QEMU: (2048 fill + 2048 completion) * 2 * 4096-byte frames per queue.
 QEMU_UMEM_BYTES = 32 * 1024 * 1024
+MIN_UMEM_BYTES, MAX_UMEM_BYTES = 4096, 1 << 40
 MODES = ("auto", "native", "skb")
 MAX_TAG_CHARS = 64
 IFNAMSIZ = 16
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 LEASE_ID_CHARS = 12
+# How much of a refused message's unknown field names an error repeats back (and logs).
+MAX_NAMES_ECHOED = 8
+MAX_NAME_ECHO = 64
+MAX_ERROR_CHARS = 4096
 
 
 Body = dict[str, Any]
@@ -126,8 +131,8 @@ class Request:
         if pid is not None and not 0 < pid <= PID_MAX_LIMIT:
             raise BadRequest(f"consumer_pid must be 1..{PID_MAX_LIMIT}, got {pid}")
         umem = _field(body, "umem_bytes", int, QEMU_UMEM_BYTES)
-        if not 4096 <= umem <= 1 << 40:
-            raise BadRequest(f"umem_bytes must be 4096..2^40, got {umem}")
+        if not MIN_UMEM_BYTES <= umem <= MAX_UMEM_BYTES:
+            raise BadRequest(f"umem_bytes must be {MIN_UMEM_BYTES}..2^40, got {umem}")
         return cls(ifname, queues, start, mode, tag, pid, umem)
 
 
@@ -136,13 +141,34 @@ REQUEST_FIELDS = tuple(f.name for f in fields(Request))
 
 @dataclass(frozen=True)
 class StatusQuery:
-    """Ask for attachments and leases."""
+    """Ask for attachments and leases: those the caller may see (its own; an admin's, all),
+    narrowed by the filters given (None: no filter)."""
 
     op: ClassVar[str] = "status"
+    ifname: str | None = None
+    lease_id: str | None = None
+    uid: int | None = None
 
     @classmethod
     def from_body(cls, body: Body) -> StatusQuery:
-        return cls()
+        ifname = _field(body, "ifname", str, None, nullable=True)
+        lease_id = _field(body, "lease_id", str, None, nullable=True)
+        uid = _field(body, "uid", int, None, nullable=True)
+        if uid is not None and not 0 <= uid < 1 << 32:
+            raise BadRequest(f"uid must be 0..2^32-1, got {uid}")
+        return cls(
+            None if ifname is None else validate_ifname(ifname),
+            None if lease_id is None else validate_lease_id(lease_id),
+            uid,
+        )
+
+    def matches(self, lease: LeaseInfo) -> bool:
+        """Whether lease passes every filter given."""
+        return (
+            self.ifname in (None, lease.ifname)
+            and self.lease_id in (None, lease.lease_id)
+            and self.uid in (None, lease.uid, lease.consumer_uid)
+        )
 
 
 @dataclass(frozen=True)
@@ -221,7 +247,11 @@ def decode_message(data: bytes) -> Message:
         raise UnknownOp(f"op {op!r} is not known; known ops: {', '.join(sorted(OPS))}")
     unknown = sorted(set(body) - _KNOWN_FIELDS[kind.op])
     if unknown:
-        raise BadRequest(f"unknown field(s) for op '{op}': {', '.join(unknown)}")
+        named = ", ".join(repr(name[:MAX_NAME_ECHO]) for name in unknown[:MAX_NAMES_ECHOED])
+        more = len(unknown) - MAX_NAMES_ECHOED
+        raise BadRequest(
+            f"unknown field(s) for op '{op}': {named}" + (f" and {more} more" if more > 0 else "")
+        )
     try:
         return kind.from_body(body)
     except (UnicodeError, ValueError, TypeError, OverflowError) as exc:
@@ -363,14 +393,18 @@ class BrokerInfo:
 
 @dataclass(frozen=True)
 class Status:
-    """The reply to StatusQuery: at most a bounded number of leases (lease_count says how
-    many there are), so it always fits one datagram."""
+    """The reply to StatusQuery: at most a bounded number of leases, so it always fits one
+    datagram. lease_count: every live lease; of those not listed, leases_filtered were left
+    out as not the caller's or not matching the query's filters, leases_trimmed for the
+    reply's size (the broker's maximum, or the datagram)."""
 
     op: ClassVar[str] = "status"
     broker: BrokerInfo
     attachments: list[AttachmentInfo]
     leases: list[LeaseInfo]
     lease_count: int
+    leases_filtered: int = 0
+    leases_trimmed: int = 0
 
     def to_wire(self) -> Body:
         return {
@@ -378,10 +412,16 @@ class Status:
             "attachments": [a.to_wire() for a in self.attachments],
             "leases": [lease.to_wire() for lease in self.leases],
             "lease_count": self.lease_count,
+            "leases_filtered": self.leases_filtered,
+            "leases_trimmed": self.leases_trimmed,
         }
 
     @classmethod
     def from_wire(cls, body: Body) -> Status:
+        """A broker older than the two counts left out only for size."""
+        leases = [LeaseInfo.from_wire(x) for x in body["leases"]]
+        count = int(body["lease_count"])
+        filtered = int(body.get("leases_filtered", 0))
         return cls(
             BrokerInfo(
                 str(body["broker"]["version"]),
@@ -389,8 +429,10 @@ class Status:
                 str(body["broker"]["policy"]),
             ),
             [AttachmentInfo.from_wire(a) for a in body["attachments"]],
-            [LeaseInfo.from_wire(x) for x in body["leases"]],
-            int(body["lease_count"]),
+            leases,
+            count,
+            filtered,
+            int(body.get("leases_trimmed", count - filtered - len(leases))),
         )
 
 
@@ -459,9 +501,14 @@ def encode_reply(reply: Reply) -> bytes:
 
 
 def encode_error(error: BrokerError) -> bytes:
+    """The failure reply; a message over MAX_ERROR_CHARS is cut there (and says so), so that
+    an error reply always fits one datagram (12 bytes a character at most, as JSON)."""
+    body = error.to_wire()
+    if len(error.message) > MAX_ERROR_CHARS:
+        cut = error.message[:MAX_ERROR_CHARS]
+        body["message"] = f"{cut}... ({len(error.message)} characters, cut)"
     return json.dumps(
-        {"version": PROTOCOL_VERSION, "ok": False, "error": error.to_wire()},
-        separators=(",", ":"),
+        {"version": PROTOCOL_VERSION, "ok": False, "error": body}, separators=(",", ":")
     ).encode()
 
 

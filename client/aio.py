@@ -17,7 +17,14 @@ from typing import Any
 from broker import fdpass
 from broker.errors import Timeout
 from broker.protocol import Granted, Ping, Pong, Release, Released, Request, Status, StatusQuery
-from client.exchange import Exchange, R, socket_path_from, unreachable
+from client.exchange import (
+    Exchange,
+    R,
+    broker_uid_from,
+    check_broker,
+    socket_path_from,
+    unreachable,
+)
 from client.lease import Lease
 
 
@@ -40,10 +47,16 @@ class AsyncClient:
     """Talks to the broker at socket_path ($XSK_BROKER_SOCKET or the default when None)."""
 
     def __init__(
-        self, socket_path: str | os.PathLike[str] | None = None, timeout: float | None = 30.0
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        timeout: float | None = 30.0,
+        *,
+        broker_uid: int | None = None,
     ) -> None:
+        """broker_uid: as Client's."""
         self.socket_path = socket_path_from(socket_path)
         self.timeout = timeout
+        self.broker_uid = broker_uid_from(broker_uid)
 
     async def exchange(self, exchange: Exchange[R]) -> tuple[R, list[int]]:
         """Drive one exchange over a fresh non-blocking connection."""
@@ -71,11 +84,12 @@ class AsyncClient:
         while True:
             try:
                 sock.connect(self.socket_path)
-                return
+                break
             except BlockingIOError:
                 await asyncio.sleep(0.005)
             except OSError as exc:
                 raise unreachable(self.socket_path, exc) from None
+        check_broker(sock, self.socket_path, self.broker_uid)
 
     @staticmethod
     async def _receive(sock: socket.socket, max_fds: int) -> fdpass.Datagram:
@@ -95,9 +109,13 @@ class AsyncClient:
         """Sockets for queues [start_queue, start_queue + queues) of ifname, as a Lease."""
         return await self.lease(Request(ifname, queues, *args, **options))
 
-    async def status(self) -> Status:
-        """The broker's view of attachments and leases."""
-        return (await self.exchange(Exchange(StatusQuery(), Status)))[0]
+    async def status(
+        self, *, ifname: str | None = None, lease_id: str | None = None, uid: int | None = None
+    ) -> Status:
+        """Attachments and the leases this caller may see (its own; an admin's, all) that
+        match the filters given; .leases_filtered and .leases_trimmed count the rest."""
+        query = StatusQuery(ifname, lease_id, uid)
+        return (await self.exchange(Exchange(query, Status)))[0]
 
     async def ping(self) -> Pong:
         """A liveness check; the reply carries the broker's version."""

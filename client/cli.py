@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from client.probe import ProbeReport
 
 EXIT_FAILURE = 1
+STATUS_JSON = ("broker", "attachments", "leases", "lease_count", "leases_filtered",
+               "leases_trimmed")  # fmt: skip
 
 
 def add_socket(parser: argparse.ArgumentParser) -> None:
@@ -62,10 +65,14 @@ def request_from(opts: argparse.Namespace, **fixed: Any) -> Request:
     return Request(**{name: value for name, value in given.items() if value is not None})
 
 
+PLACEHOLDER = re.compile(r"\{(netdev|sock-fds)\}")
+
+
 def substitute(args: Sequence[str], lease: Lease, netdev_id: str) -> list[str]:
-    """Replace {netdev} and {sock-fds} in each argument."""
-    netdev = lease.netdev_arg(netdev_id)
-    return [a.replace("{netdev}", netdev).replace("{sock-fds}", lease.sock_fds) for a in args]
+    """Replace {netdev} and {sock-fds} in each argument, in one pass: a value put in (an
+    interface or netdev id that itself reads `{sock-fds}`) is never substituted again."""
+    values = {"netdev": lease.netdev_arg(netdev_id), "sock-fds": lease.sock_fds}
+    return [PLACEHOLDER.sub(lambda found: values[found.group(1)], a) for a in args]
 
 
 def cmd_request(opts: argparse.Namespace) -> int:
@@ -103,13 +110,20 @@ def _print_status(status: Status) -> None:
             f"{lease.lease_id:<14}{lease.ifname:<16}{queues:<12}"
             f"{lease.consumer_pid:>9}{lease.uid:>7}  {lease.tag or ''}"
         )
+    if status.leases_filtered or status.leases_trimmed:
+        print(
+            f"\n{len(status.leases)} of {status.lease_count} lease(s) shown: "
+            f"{status.leases_filtered} not yours or not matching the filters, "
+            f"{status.leases_trimmed} left out for the reply's size (narrow with --ifname, "
+            "--lease or --uid)"
+        )
 
 
 def cmd_status(opts: argparse.Namespace) -> int:
-    status = Client(opts.socket).status()
+    status = Client(opts.socket).status(ifname=opts.ifname, lease_id=opts.lease, uid=opts.uid)
     if opts.json:
         body = status.to_wire()
-        print(json.dumps({k: body[k] for k in ("broker", "attachments", "leases")}, indent=2))
+        print(json.dumps({k: body[k] for k in STATUS_JSON}, indent=2))
     else:
         _print_status(status)
     return 0
@@ -241,9 +255,17 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     req.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     req.set_defaults(func=cmd_request)
 
-    status = sub.add_parser("status", help="attachments and leases")
+    status = sub.add_parser(
+        "status",
+        help="attachments and leases",
+        description="Lists your own leases (an admin's: those of the interfaces it "
+        "administers; root's: all), narrowed by the filters given.",
+    )
     add_socket(status)
     add_json(status)
+    status.add_argument("--ifname", help="only this interface")
+    status.add_argument("--lease", metavar="ID", help="only this lease")
+    status.add_argument("--uid", type=int, help="only leases this uid asked for or consumes")
     status.set_defaults(func=cmd_status)
 
     prb = sub.add_parser(

@@ -10,11 +10,12 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from broker import fdpass
-from broker.errors import BrokerUnreachable, ProtocolViolation
+from broker.errors import BrokerUnreachable, ProtocolViolation, UntrustedBroker
 from broker.protocol import (
     DEFAULT_SOCKET_PATH,
     SOCKET_ENV,
@@ -27,6 +28,8 @@ from broker.protocol import (
 )
 
 R = TypeVar("R", bound=Reply)
+BROKER_UID_ENV = "XSK_BROKER_UID"
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def socket_path_from(path: str | os.PathLike[str] | None) -> str:
@@ -81,6 +84,29 @@ class Exchange(Generic[R]):
                 errno=exc.errno,
             ) from None
         return datagram
+
+
+def broker_uid_from(uid: int | None) -> int | None:
+    """An explicit broker uid, else $XSK_BROKER_UID, else None (root or this user only)."""
+    env = os.environ.get(BROKER_UID_ENV, "")
+    return uid if uid is not None else int(env) if env.isdigit() else None
+
+
+def check_broker(sock: socket.socket, socket_path: str, broker_uid: int | None) -> None:
+    """Refuse a listener that runs as another uid than root, this user or broker_uid,
+    before a byte is sent: whoever could take the socket's path could otherwise answer,
+    see the request and hand over fds of its own. SO_PEERCRED names whoever called
+    listen(): systemd (uid 0) under socket activation, else the broker itself."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, _gid = _UCRED.unpack(creds)
+    if uid in (0, os.geteuid(), broker_uid):
+        return
+    raise UntrustedBroker(
+        f"the process listening on {socket_path} (pid {pid}) runs as uid {uid}, not as root "
+        f"or this user: it is not the broker, or set ${BROKER_UID_ENV}={uid} if the broker "
+        "really runs as that uid",
+        details={"path": socket_path, "uid": uid},
+    )
 
 
 def _check_lease(reply: Granted, fds: list[int], queues: int) -> None:

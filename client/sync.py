@@ -23,7 +23,14 @@ from broker.protocol import (
     Status,
     StatusQuery,
 )
-from client.exchange import Exchange, R, socket_path_from, unreachable
+from client.exchange import (
+    Exchange,
+    R,
+    broker_uid_from,
+    check_broker,
+    socket_path_from,
+    unreachable,
+)
 from client.lease import Lease
 
 
@@ -31,9 +38,18 @@ class Client:
     """Talks to one broker socket; every method is one request and one reply, and raises
     the broker's error as its typed BrokerError subclass."""
 
-    def __init__(self, socket_path: str | os.PathLike[str] | None = None, timeout: float = 30.0):
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        timeout: float = 30.0,
+        *,
+        broker_uid: int | None = None,
+    ):
+        """broker_uid: a uid besides root and this user that the broker may run as
+        (default $XSK_BROKER_UID); any other listener is refused (UntrustedBroker)."""
         self.socket_path = socket_path_from(socket_path)
         self.timeout = timeout
+        self.broker_uid = broker_uid_from(broker_uid)
 
     def exchange(self, exchange: Exchange[R]) -> tuple[R, list[int]]:
         """Drive one exchange over a fresh connection: BrokerUnreachable, Timeout, or the
@@ -52,12 +68,13 @@ class Client:
 
     def _connect(self, sock: socket.socket) -> None:
         """Connect, waiting while the broker's backlog is full (EAGAIN from a unix socket's
-        connect() means that, not "in progress"), as the asyncio client does."""
+        connect() means that, not "in progress"), as the asyncio client does; then check who
+        answers (check_broker)."""
         deadline = time.monotonic() + self.timeout
         while True:
             try:
                 sock.connect(self.socket_path)
-                return
+                break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise Timeout(
@@ -66,6 +83,7 @@ class Client:
                 time.sleep(0.005)
             except OSError as exc:
                 raise unreachable(self.socket_path, exc) from None
+        check_broker(sock, self.socket_path, self.broker_uid)
 
     def lease(self, request: Request) -> Lease:
         """Sockets for request, one fd per queue in queue order."""
@@ -76,8 +94,12 @@ class Client:
         """Sockets for queues start_queue.. of ifname; the rest as protocol.Request takes."""
         return self.lease(Request(ifname, queues, *args, **options))
 
-    def status(self) -> Status:
-        return self.exchange(Exchange(StatusQuery(), Status))[0]
+    def status(
+        self, *, ifname: str | None = None, lease_id: str | None = None, uid: int | None = None
+    ) -> Status:
+        """Attachments and the leases this caller may see (its own; an admin's, all) that
+        match the filters given; .leases_filtered and .leases_trimmed count the rest."""
+        return self.exchange(Exchange(StatusQuery(ifname, lease_id, uid), Status))[0]
 
     def ping(self) -> Pong:
         return self.exchange(Exchange(Ping(), Pong))[0]

@@ -99,6 +99,7 @@ class BrokerProcess:
             *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
+        self.broker_uid: int | None = None  # the uid it runs as, when not root
 
     @property
     def pid(self) -> int:
@@ -121,7 +122,7 @@ class BrokerProcess:
             deadline = time.monotonic() + timeout
             while True:
                 with contextlib.suppress(BrokerError):
-                    Client(self.socket_path, timeout=2).ping()
+                    Client(self.socket_path, timeout=2, broker_uid=self.broker_uid).ping()
                     return self
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"broker did not come up; log:\n{self.log()}")
@@ -141,7 +142,7 @@ class BrokerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def client(self) -> Client:
-        return Client(self.socket_path)
+        return Client(self.socket_path, broker_uid=self.broker_uid)
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from client.consumer import make_frame
+from client.exchange import BROKER_UID_ENV
 from client.probe import BoundEvent, ProbeReport
 from lab.brokerproc import REPO, BrokerProcess
 from lab.netlab import (
@@ -28,7 +29,10 @@ ETH_P_EXPERIMENTAL = 0x88B5
 
 
 def client_env(broker: BrokerProcess) -> dict[str, str]:
-    return {**DEFAULT_ENV, "XSK_BROKER_SOCKET": str(broker.socket_path), "PYTHONPATH": str(REPO)}
+    env = {**DEFAULT_ENV, "XSK_BROKER_SOCKET": str(broker.socket_path), "PYTHONPATH": str(REPO)}
+    if broker.broker_uid is not None:
+        env[BROKER_UID_ENV] = str(broker.broker_uid)
+    return env
 
 
 @dataclass

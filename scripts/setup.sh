@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 packages=(
   python3 python3-venv python3-dev gcc pkg-config libcap-dev libsystemd-dev libbpf1
   iproute2 util-linux kmod systemd systemd-container debootstrap dbus-daemon polkitd
-  qemu-system-x86 dnsmasq-base ethtool iperf3 xz-utils
+  qemu-system-x86 dnsmasq-base ethtool iperf3 xz-utils strace
 )
 missing=()
 for pkg in "${packages[@]}"; do

@@ -106,7 +106,9 @@ def test_socket_comes_from_the_environment(tmp_path: Path) -> None:
 def test_status_json_and_request_without_command(broker4: BrokerProcess) -> None:
     status = xsk("status", "--json", "--socket", str(broker4.socket_path))
     assert status.returncode == 0
-    assert set(json.loads(status.stdout)) == {"broker", "attachments", "leases"}
+    assert set(json.loads(status.stdout)) == {
+        "broker", "attachments", "leases", "lease_count", "leases_filtered", "leases_trimmed"
+    }  # fmt: skip
     missing = xsk(
         "request", "--ifname", "lo", "--queues", "1", "--socket", str(broker4.socket_path)
     )

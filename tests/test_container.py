@@ -110,6 +110,33 @@ def test_log_event_fields_are_journal_fields(box: BootedContainer) -> None:
     assert entry["SYSLOG_IDENTIFIER"] == "xsk-broker"
 
 
+ESCAPED = "x\\n1999-01-01 FORGED\\r\\x1b[2J\\x00\\u202e\\ud800\\u2028y"
+
+
+def test_client_text_reaches_the_journal_escaped(box: BootedContainer) -> None:
+    """Newline, CR, ESC, NUL, a bidi override, a lone surrogate and a line separator in a
+    message, a field and an exception: each journal entry carries them as escapes (journalctl
+    would show a field with raw control bytes as a byte array, not text)."""
+    box.exec(
+        [
+            "systemd-run", "--wait", "--quiet", "--collect", "--unit=xskt-hostile",
+            *actor("journal_hostile", python="/opt/xsk-broker/bin/python3",
+                   checkout=Path(SOURCE_MOUNT)),
+        ],
+        check=True,
+    )  # fmt: skip
+    wait_until(lambda: len(box.journal("_SYSTEMD_UNIT=xskt-hostile.service")) >= 3)
+    entries = box.journal("_SYSTEMD_UNIT=xskt-hostile.service")
+    messages = [entry["MESSAGE"] for entry in entries]
+    assert all(isinstance(message, str) for message in messages), messages
+    assert f"denied {ESCAPED}" in messages and f"refused {ESCAPED}" in messages
+    (event,) = [entry for entry in entries if entry.get("INTERFACE") == "xskt-hostile"]
+    assert event["TAG"] == ESCAPED
+    (failure,) = [m for m in messages if m.startswith("internal error")]
+    assert failure.splitlines()[-1] == f"ValueError: {ESCAPED}"
+    assert not any(line.startswith("1999") for m in messages for line in m.splitlines())
+
+
 def test_the_sandboxed_service_attaches_and_hands_out_sockets_on_a_veth(
     box: BootedContainer,
 ) -> None:

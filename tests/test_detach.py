@@ -61,7 +61,12 @@ def test_broker_mounts_bpffs_when_none_is_mounted() -> None:
          *actor("mount_bpffs")]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"before": False, "after": True, "dir": True}
+    assert json.loads(result.stdout) == {
+        "before": False,
+        "after": True,
+        "dir": True,
+        "mode": "1700",  # bpffs sets the sticky bit on its root whatever mode= says
+    }
 
 
 def test_removed_interface_ends_its_leases_and_pins_and_a_new_one_works(

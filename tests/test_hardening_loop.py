@@ -225,13 +225,14 @@ def test_a_start_without_the_capabilities_creates_nothing(pin_root: Path, workdi
 @pytest.mark.kernel
 def test_pin_dir_may_be_a_bpffs_mount_point(lab4: VethLab, workdir: Path) -> None:
     """--pin-dir naming the bpffs mount itself works (it was refused, naming its parent)."""
-    with bpffs() as mount, BrokerProcess(lab4.ns_a, mount, workdir) as broker:
-        client = broker.client()
-        with client.request(lab4.ifname_a, 2, umem_bytes=1 << 20) as lease:
-            assert len(lease.fds) == 2
-            assert pins_of(lab4, mount)
-        client.release(lease.lease_id)
-        broker.stop()
+    with bpffs() as mount:
+        mount.chmod(0o700)  # bpffs is 1777 without mode=, which the broker refuses
+        with BrokerProcess(lab4.ns_a, mount, workdir) as broker:
+            client = broker.client()
+            with client.request(lab4.ifname_a, 2, umem_bytes=1 << 20) as lease:
+                assert len(lease.fds) == 2
+                assert pins_of(lab4, mount)
+            client.release(lease.lease_id)
         with BrokerProcess(lab4.ns_a, mount, workdir) as again:
             assert [a.ifname for a in again.client().status().attachments] == [lab4.ifname_a]
             assert pins_of(lab4, mount)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from broker.leases import STATE_FILE, LeaseTable, LiveLease
+from broker.journal import STATE_FILE
+from broker.leases import LeaseTable, LiveLease
 from broker.protocol import LeaseInfo
 
 

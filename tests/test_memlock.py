@@ -92,7 +92,7 @@ def test_raise_limit_for_another_uid_names_the_missing_capability(spawn: Spawn) 
     with pytest.raises(MemlockExceeded, match="lacks CAP_SYS_RESOURCE"):
         memlock.raise_limit(child.pid, 64 * MIB)
     with pytest.raises(MemlockExceeded) as caught:
-        memlock.ensure(child.pid, QEMU_UMEM_BYTES, 0, may_raise=True)
+        memlock.ensure(child.pid, QEMU_UMEM_BYTES, 0, may_raise_to=QEMU_UMEM_BYTES)
     assert "RLIMIT_MEMLOCK of pid" in caught.value.message
     assert "the policy lets the broker raise the limit" in caught.value.message
     assert "lacks CAP_SYS_RESOURCE" in caught.value.message
@@ -103,14 +103,14 @@ def test_raise_limit_within_the_hard_limit_works(spawn: Spawn) -> None:
     child = _root_without_ipc_lock(spawn, 2 * MIB, 8 * MIB)
     with pytest.raises(MemlockExceeded):
         memlock.check(child.pid, 4 * MIB, 0)
-    memlock.ensure(child.pid, 4 * MIB, 2 * MIB, may_raise=True)
+    memlock.ensure(child.pid, 4 * MIB, 2 * MIB, may_raise_to=6 * MIB)
     assert procinfo.memlock_limit(child.pid).soft == 6 * MIB
 
 
 def test_ensure_without_permission_to_raise_reports_the_shortfall(spawn: Spawn) -> None:
     child = _root_without_ipc_lock(spawn, 2 * MIB, 8 * MIB)
     with pytest.raises(MemlockExceeded, match="is 2 MiB; this lease needs 4 MiB"):
-        memlock.ensure(child.pid, 4 * MIB, 0, may_raise=False)
+        memlock.ensure(child.pid, 4 * MIB, 0, may_raise_to=None)
     assert procinfo.memlock_limit(child.pid).soft == 2 * MIB
 
 

@@ -284,7 +284,7 @@ def test_example_policy_with_its_groups() -> None:
     example = REPO / "examples" / "policy.toml"
     with identities() as ids:
         for user, expected in (
-            ("xsktest-user", "allow rule 'vm-hosts' (policy.toml:19) matches group 61001"),
+            ("xsktest-user", "allow rule 'vm-hosts' (policy.toml:26) matches group 61001"),
             ("xsktest-admin", "admin ops (revoke, detach): yes"),
             ("xsktest-quarantined", "DENIED by deny rule 'quarantine'"),
             ("xsktest-other", "no allow rule matches"),

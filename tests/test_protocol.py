@@ -9,11 +9,13 @@ import pytest
 
 from broker.errors import BadQueues, BrokerError, ProtocolViolation, QueueBusy
 from broker.protocol import (
+    MAX_MESSAGE_BYTES,
     Granted,
     LeaseInfo,
     Ping,
     Pong,
     Request,
+    Status,
     StatusQuery,
     decode_message,
     decode_reply,
@@ -89,3 +91,38 @@ def test_netdev_qmp_arguments() -> None:
         "inhibit": True,
         "sock-fds": "x0:x1",
     }
+
+
+def test_an_unfiltered_status_query_is_v1_s_bytes_and_filters_round_trip() -> None:
+    assert encode_message(StatusQuery()) == b'{"version":1,"op":"status"}'
+    query = StatusQuery("eth0", "0123456789ab", 1000)
+    assert decode_message(encode_message(query)) == query
+    for bad in ('"ifname":"a/b"', '"lease_id":"x"', '"uid":-1', '"uid":true'):
+        with pytest.raises(BrokerError, match="BAD_REQUEST"):
+            decode_message(b'{"version":1,"op":"status",' + bad.encode() + b"}")
+
+
+def test_status_from_an_older_broker_counts_everything_not_listed_as_trimmed() -> None:
+    body = {"version": 1, "ok": True, "op": "status", "attachments": [], "lease_count": 9,
+            "broker": {"version": "0.9", "pid": 1, "policy": "p"},
+            "leases": [LEASE.to_wire()]}  # fmt: skip
+    status = decode_reply(json.dumps(body).encode(), StatusQuery)
+    assert isinstance(status, Status)
+    assert (status.lease_count, status.leases_filtered, status.leases_trimmed) == (9, 0, 8)
+
+
+def test_unknown_field_names_are_echoed_escaped_and_bounded() -> None:
+    names = {f"f{n}\n\x1b" + "y" * 100: 1 for n in range(20)}
+    with pytest.raises(BrokerError) as caught:
+        decode_message(json.dumps({"version": 1, "op": "ping", **names}).encode())
+    message = caught.value.message
+    assert message.isprintable() and message.endswith(" and 12 more")
+    assert "'f0\\n\\x1b" + "y" * 60 + "'" in message and "y" * 61 not in message
+
+
+def test_an_error_reply_always_fits_one_datagram() -> None:
+    data = encode_error(QueueBusy("\N{GRINNING FACE}" * 10000))
+    assert len(data) < MAX_MESSAGE_BYTES
+    with pytest.raises(QueueBusy) as caught:
+        decode_reply(data, Request)
+    assert caught.value.message.endswith("... (10000 characters, cut)")

@@ -143,6 +143,7 @@ class SetprivBroker(BrokerProcess):
         for path in (workdir, pin_root):
             path.mkdir(exist_ok=True)
             os.chown(path, BROKER_UID, UNPRIVILEGED_GID)
+        self.broker_uid = BROKER_UID
         plus = ",".join(f"+{name}" for name in sorted(ambient))
         self.argv = [
             "setpriv", f"--reuid={BROKER_UID}", f"--regid={UNPRIVILEGED_GID}", "--clear-groups",

@@ -289,7 +289,7 @@ def test_status_lists_no_more_leases_than_fit_one_datagram(
     total. The datagram limit is lowered so that two of four leases fit to the byte."""
     for queue in range(4):
         core.granted(Request(core.lab.ifname_a, 1, queue, tag="t" * 64, umem_bytes=1 << 20))
-    status = core.service.status()
+    status = core.service.status(core.caller, StatusQuery())
     assert len(status.leases) == 4
     two = len(encode_reply(dataclasses.replace(status, leases=status.leases[:2])))
     monkeypatch.setattr("broker.jsonfront.MAX_MESSAGE_BYTES", two)

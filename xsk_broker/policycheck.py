@@ -38,6 +38,7 @@ def explain(policy: Policy, caller: Caller) -> str:
         f"policy {policy.path} ({len(policy.files)} file(s), {len(policy.allow)} allow and "
         f"{len(policy.deny)} deny rule(s))",
         f"caller {describe(caller)}, groups {gids}",
+        f"exclusive tenancy: {_tenancy(policy)}",
     ]
     for rule in policy.deny:
         matched = rule.identity_match(caller)
@@ -59,11 +60,18 @@ def explain(policy: Policy, caller: Caller) -> str:
             "  consumers of any uid" if rule.other_consumers else "  consumers of its own uid only",
             f"  polkit must also agree ({REQUEST_ACTION})" if rule.polkit else "  polkit not asked",
             f"  admin ops ({', '.join(ADMIN_OPS)}): {'yes' if rule.admin else 'no'}",
+            f"  at most {rule.max_umem_bytes_per_queue} bytes of UMEM per queue",
             f"  broker may raise RLIMIT_MEMLOCK: {'yes' if rule.raise_memlock else 'no'}",
         ]
     if allowing:
         lines.append("the first of these that permits a whole request decides it")
     return "\n".join(lines)
+
+
+def _tenancy(policy: Policy) -> str:
+    if policy.exclusive_tenancy:
+        return "on (an interface with a live lease is refused to consumers of other uids)"
+    return "off (uids may share an interface; see docs/security.md on queue squatting)"
 
 
 def caller_for_user(user: str) -> Caller:
@@ -91,6 +99,7 @@ class ReportJson(TypedDict):
     files: list[str]
     allow_rules: int
     deny_rules: int
+    exclusive_tenancy: bool
     caller: NotRequired[CallerJson]
     explanation: NotRequired[list[str]]
 
@@ -102,6 +111,7 @@ def report(policy: Policy, caller: Caller | None) -> ReportJson:
         "files": [str(f) for f in policy.files],
         "allow_rules": len(policy.allow),
         "deny_rules": len(policy.deny),
+        "exclusive_tenancy": policy.exclusive_tenancy,
     }
     if caller is not None:
         body["caller"] = {"uid": caller.uid, "gid": caller.gid, "groups": list(caller.groups)}
@@ -128,6 +138,7 @@ def main(path: Path | str | None, as_user: str | None, *, as_json: bool = False)
         files = ", ".join(str(f) for f in policy.files)
         print(
             f"policy OK: {len(policy.allow)} allow and {len(policy.deny)} deny rule(s) in {files}"
+            f"; exclusive tenancy {_tenancy(policy)}"
         )
     else:
         print(explain(policy, caller))
