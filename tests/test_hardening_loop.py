@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from support import BrokerFactory, actor, pins_of, piped, wait_until
 
+from broker import fdpass
 from client.sync import Client
 from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess
 from lab.netlab import DEFAULT_ENV, VethLab, bpffs, run, run_unprivileged, spawn_unprivileged
@@ -320,3 +321,20 @@ def test_an_idle_flood_from_many_uids_settles_at_fair_shares(hoarders: Hoarders)
     assert sum(held) <= 40
     assert max(held) - min(held) <= 1, held
     assert hoarders.broker.fd_count() <= hoarders.baseline + 2 * 40
+
+
+@pytest.mark.kernel
+def test_after_eperm_the_connection_still_works(broker_factory: BrokerFactory) -> None:
+    """What protocol.md promises a client that attached fds: EPERM, nothing sent, and the
+    same connection still answers."""
+    broker, _ = broker_factory()
+    read_end, write_end = os.pipe()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+        conn.settimeout(PROMPT)
+        conn.connect(str(broker.socket_path))
+        with pytest.raises(PermissionError):
+            fdpass.send(conn, b'{"version":1,"op":"ping"}', [read_end])
+        fdpass.send(conn, b'{"version":1,"op":"ping"}')
+        assert json.loads(conn.recv(65536))["ok"] is True
+    os.close(read_end)
+    os.close(write_end)
