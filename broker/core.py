@@ -66,6 +66,24 @@ class PidfdWatch(Protocol):
     def unwatch(self, pidfd: int) -> None: ...
 
 
+# The operation a front end names when it refuses before a message was read.
+NO_OP = "none"
+
+
+class Observer(Protocol):
+    """Who counts the answers (metrics.py): result is the reply, or the refusal; the core
+    reports every message it decides, a front end what it refuses itself (as NO_OP)."""
+
+    def decided(self, op: str, result: Reply | BrokerError) -> None: ...
+
+
+class Unobserved:
+    """The observer when nobody counts."""
+
+    def decided(self, op: str, result: Reply | BrokerError) -> None:
+        pass
+
+
 class FdStore(Protocol):
     """Where lease pidfds outlive a restart (systemd's fd store, or nowhere)."""
 
@@ -141,6 +159,7 @@ class Service:
     new_lease_id: Callable[[], str] = field(default=lambda: os.urandom(6).hex())
     max_status_leases: int = 200
     on_change: Callable[[str], None] = field(default=lambda _line: None)
+    observer: Observer = field(default_factory=Unobserved)
 
     def __post_init__(self) -> None:
         self.policy = load_policy(self.policy_path)
@@ -191,13 +210,17 @@ class Service:
 
     def _audited(self, caller: Caller, message: Message, step: Callable[[], Outcome]) -> Outcome:
         try:
-            return step()
+            outcome = step()
         except BrokerError as error:
             if isinstance(message, Request):
                 self._audit_refusal(caller, message, error)
             else:
                 log.info("refused %s from uid %d: %s", message.op, caller.uid, error)
+            self.observer.decided(message.op, error)
             raise
+        if isinstance(outcome, Done):
+            self.observer.decided(message.op, outcome.reply)
+        return outcome
 
     def _after_polkit(
         self,

@@ -15,18 +15,24 @@ import contextlib
 import logging
 import selectors
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker import activation, audit, caps, trust
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
+from broker.frontend import FrontEnd
 from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
 from broker.limits import raise_fd_limit
 from broker.loader import Loader
 from broker.server import PidfdWatch, Server
+
+if TYPE_CHECKING:
+    from broker.metrics import Metrics
 
 log = logging.getLogger("xsk-broker")
 
@@ -44,6 +50,10 @@ def refuse_untrusted(config: ServeConfig, activated: bool) -> None:
     trust.check_new_directory("pin directory", config.pin_root)
     if not activated:
         trust.check_new_directory("socket directory", config.socket_path.parent)
+    if config.metrics_file is not None:
+        from broker.metrics import check_metrics_path
+
+        check_metrics_path(config.metrics_file)
 
 
 @contextlib.contextmanager
@@ -91,7 +101,13 @@ def main(config: ServeConfig) -> int:
         caps.enter_least_privilege(config.allow_root)
         trust.ensure_directory("state directory", config.state_dir, 0o755)
         stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
-        server = Server(config, listener, JsonFrontEnd(service), service, selector)
+        front: FrontEnd = JsonFrontEnd(service)
+        metrics: Metrics | None = None
+        if config.metrics_file is not None:  # imported only then: a cold start waits for imports
+            from broker.metrics import instrument
+
+            metrics, front = instrument(service, front, config.metrics_file, config.state_dir)
+        server = Server(config, listener, front, service, selector)
         server.catch_signals()
         try:
             service.start(stored)
@@ -100,10 +116,15 @@ def main(config: ServeConfig) -> int:
             service.close()
             raise
     try:
+        if metrics is not None:
+            metrics.start()
         notifier.ready()
         log.info("serving on %s", config.socket_path)
         while server.running:
-            server.step(_earliest(server.next_timeout(), notifier.watchdog_interval))
+            waits = [server.next_timeout(), notifier.watchdog_interval]
+            server.step(_earliest(*waits, metrics.next_timeout() if metrics else None))
+            if metrics is not None:
+                metrics.flush()
             notifier.watchdog()
             if server.idle_expired():
                 log.info("idle for %.0f s: exiting", config.idle_exit)
@@ -111,5 +132,7 @@ def main(config: ServeConfig) -> int:
     finally:
         notifier.stopping()
         server.close()
+        if metrics is not None and sys.exc_info()[0] is None:  # a crash is counted as died
+            metrics.stop()
         service.close()
     return 0

@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from broker.core import Done, NeedsPolkit, Outcome, Service
+from broker.core import NO_OP, Done, NeedsPolkit, Outcome, Service
 from broker.errors import BrokerError
 from broker.frontend import Answer, Waiting
 from broker.policy import Caller
@@ -39,6 +39,7 @@ class JsonFrontEnd:
             message = decode_message(data)
         except BrokerError as error:
             log.debug("refused uid=%d pid=%d: %s", caller.uid, caller.pid, error)
+            self.service.observer.decided(NO_OP, error)
             return Answer(encode_error(error))
         return self._answer(lambda: self.service.handle(caller, message))
 
@@ -49,7 +50,9 @@ class JsonFrontEnd:
             return Answer(encode_error(error))
         except Exception as exc:
             log.exception("internal error")
-            return Answer(encode_error(BrokerError(f"internal error: {exc}")))
+            internal = BrokerError(f"internal error: {exc}")
+            self.service.observer.decided(NO_OP, internal)
+            return Answer(encode_error(internal))
         if isinstance(outcome, Done):
             return self._encoded(outcome)
         return Waiting(outcome, lambda verdict: self._finish(outcome, verdict))

@@ -3,7 +3,8 @@
 Used by `xsk-broker install-units` and by the container tests, so the files a test boots
 with are exactly the files an operator installs. Everything goes to the vendor directories
 (/usr/lib/..., /usr/share/...) under prefix, like a distribution package would, leaving
-/etc to the administrator's drop-ins.
+/etc to the administrator's drop-ins. The files are read from broker/shipped/, package
+data in the wheel and links to systemd/, polkit/ and examples/ in a checkout.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent.parent
+SHIPPED = Path(__file__).resolve().parent / "shipped"
 UNITS = ("xsk-broker.socket", "xsk-broker.service")
 UNIT_DIR = Path("usr/lib/systemd/system")
 SYSUSERS = (Path("xsk-broker.sysusers.conf"), Path("usr/lib/sysusers.d/xsk-broker.conf"))
@@ -35,7 +36,7 @@ def service_text(exec_path: str) -> str:
         raise ValueError(
             f"exec_path must be an absolute path without spaces, quotes or '%': {exec_path!r}"
         )
-    text = (SOURCE / "systemd" / "xsk-broker.service").read_text()
+    text = (SHIPPED / "systemd" / "xsk-broker.service").read_text()
     return re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={exec_path}", text, count=1)
 
 
@@ -51,12 +52,9 @@ def install_units(prefix: Path, exec_path: str = DEFAULT_EXEC_PATH) -> list[Path
 
     prefix is the root of the target file system ("/" for this machine, or a package
     staging directory). Returns the files written. Run POST_INSTALL afterwards on a live
-    system. Raises FileNotFoundError when the shipped files are not next to the package
-    (they live in the source tree, not in the wheel).
+    system.
     """
-    systemd = SOURCE / "systemd"
-    if not (systemd / UNITS[0]).is_file():
-        raise FileNotFoundError(f"shipped units not found in {systemd}; install from a checkout")
+    systemd = SHIPPED / "systemd"
     installed: list[Path] = []
     _copy(systemd / "xsk-broker.socket", prefix / UNIT_DIR / "xsk-broker.socket", installed)
     service = prefix / UNIT_DIR / "xsk-broker.service"
@@ -66,11 +64,11 @@ def install_units(prefix: Path, exec_path: str = DEFAULT_EXEC_PATH) -> list[Path
     installed.append(service)
     for name, target in (SYSUSERS, TMPFILES):
         _copy(systemd / name, prefix / target, installed)
-    polkit = SOURCE / "polkit"
+    polkit = SHIPPED / "polkit"
     for action in sorted(polkit.glob("*.policy")):
         _copy(action, prefix / POLKIT_ACTIONS / action.name, installed)
     examples = sorted(polkit.glob("*.rules.example")) + sorted(
-        (SOURCE / "examples").glob("policy*")
+        (SHIPPED / "examples").glob("policy*")
     )
     for example in examples:
         _copy(example, prefix / EXAMPLES / example.name, installed)

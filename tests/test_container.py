@@ -166,3 +166,31 @@ def test_systemctl_reload_rereads_the_policy(box: BootedContainer) -> None:
             "policy reloaded" in box.exec(["journalctl", "-u", "xsk-broker", "-o", "cat"]).stdout
         )
     )
+
+
+def test_the_sandboxed_service_writes_metrics_where_operations_md_says(
+    box: BootedContainer,
+) -> None:
+    """The drop-in of docs/operations.md: the unit's sandbox (ProtectSystem=strict,
+    UMask=0077, the syscall filter) lets the broker write its runtime directory, and the
+    file is readable by node_exporter's user."""
+    prom = "/run/xsk-broker/xsk-broker.prom"
+    dropin = box.path("/etc/systemd/system/xsk-broker.service.d/metrics.conf")
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    serve = f"{EXEC_PATH} serve --idle-exit 600 --metrics-file {prom}"
+    dropin.write_text(f"[Service]\nExecStart=\nExecStart={serve}\n")
+    try:
+        box.exec(["systemctl", "daemon-reload"], check=True)
+        box.exec(["systemctl", "stop", "xsk-broker.service"], check=True)
+        box.add_user()
+        assert box.run([EXEC_PATH, "ping"], user=CLIENT_USER).returncode == 0
+        wait_until(lambda: "xsk_broker_up 1" in box.exec(["cat", prom]).stdout, timeout=10)
+        stat = box.exec(["stat", "-c", "%a %U", prom], check=True).stdout.split()
+        assert stat == ["644", "xsk-broker"]
+        ping = 'xsk_broker_request_duration_seconds_count{op="ping"}'
+        wait_until(lambda: ping in box.exec(["cat", prom]).stdout, timeout=10)
+        box.exec(["systemctl", "stop", "xsk-broker.service"], check=True)
+        assert "xsk_broker_up 0" in box.exec(["cat", prom], check=True).stdout
+    finally:
+        dropin.unlink()
+        box.exec(["systemctl", "daemon-reload"], check=True)
