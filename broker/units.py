@@ -15,6 +15,8 @@ from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 UNITS = ("xsk-broker.socket", "xsk-broker.service")
+# Units running `xsk-broker`, installed with ExecStart= pointing at it; not enabled here.
+SERVICES = ("xsk-broker.service", "xsk-broker-libvirt-watch.service")
 UNIT_DIR = Path("usr/lib/systemd/system")
 SYSUSERS = (Path("xsk-broker.sysusers.conf"), Path("usr/lib/sysusers.d/xsk-broker.conf"))
 TMPFILES = (Path("xsk-broker.tmpfiles.conf"), Path("usr/lib/tmpfiles.d/xsk-broker.conf"))
@@ -30,13 +32,13 @@ POST_INSTALL = (
 )
 
 
-def service_text(exec_path: str) -> str:
-    """The shipped service unit with ExecStart= pointing at exec_path."""
+def service_text(exec_path: str, name: str = "xsk-broker.service") -> str:
+    """The shipped service unit name with ExecStart= pointing at exec_path."""
     if not exec_path.startswith("/") or re.search(r"[\s%\\\"']", exec_path):
         raise ValueError(
             f"exec_path must be an absolute path without spaces, quotes or '%': {exec_path!r}"
         )
-    text = (SHIPPED / "systemd" / "xsk-broker.service").read_text()
+    text = (SHIPPED / "systemd" / name).read_text()
     return re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={exec_path}", text, count=1)
 
 
@@ -57,11 +59,12 @@ def install_units(prefix: Path, exec_path: str = DEFAULT_EXEC_PATH) -> list[Path
     systemd = SHIPPED / "systemd"
     installed: list[Path] = []
     _copy(systemd / "xsk-broker.socket", prefix / UNIT_DIR / "xsk-broker.socket", installed)
-    service = prefix / UNIT_DIR / "xsk-broker.service"
-    service.parent.mkdir(parents=True, exist_ok=True)
-    service.write_text(service_text(exec_path))
-    service.chmod(0o644)
-    installed.append(service)
+    for unit in SERVICES:
+        service = prefix / UNIT_DIR / unit
+        service.parent.mkdir(parents=True, exist_ok=True)
+        service.write_text(service_text(exec_path, unit))
+        service.chmod(0o644)
+        installed.append(service)
     for name, target in (SYSUSERS, TMPFILES):
         _copy(systemd / name, prefix / target, installed)
     polkit = SHIPPED / "polkit"

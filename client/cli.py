@@ -186,17 +186,33 @@ def cmd_detach(opts: argparse.Namespace) -> int:
     return 0
 
 
+def _netdev_id(opts: argparse.Namespace) -> str:
+    return str(opts.id or f"xsk-{opts.ifname}")
+
+
 def cmd_attach_nic(opts: argparse.Namespace) -> int:
-    """Hot-plug an AF_XDP NIC into a running QEMU over QMP (QEMU becomes the consumer)."""
+    """Hot-plug an AF_XDP NIC into a running QEMU over QMP or libvirt (QEMU becomes the
+    consumer)."""
     from client import qmp
 
-    result = qmp.attach_nic(
-        opts.qmp,
-        request_from(opts),
-        opts.id,
-        device=None if opts.device == "none" else opts.device,
-        socket_path=opts.socket,
-    )
+    device = None if opts.device == "none" else opts.device
+    if opts.mac and device:
+        device = f"{device},mac={opts.mac}"
+    if opts.libvirt:
+        from client import libvirt
+
+        result = libvirt.attach_nic(
+            opts.libvirt,
+            request_from(opts),
+            _netdev_id(opts),
+            uri=opts.connect,
+            device=device,
+            socket_path=opts.socket,
+        )
+    else:
+        result = qmp.attach_nic(
+            opts.qmp, request_from(opts), _netdev_id(opts), device=device, socket_path=opts.socket
+        )
     report = {
         "netdev_id": result.netdev_id,
         "device_id": result.device_id,
@@ -218,9 +234,18 @@ def cmd_attach_nic(opts: argparse.Namespace) -> int:
 
 
 def cmd_detach_nic(opts: argparse.Namespace) -> int:
-    from client import qmp
+    if not (opts.id or opts.ifname):
+        raise UsageError("give --id (or the --ifname given to attach-nic)")
+    if opts.libvirt:
+        from client import libvirt
 
-    result = qmp.detach_nic(opts.qmp, opts.id, tag=opts.tag, socket_path=opts.socket)
+        result = libvirt.detach_nic(
+            opts.libvirt, _netdev_id(opts), uri=opts.connect, tag=opts.tag, socket_path=opts.socket
+        )
+    else:
+        from client import qmp
+
+        result = qmp.detach_nic(opts.qmp, _netdev_id(opts), tag=opts.tag, socket_path=opts.socket)
     if opts.json:
         print(json.dumps(result.__dict__))
     else:
@@ -228,7 +253,7 @@ def cmd_detach_nic(opts: argparse.Namespace) -> int:
         device = f"device {released}" if result.device_found else "no device"
         netdev = "removed" if result.netdev_removed else "absent"
         ended = ", ".join(result.leases_released) or "none"
-        print(f"{opts.id}: {device}, netdev {netdev}, lease(s) ended: {ended}")
+        print(f"{result.netdev_id}: {device}, netdev {netdev}, lease(s) ended: {ended}")
     return 0
 
 
@@ -239,6 +264,16 @@ def cmd_revoke(opts: argparse.Namespace) -> int:
     else:
         print(f"revoked lease {reply.lease_id}: queues {reply.queue_ids} back to the stack")
     return 0
+
+
+def _add_monitor_flags(parser: argparse.ArgumentParser) -> None:
+    """Which QEMU: its QMP socket, or a libvirt domain (and libvirt's URI)."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--qmp", metavar="PATH", help="QEMU's QMP unix socket")
+    which.add_argument("--libvirt", metavar="DOMAIN", help="a running libvirt domain")
+    parser.add_argument(
+        "--connect", metavar="URI", help="libvirt URI with --libvirt (default: libvirt's own)"
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
@@ -292,25 +327,28 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     att = sub.add_parser(
         "attach-nic",
         aliases=["attach"],
-        help="hot-plug an AF_XDP NIC into a running QEMU over QMP ('attach' is the old name)",
+        help="hot-plug an AF_XDP NIC into a running QEMU over QMP or libvirt ('attach' is "
+        "the old name)",
     )
     add_socket(att)
     add_json(att)
     _add_request_flags(att)
-    att.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
-    att.add_argument("--id", required=True, help="netdev id (the device gets ID-dev)")
+    _add_monitor_flags(att)
+    att.add_argument("--id", help="netdev id (the device gets ID-dev; default xsk-IFNAME)")
     att.add_argument(
         "--device", default="virtio-net-pci", help="device_add driver[,opts], or 'none'"
     )
+    att.add_argument("--mac", help="the NIC's MAC address (added to --device as mac=)")
     att.set_defaults(func=cmd_attach_nic)
 
     dnic = sub.add_parser(
         "detach-nic", help="remove a hot-plugged NIC (device and netdev) and end its lease"
     )
     add_json(dnic)
-    dnic.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
+    _add_monitor_flags(dnic)
     add_socket(dnic)
-    dnic.add_argument("--id", required=True, help="netdev id given to attach-nic")
+    dnic.add_argument("--id", help="netdev id given to attach-nic")
+    dnic.add_argument("--ifname", help="instead of --id: the --ifname given to attach-nic")
     dnic.add_argument("--tag", help="tag given to attach-nic, if not the default (the id)")
     dnic.set_defaults(func=cmd_detach_nic)
 

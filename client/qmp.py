@@ -1,9 +1,11 @@
 """Hot-plug broker sockets into a running QEMU over QMP, and take them out again.
 
-QEMU's own `qemu.qmp` library carries the fds: `QMPClient.send_fd_scm()` sends one fd with
-SCM_RIGHTS on the monitor socket, and the next `getfd` names it. `sock-fds` of an af-xdp
-netdev then takes those names. Every step that succeeded is undone in reverse when a later
-one fails, and the QMP error text is raised verbatim as QmpError.
+The flow (getfd per socket, netdev_add af-xdp with `sock-fds` naming them, device_add, and
+the reverse) runs over a Monitor, which carries QMP commands and fds to QEMU. QmpMonitor is
+QEMU's own monitor socket through the `qemu.qmp` library (`send_fd_scm()` then `getfd`);
+client.libvirt.LibvirtMonitor is libvirt's qemuMonitorCommandWithFiles. Every step that
+succeeded is undone in reverse when a later one fails, and the QMP error text is raised
+verbatim as QmpError.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import os
 import re
 import socket
 import struct
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import NotRequired, TypedDict
+from typing import NotRequired, Protocol, TypedDict
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.events import EventListener
@@ -72,20 +75,67 @@ class UndoStep(TypedDict):
     error: NotRequired[str]
 
 
+class Monitor(Protocol):
+    """A QEMU monitor the hot-plug flow runs over; pid is QEMU's when the transport knows it."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    async def execute(self, command: str, args: Mapping[str, object] | None = None) -> object:
+        """The command's return value; QmpError (details["class"] is QEMU's error class
+        when QEMU refused it)."""
+        ...
+
+    async def getfd(self, name: str, fd: int) -> None:
+        """QEMU gets its own copy of fd, registered as name."""
+        ...
+
+    def deletion(self, dev_id: str) -> AbstractAsyncContextManager[Callable[[], Awaitable[None]]]:
+        """Entered before device_del: yields a wait that returns once the guest released
+        dev_id (the caller bounds it with a timeout)."""
+        ...
+
+
+@dataclass(frozen=True)
+class QmpMonitor:
+    """QEMU's own QMP socket, through a connected QMPClient."""
+
+    client: QMPClient
+    pid: int | None = None
+
+    async def execute(self, command: str, args: Mapping[str, object] | None = None) -> object:
+        try:
+            return await self.client.execute(command, args)
+        except (QMPError, OSError) as exc:
+            raise _qmp_error(command, exc) from exc
+
+    async def getfd(self, name: str, fd: int) -> None:
+        try:
+            self.client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise _qmp_error("getfd", exc) from exc
+        await self.execute("getfd", {"fdname": name})
+
+    @contextlib.asynccontextmanager
+    async def deletion(self, dev_id: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        with self.client.listener("DEVICE_DELETED") as events:
+            yield lambda: _released(events, dev_id)
+
+
 @dataclass
 class _Undo:
     """Commands that reverse what a hot-plug did so far, run last-first."""
 
     steps: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
-    async def run(self, qmp: QMPClient) -> list[UndoStep]:
+    async def run(self, monitor: Monitor) -> list[UndoStep]:
         """Run every step even if some fail; a name QEMU already consumed is not an error."""
         report: list[UndoStep] = []
         for command, args in reversed(self.steps):
             try:
-                await qmp.execute(command, args)
+                await monitor.execute(command, args)
                 report.append({"command": command, "args": args, "ok": True})
-            except (QMPError, OSError) as exc:
+            except QmpError as exc:
                 report.append({"command": command, "args": args, "ok": False, "error": str(exc)})
         return report
 
@@ -143,15 +193,6 @@ def _qmp_error(command: str, exc: Exception) -> QmpError:
     return QmpError(f"{command}: lost the QMP connection: {exc}", errno=errno_mod.EPIPE)
 
 
-async def _execute(
-    qmp: QMPClient, command: str, args: Mapping[str, object] | None = None
-) -> object:
-    try:
-        return await qmp.execute(command, args)
-    except (QMPError, OSError) as exc:
-        raise _qmp_error(command, exc) from exc
-
-
 def _peer_pid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid: int = struct.unpack("3i", creds)[0]
@@ -190,8 +231,36 @@ async def session(qmp: str | QMPClient) -> AsyncIterator[tuple[QMPClient, int | 
         await client.disconnect()
 
 
+MonitorLike = str | QMPClient | Monitor
+
+
+@contextlib.asynccontextmanager
+async def monitor_of(qmp: MonitorLike) -> AsyncIterator[Monitor]:
+    """A Monitor for a QMP socket path (connected for the duration), a QMPClient, or a
+    Monitor of any other transport (used as it is)."""
+    if isinstance(qmp, str | QMPClient):
+        async with session(qmp) as (client, pid):
+            yield QmpMonitor(client, pid)
+    else:
+        yield qmp
+
+
+async def _no_afxdp(monitor: Monitor, exc: QmpError) -> QmpError:
+    """exc, told which QEMU lacks the backend when netdev_add was refused for the type."""
+    if "does not accept value 'af-xdp'" not in exc.message:
+        return exc
+    try:
+        version = await monitor.execute("query-version")
+        qemu = version["qemu"] if isinstance(version, dict) else {}
+        name = f"QEMU {qemu['major']}.{qemu['minor']}.{qemu['micro']}"
+    except (QmpError, KeyError, TypeError):
+        name = "this QEMU"
+    exc.message += f" ({name} has no af-xdp netdev backend: it needs QEMU >= 8.2 built with libxdp)"
+    return exc
+
+
 async def hotplug(
-    qmp: str | QMPClient, lease: Lease, netdev_id: str, device: str | None = DEFAULT_DEVICE
+    qmp: MonitorLike, lease: Lease, netdev_id: str, device: str | None = DEFAULT_DEVICE
 ) -> HotplugResult:
     """Give QEMU the lease's sockets as af-xdp netdev netdev_id, plus a NIC if device is set.
 
@@ -203,21 +272,20 @@ async def hotplug(
     netdev_args = lease.netdev_qmp(netdev_id, names)
     dev_args = device_args(device, netdev_id) if device else None
     undo = _Undo()
-    async with session(qmp) as (client, _pid):
+    async with monitor_of(qmp) as monitor:
         try:
             for fd, name in zip(lease.fds, names, strict=True):
-                try:
-                    client.send_fd_scm(fd)
-                except (QMPError, OSError) as exc:
-                    raise _qmp_error("getfd", exc) from exc
-                await _execute(client, "getfd", {"fdname": name})
+                await monitor.getfd(name, fd)
                 undo.steps.append(("closefd", {"fdname": name}))
-            await _execute(client, "netdev_add", netdev_args)
+            try:
+                await monitor.execute("netdev_add", netdev_args)
+            except QmpError as exc:
+                raise await _no_afxdp(monitor, exc) from None
             undo.steps.append(("netdev_del", {"id": netdev_id}))
             if dev_args:
-                await _execute(client, "device_add", dev_args)
+                await monitor.execute("device_add", dev_args)
         except BaseException as exc:
-            report = await undo.run(client)
+            report = await undo.run(monitor)
             if isinstance(exc, QmpError):
                 exc.details["rolled_back"] = report
             raise
@@ -235,25 +303,23 @@ async def _released(events: EventListener, dev_id: str) -> None:
             return
 
 
-async def unplug(
-    qmp: str | QMPClient, netdev_id: str, *, device_timeout: float = 10.0
-) -> UnplugResult:
+async def unplug(qmp: MonitorLike, netdev_id: str, *, device_timeout: float = 10.0) -> UnplugResult:
     """Remove the NIC hotplug() made: device_del, wait for the guest, then netdev_del.
 
     The netdev goes even if the guest has not released the device within device_timeout
     (device_released is then False), so the sockets are freed either way.
     """
     dev_id = device_id(netdev_id)
-    async with session(qmp) as (client, _pid):
-        with client.listener("DEVICE_DELETED") as events:
-            device_found = await _delete(client, "device_del", dev_id)
+    async with monitor_of(qmp) as monitor:
+        async with monitor.deletion(dev_id) as released_wait:
+            device_found = await _delete(monitor, "device_del", dev_id)
             released = False
             if device_found:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(device_timeout):
-                        await _released(events, dev_id)
+                        await released_wait()
                         released = True
-        netdev_removed = await _delete(client, "netdev_del", netdev_id)
+        netdev_removed = await _delete(monitor, "netdev_del", netdev_id)
     if not (device_found or netdev_removed):
         raise QmpError(
             f"QEMU has neither a netdev {netdev_id!r} nor a device {dev_id!r}",
@@ -262,21 +328,19 @@ async def unplug(
     return UnplugResult(netdev_id, device_found, released, netdev_removed)
 
 
-async def _delete(client: QMPClient, command: str, object_id: str) -> bool:
+async def _delete(monitor: Monitor, command: str, object_id: str) -> bool:
     """Run a *_del command; False when QEMU says there is no such object."""
     try:
-        await client.execute(command, {"id": object_id})
-    except ExecuteError as exc:
-        if exc.error_class == "DeviceNotFound":
+        await monitor.execute(command, {"id": object_id})
+    except QmpError as exc:
+        if exc.details.get("class") == "DeviceNotFound":
             return False
-        raise _qmp_error(command, exc) from exc
-    except (QMPError, OSError) as exc:
-        raise _qmp_error(command, exc) from exc
+        raise
     return True
 
 
 async def attach(
-    qmp: str | QMPClient,
+    qmp: MonitorLike,
     request: Request,
     netdev_id: str,
     *,
@@ -285,20 +349,20 @@ async def attach(
 ) -> HotplugResult:
     """Request sockets from the broker for QEMU and hot-plug them as netdev_id.
 
-    The lease's consumer is QEMU (its pid comes from the QMP socket's SO_PEERCRED unless
-    request names consumer_pid, as it must with a QMPClient) and its tag defaults to
-    netdev_id, so the lease lives as long as QEMU and detach() finds it. On failure the
-    lease is released again. Our copies of the fds are always closed.
+    The lease's consumer is QEMU (its pid is the Monitor's, from SO_PEERCRED for a QMP
+    socket, unless request names consumer_pid, as it must with a QMPClient) and its tag
+    defaults to netdev_id, so the lease lives as long as QEMU and detach() finds it. On
+    failure the lease is released again. Our copies of the fds are always closed.
     """
     check_id(netdev_id)
-    async with session(qmp) as (client, pid):
+    async with monitor_of(qmp) as monitor:
         broker = AsyncClient(socket_path)
         request = dataclasses.replace(
-            request, tag=request.tag or netdev_id, consumer_pid=request.consumer_pid or pid
+            request, tag=request.tag or netdev_id, consumer_pid=request.consumer_pid or monitor.pid
         )
         with await broker.lease(request) as lease:
             try:
-                return await hotplug(client, lease, netdev_id, device)
+                return await hotplug(monitor, lease, netdev_id, device)
             except BaseException as exc:
                 try:
                     await broker.release(lease.lease_id)
@@ -323,7 +387,7 @@ def attach_nic(
 
 
 async def detach(
-    qmp: str | QMPClient,
+    qmp: MonitorLike,
     netdev_id: str,
     *,
     tag: str | None = None,
@@ -335,9 +399,9 @@ async def detach(
     once rather than when QEMU exits. That lease is the caller's lease whose consumer is
     this QEMU (SO_PEERCRED of the QMP socket, or consumer_pid) and whose tag is tag, which
     defaults to netdev_id as in attach()."""
-    async with session(qmp) as (client, pid):
-        result = await unplug(client, netdev_id, device_timeout=device_timeout)
-    qemu_pid = consumer_pid or pid
+    async with monitor_of(qmp) as monitor:
+        result = await unplug(monitor, netdev_id, device_timeout=device_timeout)
+    qemu_pid = consumer_pid or monitor.pid
     if qemu_pid is None:
         raise QmpError("give consumer_pid with a QMPClient: the lease is found by QEMU's pid")
     broker = AsyncClient(socket_path)

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 packages=(
   python3 python3-venv python3-dev gcc pkg-config libcap-dev libsystemd-dev libbpf1
   iproute2 util-linux kmod systemd systemd-container debootstrap dbus-daemon polkitd
-  qemu-system-x86 dnsmasq-base ethtool iperf3 xz-utils strace
+  qemu-system-x86 dnsmasq-base ethtool iperf3 xz-utils strace libvirt-dev
 )
 missing=()
 for pkg in "${packages[@]}"; do
@@ -25,7 +25,7 @@ if [ ! -e "$stamp" ]; then
   echo "setup: building .venv" >&2
   rm -rf .venv
   /usr/bin/python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,libvirt]'
   # The editable install records this checkout's absolute path, which other uids cannot
   # reach when the checkout lies under a closed directory. A path relative to
   # site-packages finds the checkout through whichever path the venv was reached by

@@ -86,6 +86,7 @@ def test_every_broker_command_takes_socket_and_reporting_ones_take_json() -> Non
         "serve",
         "request",  # becomes COMMAND
         "policy",  # `policy check` prints text only so far
+        "libvirt-watch",  # a daemon: one log line per NIC, for the journal
     }
 
 

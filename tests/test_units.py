@@ -10,9 +10,10 @@ import pytest
 
 from broker import units
 
-# What the unit measures now. 1.5 would need ProtectProc= (hides the consumers' /proc/PID
-# that the broker reads: identity, start time, RLIMIT_MEMLOCK) or PrivateUsers=/
-# PrivateNetwork= (its capabilities would no longer reach the host's interfaces).
+# What both units measure now. xsk-broker.service at 1.5 would need ProtectProc= (hides
+# the consumers' /proc/PID that the broker reads: identity, start time, RLIMIT_MEMLOCK) or
+# PrivateUsers=/PrivateNetwork= (its capabilities would no longer reach the host's
+# interfaces).
 MAX_EXPOSURE = 1.7
 
 
@@ -39,11 +40,14 @@ def test_install_puts_every_file_in_its_vendor_directory(tmp_path: Path) -> None
     assert {
         units.UNIT_DIR / "xsk-broker.socket",
         units.UNIT_DIR / "xsk-broker.service",
+        units.UNIT_DIR / "xsk-broker-libvirt-watch.service",
         units.SYSUSERS[1],
         units.TMPFILES[1],
     } <= relative
     service = (tmp_path / units.UNIT_DIR / "xsk-broker.service").read_text()
     assert "\nExecStart=/opt/xsk-broker/bin/xsk-broker serve --idle-exit 600\n" in service
+    watcher = (tmp_path / units.UNIT_DIR / "xsk-broker-libvirt-watch.service").read_text()
+    assert "\nExecStart=/opt/xsk-broker/bin/xsk-broker libvirt-watch\n" in watcher
     assert all(path.stat().st_mode & 0o777 == 0o644 for path in written)
 
 
@@ -54,17 +58,16 @@ def test_exec_path_that_systemd_would_misread_is_refused(bad: str) -> None:
 
 
 def test_verify_is_clean(installed: Path) -> None:
-    done = analyze(
-        "verify", str(installed / "xsk-broker.socket"), str(installed / "xsk-broker.service")
-    )
+    done = analyze("verify", *(str(installed / name) for name in (*units.UNITS, *units.SERVICES)))
     assert done.returncode == 0, done.stderr
     assert done.stdout + done.stderr == ""
 
 
-def test_security_exposure_stays_at_its_measured_figure(installed: Path) -> None:
-    done = analyze("security", "--offline=true", str(installed / "xsk-broker.service"))
-    match = re.search(r"Overall exposure level for xsk-broker\.service: (\d+\.\d+)", done.stdout)
+@pytest.mark.parametrize("service", units.SERVICES)
+def test_security_exposure_stays_at_its_measured_figure(installed: Path, service: str) -> None:
+    done = analyze("security", "--offline=true", str(installed / service))
+    match = re.search(rf"Overall exposure level for {re.escape(service)}: (\d+\.\d+)", done.stdout)
     assert match, done.stdout + done.stderr
     exposure = float(match.group(1))
-    print(f"systemd-analyze security exposure of xsk-broker.service: {exposure}")
+    print(f"systemd-analyze security exposure of {service}: {exposure}")
     assert exposure <= MAX_EXPOSURE, done.stdout

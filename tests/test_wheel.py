@@ -136,9 +136,11 @@ def test_install_units_writes_the_shipped_files_under_a_prefix(venv: Path, place
     assert done.returncode == 0, done.stderr
     written = sorted(Path(p).relative_to(root) for p in json.loads(done.stdout)["installed"])
     expected = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
-    assert written == expected and len(written) == 7
+    assert written == expected and len(written) == 8
     service = (root / units.UNIT_DIR / "xsk-broker.service").read_text()
     assert f"ExecStart={venv / 'bin' / 'xsk-broker'} serve" in service
+    watcher = (root / units.UNIT_DIR / "xsk-broker-libvirt-watch.service").read_text()
+    assert f"ExecStart={venv / 'bin' / 'xsk-broker'} libvirt-watch" in watcher
     socket_unit = root / units.UNIT_DIR / "xsk-broker.socket"
     assert socket_unit.read_bytes() == (REPO / "systemd" / "xsk-broker.socket").read_bytes()
 

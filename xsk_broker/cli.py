@@ -67,6 +67,12 @@ def cmd_install_units(opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_libvirt_watch(opts: argparse.Namespace) -> int:
+    from xsk_broker import libvirtwatch
+
+    return libvirtwatch.main(opts.connect, opts.socket, opts.once)
+
+
 def cmd_demo(opts: argparse.Namespace) -> int:
     from lab import demo
 
@@ -124,6 +130,16 @@ def build_parser(*, serve_only: bool = False) -> argparse.ArgumentParser:
     ins.add_argument("--prefix", default="/", help="root to install under (default /)")
     ins.add_argument("--exec-path", help="ExecStart= path (default: this xsk-broker)")
     ins.set_defaults(func=cmd_install_units)
+
+    lvw = sub.add_parser(
+        "libvirt-watch",
+        help="hot-plug the AF_XDP NICs libvirt domains declare in their <metadata>, "
+        "whenever they start",
+    )
+    client_cli.add_socket(lvw)
+    lvw.add_argument("--connect", metavar="URI", help="libvirt URI (default: libvirt's own)")
+    lvw.add_argument("--once", action="store_true", help="reconcile running domains and exit")
+    lvw.set_defaults(func=cmd_libvirt_watch)
 
     dmo = sub.add_parser(
         "demo", help="the whole product on a private veth pair (root; cleans up after itself)"
