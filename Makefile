@@ -22,5 +22,5 @@ lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 
 bench: setup
-	scripts/public-view.sh sh -c 'for b in request_latency hostile_load cold_start memory dataplane metrics_write; do \
+	scripts/public-view.sh sh -c 'for b in request_latency hostile_load cold_start memory dataplane metrics_write dpdk_rx; do \
 	    .venv/bin/python -m bench.$$b || exit; done'

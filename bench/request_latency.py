@@ -68,7 +68,7 @@ def raw_cost(netns: str, ifname: str, queues: int, rounds: int) -> list[float]:
     with in_netns(netns):
         ifindex = socket.if_nametoindex(ifname)
         map_fd = bpf.create_xskmap("bench", queues)
-    attachment = Attachment(ifname, ifindex, "skb", queues, map_fd, -1, 0, 0, Path(), False)
+    attachment = Attachment(ifname, ifindex, "skb", queues, map_fd, -1, -1, 0, 0, Path(), False)
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     def once() -> None:
@@ -115,7 +115,8 @@ def kernel_attach(netns: str, name: str, mode: str) -> float:
     with in_netns(netns):
         ifindex = socket.if_nametoindex(name)
         map_fd = bpf.create_xskmap("bench", 4)
-        prog_fd = xdpprog.load(map_fd)
+        outer_fd = bpf.create_map_of_maps("bench", map_fd, 4)
+        prog_fd = xdpprog.load(outer_fd)
         try:
             started = time.perf_counter()
             link_fd = bpf.create_xdp_link(prog_fd, ifindex, MODE_FLAGS[mode])
@@ -123,6 +124,7 @@ def kernel_attach(netns: str, name: str, mode: str) -> float:
             os.close(link_fd)
         finally:
             os.close(prog_fd)
+            os.close(outer_fd)
             os.close(map_fd)
     run(["ip", "-n", netns, "link", "del", name])
     return took

@@ -12,9 +12,11 @@ import os
 import struct
 from typing import NamedTuple
 
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_MAP_TYPE_XSKMAP = 17
 BPF_PROG_TYPE_XDP = 6
 BPF_XDP = 37  # enum bpf_attach_type
+BPF_ANY = 0
 BPF_NOEXIST = 1
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -49,6 +51,23 @@ class _ProgLoadOpts(ctypes.Structure):
         ("log_level", ctypes.c_uint32),
         ("log_size", ctypes.c_uint32),
         ("log_buf", ctypes.c_char_p),
+    )
+
+
+class _MapCreateOpts(ctypes.Structure):
+    """struct bpf_map_create_opts as of libbpf 1.1."""
+
+    _fields_ = (
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+        ("numa_node", ctypes.c_uint32),
+        ("map_ifindex", ctypes.c_uint32),
     )
 
 
@@ -106,6 +125,15 @@ def create_xskmap(name: str, max_entries: int) -> int:
     """An XSKMAP with one slot per rx queue; needs CAP_BPF and CAP_NET_ADMIN."""
     fd = _libbpf().bpf_map_create(BPF_MAP_TYPE_XSKMAP, name.encode()[:15], 4, 4, max_entries, None)
     return _check(fd, f"creating an XSKMAP with {max_entries} entries")
+
+
+def create_map_of_maps(name: str, inner_fd: int, max_entries: int) -> int:
+    """An ARRAY_OF_MAPS whose values are maps shaped like inner_fd (an XSKMAP here)."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), inner_map_fd=inner_fd)
+    fd = _libbpf().bpf_map_create(
+        BPF_MAP_TYPE_ARRAY_OF_MAPS, name.encode()[:15], 4, 4, max_entries, ctypes.byref(opts)
+    )
+    return _check(fd, f"creating an array of {max_entries} maps")
 
 
 def load_xdp_program(name: str, instructions: bytes, license_: str = "GPL") -> int:

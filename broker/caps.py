@@ -21,6 +21,8 @@ from broker.errors import Failed, Refused
 REQUIRED = ("net_admin", "bpf", "net_raw")
 # Kept only when present: raising a consumer's RLIMIT_MEMLOCK needs it (policy's choice).
 OPTIONAL = ("sys_resource",)
+# Kept when `serve --map-pins` asks for it: giving a map lease's pin to its consumer uid.
+MAP_PINS = ("chown",)
 SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 # Capabilities newer than python-prctl's table (it names bit 40 "last_cap").

@@ -59,6 +59,9 @@ class ServeConfig:
     max_polkit_checks_per_uid: int = setting(2, "polkit checks waiting at once per uid")
     polkit_timeout: float = setting(5.0, "seconds to wait for polkit's answer")
     max_status_leases: int = setting(200, "leases listed in one status reply")
+    map_pins: bool = setting(
+        False, "pin map leases' XSKMAPs for their consumer uid (keeps CAP_CHOWN)"
+    )
     metrics_file: Path | None = setting(
         None, "write metrics for node_exporter's textfile collector here (*.prom)", kind=Path
     )

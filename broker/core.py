@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from broker import fdpass, memlock, netdev, procinfo, xsk
+from broker import bpf, fdpass, memlock, netdev, procinfo, xsk
 from broker.audit import log_event
 from broker.errors import (
+    AttachFailed,
     BrokerError,
     ConsumerGone,
     Denied,
@@ -29,6 +30,7 @@ from broker.errors import (
     LeasesLive,
     NoSuchLease,
     QueueBusy,
+    XdpConflict,
 )
 from broker.leases import LeaseTable, LiveLease
 from broker.loader import Attachment, Loader
@@ -64,6 +66,26 @@ class PidfdWatch(Protocol):
     def watch(self, pidfd: int) -> None: ...
 
     def unwatch(self, pidfd: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class MapPaths:
+    """Where a map lease's consumer finds the map: dp_path always, map_pin when pinned."""
+
+    dp_path: str
+    map_pin: str
+
+
+class MapHandouts(Protocol):
+    """What a map lease gets besides the lease (maplease.MapLeases): made before the lease is
+    recorded, removed when it ends. open() takes over the lease's map fd (closed by close(),
+    or by open() itself if it fails); map_fd() lends it."""
+
+    def open(self, lease_id: str, consumer_uid: int, map_fd: int) -> MapPaths: ...
+
+    def close(self, lease_id: str) -> None: ...
+
+    def map_fd(self, lease_id: str) -> int | None: ...
 
 
 # The operation a front end names when it refuses before a message was read.
@@ -159,6 +181,7 @@ class Service:
     new_lease_id: Callable[[], str] = field(default=lambda: os.urandom(6).hex())
     max_status_leases: int = 200
     on_change: Callable[[str], None] = field(default=lambda _line: None)
+    maps: MapHandouts | None = None  # None: map leases are refused
     observer: Observer = field(default_factory=Unobserved)
 
     def __post_init__(self) -> None:
@@ -315,6 +338,8 @@ class Service:
             pidfd=consumer.pidfd,
         )
         start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
+        if request.wants_map:
+            return self._hand_out_map(caller, request, grant, consumer, ifindex, start_time)
         attachment = self.loader.ensure(request.ifname, grant.mode, request.queue_ids, ifindex)
         fds = xsk.create_sockets(attachment, queue_ids)
         try:
@@ -324,6 +349,48 @@ class Service:
             fdpass.close_all(fds)
             raise
         return Done(Granted(info), fds, info.lease_id)
+
+    def _hand_out_map(
+        self,
+        caller: Caller,
+        request: Request,
+        grant: Grant,
+        consumer: Consumer,
+        ifindex: int,
+        start_time: int,
+    ) -> Done:
+        """A map lease: its queues redirect through an XSKMAP of its own, which its consumer
+        fills itself (whoever holds an XSKMAP fd can fill any slot), so no other queue is
+        reachable through it; when the lease ends they go back to the shared map and the
+        lease's map steers nothing, whoever still holds it. Its fds go out through maps."""
+        if self.maps is None:
+            raise Denied("this broker hands out no maps (it has no device-plugin front end)")
+        attachment = self.loader.ensure(request.ifname, grant.mode, request.queue_ids, ifindex)
+        if attachment.queues_fd < 0:
+            raise XdpConflict(
+                f"{request.ifname} carries the program of an older broker, which has no "
+                f"per-queue maps; once its leases end, detach it (xsk-broker detach --ifname "
+                f"{request.ifname}) and ask again"
+            )
+        try:
+            lease_map = bpf.create_xskmap("xsks_lease", attachment.queue_count)
+        except bpf.BpfError as exc:
+            raise AttachFailed(
+                f"creating the lease's XSKMAP: {exc.strerror}", errno=exc.errno
+            ) from None
+        lease_id = self.new_lease_id()
+        paths = self.maps.open(lease_id, consumer.uid, lease_map)
+        queue_ids = list(request.queue_ids)
+        try:
+            attachment.steer(queue_ids, lease_map)
+            info = self._record(
+                caller, request, grant, consumer, attachment, start_time, lease_id, paths
+            )
+        except BaseException:
+            attachment.unsteer(queue_ids)
+            self.maps.close(lease_id)
+            raise
+        return Done(Granted(info), (), info.lease_id)
 
     def _may_raise_to(self, grant: Grant, request: Request, consumer: Consumer) -> int | None:
         """The most the broker may raise the consumer's limit to (None: the rule has no
@@ -370,10 +437,12 @@ class Service:
         consumer: Consumer,
         attachment: Attachment,
         start_time: int,
+        lease_id: str | None = None,
+        paths: MapPaths | None = None,
     ) -> LeaseInfo:
         """The lease in the table, the journal and the fd store; the pidfd now belongs to it."""
         info = LeaseInfo(
-            lease_id=self.new_lease_id(),
+            lease_id=lease_id or self.new_lease_id(),
             ifname=attachment.ifname,
             ifindex=attachment.ifindex,
             queue_ids=list(request.queue_ids),
@@ -386,6 +455,9 @@ class Service:
             created=self.clock(),
             consumer_uid=consumer.uid,
             rule=grant.rule,
+            handout="map" if paths else "sockets",
+            dp_path=paths.dp_path if paths else "",
+            map_pin=paths.map_pin if paths else "",
         )
         self.leases.add(LiveLease(info, consumer.pidfd, start_time))
         pidfd = consumer.take()
@@ -555,6 +627,8 @@ class Service:
         """Forget the lease and empty its slots: sockets its consumer (or a child) may still
         hold no longer receive, so nobody keeps queues the quota no longer counts."""
         self._release_slots(lease.info)
+        if lease.info.handout == "map" and self.maps is not None:
+            self.maps.close(lease.info.lease_id)
         with contextlib.suppress(KeyError, ValueError):
             self.watch.unwatch(lease.pidfd)
         self.leases.end(lease.info.lease_id)
@@ -564,7 +638,9 @@ class Service:
 
     def _release_slots(self, info: LeaseInfo) -> None:
         attachment = self.loader.attachments.get(info.ifindex)
-        if attachment is not None:
+        if attachment is not None and info.handout == "map":
+            attachment.unsteer(info.queue_ids)
+        elif attachment is not None:
             xsk.release_slots(attachment, info.queue_ids)
 
     def _audit(self, event: str, info: LeaseInfo, reason: str) -> None:

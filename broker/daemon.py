@@ -24,11 +24,13 @@ from broker import activation, audit, caps, trust
 from broker.bpffs import ensure_bpffs
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
+from broker.dpfront import DevicePluginFrontEnd
 from broker.frontend import FrontEnd
 from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
 from broker.limits import raise_fd_limit
 from broker.loader import Loader
+from broker.maplease import MapLeases
 from broker.server import PidfdWatch, Server
 
 if TYPE_CHECKING:
@@ -76,7 +78,8 @@ def undone_on_failure(listener: socket.socket, bound: Path | None, *dirs: Path) 
 
 def main(config: ServeConfig) -> int:
     audit.setup_logging(config.verbose)
-    caps.check_start(config.allow_root)
+    keep = caps.REQUIRED + caps.OPTIONAL + (caps.MAP_PINS if config.map_pins else ())
+    caps.check_start(config.allow_root, keep)
     group = None
     if config.group is not None:
         group = activation.gid_of(int(config.group) if config.group.isdigit() else config.group)
@@ -98,7 +101,7 @@ def main(config: ServeConfig) -> int:
     bound = None if any(fd == listener.fileno() for _, fd in inherited) else config.socket_path
     with undone_on_failure(listener, bound, config.pin_root, config.state_dir):
         ensure_bpffs(config.pin_root)
-        caps.enter_least_privilege(config.allow_root)
+        caps.enter_least_privilege(config.allow_root, keep)
         trust.ensure_directory("state directory", config.state_dir, 0o755)
         stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
         front: FrontEnd = JsonFrontEnd(service)
@@ -108,6 +111,13 @@ def main(config: ServeConfig) -> int:
 
             metrics, front = instrument(service, front, config.metrics_file, config.state_dir)
         server = Server(config, listener, front, service, selector)
+        service.maps = MapLeases(
+            dp_dir=config.state_dir / "dp",
+            pin_dir=config.pin_root.with_name(config.pin_root.name + "-leases"),
+            serve=server.serve,
+            unserve=server.unserve,
+            front_end=lambda lease_id: DevicePluginFrontEnd(service, lease_id),
+        )
         server.catch_signals()
         try:
             service.start(stored)

@@ -44,6 +44,8 @@ _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SAMPLE = LeaseInfo("0" * 12, "lo", 1, [0], "skb").to_wire()  # the fields a record holds
 _LEASE_FIELDS, _EXTRA_FIELDS = _SAMPLE.keys(), _SAMPLE["extra"].keys()
+# A map lease's extra fields besides those (protocol.LeaseInfo): its handout and paths.
+_MAP_FIELDS = LeaseInfo("0" * 12, "lo", 1, [0], "skb", handout="map").to_wire()["extra"].keys()
 _MAX_ID = 2**32 - 2  # uids and gids; (uid_t)-1 means "none"
 
 
@@ -161,8 +163,15 @@ def _check_lease(body: Body) -> None:
     if type(created) not in (int, float) or not math.isfinite(created) or created < 0:
         raise ValueError(f"created {created!r}")
     extra = _typed(body, "extra", dict)
-    if extra.keys() != _EXTRA_FIELDS:
+    if extra.keys() not in (_EXTRA_FIELDS, _MAP_FIELDS):
         raise ValueError(f"extra fields {sorted(extra)}")
+    if extra.keys() == _MAP_FIELDS:
+        if extra["handout"] != "map":
+            raise ValueError(f"handout {extra['handout']!r}")
+        for name in ("dp_path", "map_pin"):
+            path = _typed(extra, name, str)
+            if len(path) > 4096 or not path.isprintable():
+                raise ValueError(f"{name} is not a printable path")
     _ranged(extra, "consumer_uid", 0, _MAX_ID)
     if len(_typed(extra, "rule", str)) > 512:
         raise ValueError("rule name too long")

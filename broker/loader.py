@@ -1,8 +1,9 @@
 """The XSK redirect program on an interface: attach, pin, adopt, detach.
 
-Attachments are bpf_links pinned in bpffs under PIN_ROOT/<netns inode>/<ifindex>/, so they
-outlive the broker (a restart or crash never interrupts a VM) and netlink cannot replace
-them. The attach mode is part of the link's pin name, so adoption needs no netlink query.
+Attachments are bpf_links pinned in bpffs under PIN_ROOT/<netns inode>/<ifindex>/ (with
+the shared XSKMAP "map" and the per-queue map of maps "queues"), so they outlive the broker
+(a restart or crash never interrupts a VM) and netlink cannot replace them. The attach mode
+is part of the link's pin name, so adoption needs no netlink query.
 The program itself is in broker.xdpprog, the bpffs handling in broker.bpffs.
 """
 
@@ -32,13 +33,17 @@ LIVENESS_RECHECK = 1.0
 
 @dataclass
 class Attachment:
-    """The program on one interface; the broker holds the map fd to insert sockets."""
+    """The program on one interface; the broker holds the shared XSKMAP's fd (map_fd) to
+    insert sockets, and the map of maps (queues_fd: which XSKMAP each queue redirects
+    through) to give a map lease's queues a private map. queues_fd is -1 for an attachment
+    adopted from a broker that pinned no map of maps: it serves socket leases only."""
 
     ifname: str
     ifindex: int
     mode: str
     queue_count: int
     map_fd: int
+    queues_fd: int
     link_fd: int
     link_id: int
     prog_id: int
@@ -53,10 +58,32 @@ class Attachment:
         except OSError:
             return False
 
-    def close(self) -> None:
-        for fd in (self.map_fd, self.link_fd):
+    def steer(self, queue_ids: list[int], map_fd: int) -> None:
+        """Redirect queue_ids through the XSKMAP map_fd (a map lease's own); all or none."""
+        done: list[int] = []
+        try:
+            for queue in queue_ids:
+                bpf.map_update(self.queues_fd, queue, map_fd, bpf.BPF_ANY)
+                done.append(queue)
+        except bpf.BpfError as exc:
+            self.unsteer(done)
+            raise AttachFailed(
+                f"{self.ifname}: steering queues {queue_ids} to the lease's map: {exc.strerror}",
+                errno=exc.errno,
+            ) from None
+
+    def unsteer(self, queue_ids: list[int]) -> None:
+        """Redirect queue_ids through the shared XSKMAP again: a map lease's map, whoever
+        still holds it, no longer receives anything."""
+        for queue in queue_ids:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                bpf.map_update(self.queues_fd, queue, self.map_fd, bpf.BPF_ANY)
+
+    def close(self) -> None:
+        for fd in (self.map_fd, self.queues_fd, self.link_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def describe(self) -> AttachmentInfo:
         return AttachmentInfo(
@@ -183,14 +210,16 @@ class Loader:
         if not links:
             remove_pins(pin_dir)
             return None
-        link_fd = map_fd = -1
+        link_fd = map_fd = queues_fd = -1
         try:
             link_fd = bpf.get_pinned(str(links[0]))
             map_fd = bpf.get_pinned(str(pin_dir / "map"))
             info = bpf.link_info(link_fd)
             queue_count = bpf.map_info(map_fd).max_entries
+            if (pin_dir / "queues").exists():
+                queues_fd = bpf.get_pinned(str(pin_dir / "queues"))
         except OSError as exc:
-            for fd in (link_fd, map_fd):
+            for fd in (link_fd, map_fd, queues_fd):
                 if fd >= 0:
                     os.close(fd)
             if exc.errno != errno.ENOENT:  # EMFILE, ENOMEM...: the link may well be alive
@@ -200,8 +229,9 @@ class Loader:
             info = None
         if info is None or info.ifindex != ifindex:
             if info is not None:
-                os.close(link_fd)
-                os.close(map_fd)
+                for fd in (link_fd, map_fd, queues_fd):
+                    if fd >= 0:
+                        os.close(fd)
             remove_pins(pin_dir)  # a half-pinned or dead attachment
             return None
         if ifname is None:
@@ -215,6 +245,7 @@ class Loader:
             mode=links[0].name.removeprefix("link_"),
             queue_count=queue_count,
             map_fd=map_fd,
+            queues_fd=queues_fd,
             link_fd=link_fd,
             link_id=info.link_id,
             prog_id=info.prog_id,
@@ -236,19 +267,23 @@ class Loader:
         pin_dir = self.ns_dir / str(ifindex)
         remove_pins(pin_dir)
         map_fd = bpf.create_xskmap(f"xsks_{ifindex}", state.rx_queues)
-        link_fd = -1
+        link_fd = queues_fd = -1
         try:
-            prog_fd = xdpprog.load(map_fd)
+            queues_fd = bpf.create_map_of_maps(f"queues_{ifindex}", map_fd, state.rx_queues)
+            for queue in range(state.rx_queues):
+                bpf.map_update(queues_fd, queue, map_fd, bpf.BPF_ANY)
+            prog_fd = xdpprog.load(queues_fd)
             try:
                 link_fd, used = _link_first_possible(prog_fd, ifindex, ifname, mode)
             finally:
                 os.close(prog_fd)
             pin_dir.mkdir(mode=0o700)
             bpf.pin(map_fd, str(pin_dir / "map"))
+            bpf.pin(queues_fd, str(pin_dir / "queues"))
             bpf.pin(link_fd, str(pin_dir / f"link_{used}"))
             info = bpf.link_info(link_fd)
         except BaseException:
-            for fd in (map_fd, link_fd):
+            for fd in (map_fd, queues_fd, link_fd):
                 if fd >= 0:
                     os.close(fd)
             remove_pins(pin_dir)
@@ -259,6 +294,7 @@ class Loader:
             mode=used,
             queue_count=state.rx_queues,
             map_fd=map_fd,
+            queues_fd=queues_fd,
             link_fd=link_fd,
             link_id=info.link_id,
             prog_id=info.prog_id,

@@ -35,6 +35,10 @@ SOCKET_ENV = "XSK_BROKER_SOCKET"
 QEMU_UMEM_BYTES = 32 * 1024 * 1024
 MIN_UMEM_BYTES, MAX_UMEM_BYTES = 4096, 1 << 40
 MODES = ("auto", "native", "skb")
+# What a lease hands over: one unbound socket per queue (QEMU sock-fds), or access to an
+# XSKMAP for consumers that make their own sockets (DPDK use_cni / use_pinned_map, QEMU
+# map-path): a device-plugin socket and a bpffs pin only the consumer's uid may use.
+HANDOUTS = ("sockets", "map")
 MAX_TAG_CHARS = 64
 IFNAMSIZ = 16
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
@@ -107,10 +111,23 @@ class Request:
             "(default QEMU's 32 MiB; checked against its locked-memory limit)"
         ),
     )
+    handout: str | None = field(
+        default=None,
+        metadata=param(
+            "sockets (QEMU sock-fds) or map (DPDK use_cni/use_pinned_map, QEMU map-path; "
+            "takes every queue of the interface)",
+            choices=HANDOUTS,
+        ),
+    )
 
     @property
     def queue_ids(self) -> range:
         return range(self.start_queue, self.start_queue + self.queues)
+
+    @property
+    def wants_map(self) -> bool:
+        """A map lease (None, the default, is "sockets": left out on the wire for v1)."""
+        return self.handout == "map"
 
     @classmethod
     def from_body(cls, body: Body) -> Request:
@@ -133,7 +150,10 @@ class Request:
         umem = _field(body, "umem_bytes", int, QEMU_UMEM_BYTES)
         if not MIN_UMEM_BYTES <= umem <= MAX_UMEM_BYTES:
             raise BadRequest(f"umem_bytes must be {MIN_UMEM_BYTES}..2^40, got {umem}")
-        return cls(ifname, queues, start, mode, tag, pid, umem)
+        handout = _field(body, "handout", str, None, nullable=True)
+        if handout is not None and handout not in HANDOUTS:
+            raise BadRequest(f"handout must be one of {', '.join(HANDOUTS)}, got {handout!r}")
+        return cls(ifname, queues, start, mode, tag, pid, umem, handout)
 
 
 REQUEST_FIELDS = tuple(f.name for f in fields(Request))
@@ -269,7 +289,8 @@ def encode_message(message: Message) -> bytes:
 class LeaseInfo:
     """What the broker tells a client about a lease; the fds travel beside it.
 
-    consumer_uid and rule travel in the wire's "extra" object, where v1 put them.
+    consumer_uid, rule and what a map lease hands out (dp_path: its device-plugin socket,
+    map_pin: its pinned XSKMAP) travel in the wire's "extra" object, where v1 put them.
     """
 
     lease_id: str
@@ -285,6 +306,9 @@ class LeaseInfo:
     created: float = 0.0
     consumer_uid: int = -1
     rule: str = ""
+    handout: str = "sockets"
+    dp_path: str = ""
+    map_pin: str = ""
 
     @property
     def start_queue(self) -> int:
@@ -304,7 +328,12 @@ class LeaseInfo:
             "tag": self.tag,
             "umem_bytes": self.umem_bytes,
             "created": self.created,
-            "extra": {"consumer_uid": self.consumer_uid, "rule": self.rule},
+            "extra": {"consumer_uid": self.consumer_uid, "rule": self.rule}
+            | (
+                {"handout": self.handout, "dp_path": self.dp_path, "map_pin": self.map_pin}
+                if self.handout != "sockets"
+                else {}
+            ),
         }
 
     @classmethod
@@ -325,6 +354,9 @@ class LeaseInfo:
             created=body.get("created", 0.0),
             consumer_uid=extra.get("consumer_uid", uid),
             rule=extra.get("rule", ""),
+            handout=extra.get("handout", "sockets"),
+            dp_path=extra.get("dp_path", ""),
+            map_pin=extra.get("map_pin", ""),
         )
 
 

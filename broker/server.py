@@ -40,6 +40,8 @@ class Connection:
     sock: socket.socket
     peer: Caller
     deadline: float
+    front: FrontEnd
+    listener: int  # the fd of the listening socket it came from
     sealed: bool  # no fd of the client's can be queued on it: close it on the loop
     parked: bool = False
 
@@ -68,7 +70,8 @@ class PidfdWatch:
 
 
 class Server:
-    """Serves one front end on a listening socket; the core's pidfds and link events too."""
+    """Serves front ends on listening sockets (the main one, and those serve() adds, such as
+    a map lease's device-plugin socket); the core's pidfds and link events too."""
 
     def __init__(
         self,
@@ -79,11 +82,10 @@ class Server:
         selector: selectors.BaseSelector,
     ) -> None:
         self.config = config
-        self.listener = listener
-        self.front = front
         self.service = service
         self.selector = selector
         self.connections: dict[int, Connection] = {}
+        self.listeners: dict[int, tuple[socket.socket, FrontEnd]] = {}
         self.parked: list[Parked] = []
         self.executor: ThreadPoolExecutor | None = None
         self.limits = UidLimits(
@@ -98,20 +100,35 @@ class Server:
             end.setblocking(False)
         self.linkwatch = LinkWatch()
         self.closer = fdguard.Closer()
-        self.refuses_rights = not config.without_passrights and fdguard.refuse_rights(listener)
-        if not self.refuses_rights:
-            log.warning("SO_PASSRIGHTS is off: client fds reach the broker and are closed "
-                        "by a thread of their own")  # fmt: skip
+        self.refuses_rights = not config.without_passrights
         self.running = True
         self.last_activity = time.monotonic()
         for source, what in (
             (self.linkwatch, "links"),
             (self.wakeup, "decided"),
             (self.signals, "signal"),
-            (listener, "listen"),
         ):
             self.selector.register(source, selectors.EVENT_READ, what)
+        self.serve(listener, front)
+
+    def serve(self, listener: socket.socket, front: FrontEnd) -> None:
+        """Accept connections on listener too, and let front answer them."""
+        if self.refuses_rights and not fdguard.refuse_rights(listener):
+            self.refuses_rights = False
+            log.warning("the kernel lacks SO_PASSRIGHTS: client fds reach the broker and "
+                        "are closed by a thread of their own")  # fmt: skip
         listener.setblocking(False)
+        self.listeners[listener.fileno()] = (listener, front)
+        self.selector.register(listener, selectors.EVENT_READ, "listen")
+
+    def unserve(self, listener: socket.socket) -> None:
+        """Stop serving listener: its connections are dropped and it is closed."""
+        fd = listener.fileno()
+        if self.listeners.pop(fd, None) is not None:
+            self.selector.unregister(listener)
+        for conn_fd in [c for c, conn in self.connections.items() if conn.listener == fd]:
+            self._drop(conn_fd)
+        self._close(listener, self.refuses_rights)  # its backlog may hold a client's fds
 
     def catch_signals(self) -> None:
         """SIGTERM/SIGINT stop and SIGHUP reloads, acted on by the loop between events (a
@@ -137,7 +154,7 @@ class Server:
         if what == "conn":
             self._readable(self.connections[fd])
         elif what == "listen":
-            self._accept()
+            self._accept(*self.listeners[fd])
         elif what == "pidfd":
             self.service.consumer_exited(fd)
         elif what == "links":
@@ -182,9 +199,9 @@ class Server:
         idle, since = self.config.idle_exit, time.monotonic() - self.last_activity
         return idle is not None and not self.connections and since >= idle
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket, front: FrontEnd) -> None:
         try:
-            sock, _ = self.listener.accept()
+            sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         self.last_activity = time.monotonic()
@@ -201,13 +218,15 @@ class Server:
         if refusal is not None:
             os.close(peer.pidfd)
             with contextlib.suppress(OSError):
-                fdpass.send(sock, self.front.refuse(refusal).data)
+                fdpass.send(sock, front.refuse(refusal).data)
             self._close(sock, sealed)
             return
         self.limits.connected(peer.uid)
         sock.setblocking(False)
         deadline = self.last_activity + self.config.connection_deadline
-        self.connections[sock.fileno()] = Connection(sock, peer, deadline, sealed)
+        self.connections[sock.fileno()] = Connection(
+            sock, peer, deadline, front, listener.fileno(), sealed
+        )
         self.selector.register(sock, selectors.EVENT_READ, "conn")
 
     def _drop(self, fd: int) -> None:
@@ -229,7 +248,7 @@ class Server:
             return
         conn = min(idle, key=lambda c: c.deadline)
         fd, held = conn.sock.fileno(), self.limits.connections[uid]
-        self._reply(conn, self.front.refuse(TooManyConnections(
+        self._reply(conn, conn.front.refuse(TooManyConnections(
             f"closed to make room: the broker is full and uid {uid} holds the most "
             f"connections ({held}); close idle ones"
         )))  # fmt: skip
@@ -250,13 +269,13 @@ class Server:
         if refusal is not None:
             with contextlib.suppress(OSError):
                 self.closer.close_fds(fdpass.receive(conn.sock, fdpass.SCM_MAX_FD).fds)
-            self._reply(conn, self.front.refuse(refusal))
+            self._reply(conn, conn.front.refuse(refusal))
             self._drop(conn.sock.fileno())
             return
         try:
             data = fdpass.receive_request(conn.sock, self.closer.close_fds)
         except BrokerError as error:
-            self._reply(conn, self.front.refuse(error))
+            self._reply(conn, conn.front.refuse(error))
             return
         except (BlockingIOError, InterruptedError):
             return
@@ -266,7 +285,7 @@ class Server:
         if not data:
             self._drop(conn.sock.fileno())
             return
-        answer = self.front.handle(conn.peer, data)
+        answer = conn.front.handle(conn.peer, data)
         now = self._park(conn, answer) if isinstance(answer, Waiting) else answer
         if now is not None:
             self._reply(conn, now)

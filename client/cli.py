@@ -42,12 +42,17 @@ def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def _add_request_flags(parser: argparse.ArgumentParser, *, umem: bool = False) -> None:
-    """One flag per protocol.Request field that callers set (--umem-bytes only where the
-    consumer's UMEM is not known: probe registers its own, attach-nic's consumer is QEMU)."""
+# Flags of `request` only: probe registers its own UMEM and attach-nic's consumer is QEMU,
+# so the UMEM is known there, and both need sockets, not a map.
+REQUEST_ONLY = ("umem_bytes", "handout")
+
+
+def _add_request_flags(parser: argparse.ArgumentParser, *, request: bool = False) -> None:
+    """One flag per protocol.Request field that callers set (REQUEST_ONLY ones for
+    `request` alone)."""
     hints = get_type_hints(Request)
     for f in fields(Request):
-        if not f.metadata["flag"] or (f.name == "umem_bytes" and not umem):
+        if not f.metadata["flag"] or (f.name in REQUEST_ONLY and not request):
             continue
         kind = hints[f.name]
         parser.add_argument(
@@ -65,13 +70,21 @@ def request_from(opts: argparse.Namespace, **fixed: Any) -> Request:
     return Request(**{name: value for name, value in given.items() if value is not None})
 
 
-PLACEHOLDER = re.compile(r"\{(netdev|sock-fds)\}")
+PLACEHOLDER = re.compile(r"\{(netdev|sock-fds|dp-path|map-path|map-start-index)\}")
 
 
 def substitute(args: Sequence[str], lease: Lease, netdev_id: str) -> list[str]:
-    """Replace {netdev} and {sock-fds} in each argument, in one pass: a value put in (an
-    interface or netdev id that itself reads `{sock-fds}`) is never substituted again."""
-    values = {"netdev": lease.netdev_arg(netdev_id), "sock-fds": lease.sock_fds}
+    """Replace {netdev}, {sock-fds} and, for a map lease, {dp-path}, {map-path} and
+    {map-start-index} in each argument, in one pass: a value put in (an interface or netdev
+    id that itself reads `{sock-fds}`) is never substituted again."""
+    info = lease.info
+    values = {
+        "netdev": lease.netdev_arg(netdev_id),
+        "sock-fds": lease.sock_fds,
+        "dp-path": info.dp_path,
+        "map-path": info.map_pin,
+        "map-start-index": str(info.start_queue),
+    }
     return [PLACEHOLDER.sub(lambda found: values[found.group(1)], a) for a in args]
 
 
@@ -87,6 +100,8 @@ def cmd_request(opts: argparse.Namespace) -> int:
         XSK_BROKER_SOCK_FDS=lease.sock_fds,
         XSK_BROKER_LEASE=lease.lease_id,
         XSK_BROKER_MODE=lease.mode,
+        XSK_BROKER_DP_PATH=lease.info.dp_path,
+        XSK_BROKER_MAP_PATH=lease.info.map_pin,
     )
     try:
         os.execvp(argv[0], argv)
@@ -281,11 +296,13 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     req = sub.add_parser(
         "request",
         help="get sockets, then exec COMMAND with them",
-        description="Placeholders in COMMAND: {netdev} (the whole -netdev value) and "
-        "{sock-fds} (a:b:c). Also exported as XSK_BROKER_NETDEV and XSK_BROKER_SOCK_FDS.",
+        description="Placeholders in COMMAND: {netdev} (the whole -netdev value), "
+        "{dp-path}, {map-path} and {map-start-index} (map leases, --handout map) and "
+        "{sock-fds} (a:b:c). Also exported as XSK_BROKER_NETDEV, XSK_BROKER_SOCK_FDS, "
+        "XSK_BROKER_DP_PATH and XSK_BROKER_MAP_PATH.",
     )
     add_socket(req)
-    _add_request_flags(req, umem=True)
+    _add_request_flags(req, request=True)
     req.add_argument("--id", default="net0", help="netdev id in {netdev} (default net0)")
     req.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     req.set_defaults(func=cmd_request)

@@ -50,13 +50,14 @@ class Exchange(Generic[R]):
 
     @property
     def max_fds(self) -> int:
-        return self.message.queues if isinstance(self.message, Request) else 0
+        message = self.message
+        return message.queues if isinstance(message, Request) and not message.wants_map else 0
 
     def finish(self, datagram: fdpass.Datagram) -> tuple[R, list[int]]:
         """The typed reply and its fds; on any error the fds are closed and it is raised.
 
-        A granted lease must carry exactly one fd per queue; replies that carry no fds have
-        any the broker sent anyway closed.
+        A granted lease must carry exactly one fd per queue (none for a map lease); replies
+        that carry no fds have any the broker sent anyway closed.
         """
         fds = datagram.fds
         try:
@@ -109,9 +110,9 @@ def check_broker(sock: socket.socket, socket_path: str, broker_uid: int | None) 
     )
 
 
-def _check_lease(reply: Granted, fds: list[int], queues: int) -> None:
-    if len(fds) != queues or len(reply.lease.queue_ids) != queues:
-        raise ProtocolViolation(f"asked for {queues} queue(s), got {len(fds)} fd(s)")
+def _check_lease(reply: Granted, fds: list[int], expected: int) -> None:
+    if len(fds) != expected or (expected and len(reply.lease.queue_ids) != expected):
+        raise ProtocolViolation(f"expected {expected} fd(s) with the lease, got {len(fds)}")
 
 
 def unreachable(socket_path: str, exc: OSError) -> BrokerUnreachable:

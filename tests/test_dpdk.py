@@ -1,0 +1,324 @@
+"""Map leases: the device-plugin front end DPDK's af_xdp PMD speaks (use_cni=1) and the
+per-lease pinned XSKMAP (use_pinned_map=1), with a real, unmodified dpdk-testpmd (trixie's
+24.11, lab/dpdk.py) run as an unprivileged uid holding only CAP_NET_RAW and CAP_IPC_LOCK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import actor, run_captured, xdp_of
+
+from broker.protocol import LeaseInfo, Request
+from lab.brokerproc import LAB_POLICY, BrokerProcess, wait_until
+from lab.dpdk import Dpdk, PmdRun, ensure_dpdk, pmd_args, port_stats
+from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, enter_netns, run, steer_queue
+from lab.traffic import send_to_queue
+
+pytestmark = [pytest.mark.kernel]
+
+OTHER_UID = UNPRIVILEGED_UID + 1
+CAPS = "ipc_lock,+net_raw"
+
+
+def as_uid(uid: int, argv: list[str], caps: str = CAPS) -> list[str]:
+    """argv as uid with only caps (ambient, bounded), no way back."""
+    return [
+        "setpriv", f"--reuid={uid}", f"--regid={UNPRIVILEGED_GID}", "--clear-groups",
+        f"--inh-caps=-all,+{caps}", f"--ambient-caps=-all,+{caps}",
+        f"--bounding-set=-all,+{caps}", "--no-new-privs", "--pdeathsig=KILL", "--", *argv,
+    ]  # fmt: skip
+
+
+def request_map(
+    broker: BrokerProcess, ifname: str, queues: int, consumer: list[str], *extra: str
+) -> list[str]:
+    """`xsk-broker request --handout map ... -- CONSUMER...`."""
+    return [
+        sys.executable, "-m", "xsk_broker", "request", "--socket", str(broker.socket_path),
+        "--ifname", ifname, "--queues", str(queues), "--handout", "map", *extra, "--",
+        *consumer,
+    ]  # fmt: skip
+
+
+def in_lab(lab: VethLab, argv: list[str], **options: object) -> subprocess.CompletedProcess[str]:
+    return run_captured(argv, preexec_fn=lambda: enter_netns(lab.ns_a), timeout=60, **options)
+
+
+def leases(broker: BrokerProcess) -> list[LeaseInfo]:
+    return broker.client().status().leases
+
+
+@pytest.fixture
+def lab2() -> Iterator[VethLab]:
+    with VethLab(queues=2) as lab:
+        yield lab
+
+
+@pytest.fixture
+def broker2(lab2: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProcess]:
+    with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as proc:
+        yield proc
+
+
+def drop_box(workdir: Path) -> Path:
+    """A directory the consumers (other uids) may write their ready files to; not the
+    broker's state directory's parent, which the broker checks nobody else can write."""
+    box = workdir / "box"
+    box.mkdir(exist_ok=True)
+    box.chmod(0o777)
+    return box
+
+
+def lease_pin_dir(pin_root: Path) -> Path:
+    return pin_root.with_name(pin_root.name + "-leases")
+
+
+def test_device_plugin_hands_the_map_to_the_consumer_uid_only(
+    broker2: BrokerProcess, lab2: VethLab, pin_root: Path
+) -> None:
+    """The PMD's handshake gets the XSKMAP; the consumer's uid can fill it (as DPDK does);
+    another uid connecting to the same socket gets naks and no fd, and the broker logs it;
+    when the consumer exits, the socket, the pin and the broker's fds for it are gone."""
+    ifname = lab2.ifname_a
+    with broker2.client().lease(Request(ifname, 1)) as first:  # attached from here on
+        broker2.client().release(first.lease_id)
+    fds_before = broker2.quiet_fd_count()
+    consumer = request_map(broker2, ifname, 2, [
+        "sh", "-c", 'echo "$0" >&2; "$@"', "{dp-path} {map-path}",
+        *actor("device_plugin", "{dp-path}", ifname, "/config_busy_poll,10,64", "/bogus"),
+    ])  # fmt: skip
+    with subprocess.Popen(
+        as_uid(UNPRIVILEGED_UID, consumer),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: enter_netns(lab2.ns_a),
+    ) as proc:  # fmt: skip
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    dp_path, map_pin = err.splitlines()[0].split()
+    seen = json.loads(out)
+    replies = {r["sent"].partition(",")[0]: r for r in seen["replies"]}
+    assert replies["/connect"]["reply"] == "/host_ok"
+    assert replies["/version"]["reply"] == "0.1"
+    assert replies["/xsk_map_fd"]["reply"] == "/fd_ack"
+    assert replies["/xsk_map_fd"]["types"] == [17]
+    assert replies["/config_busy_poll"]["reply"] == "/nak"
+    assert replies["/bogus"]["reply"] == "/nak"
+    assert replies["/fin"]["reply"] == "/fin_ack"
+    assert seen["filled"] == 0  # CAP_NET_RAW made the socket, the map fd let it in
+    assert Path(map_pin).parent == lease_pin_dir(pin_root)
+    # The lease ended with its consumer: nothing is left for anyone else to open.
+    wait_until(lambda: not leases(broker2))
+    assert not Path(dp_path).exists() and not Path(map_pin).exists()
+    assert broker2.settled_fd_count(fds_before) == fds_before  # the map, listener, conns
+    assert broker2.client().status().attachments  # the program stays for the next lease
+
+
+def test_another_uid_gets_no_map_and_is_logged(
+    broker2: BrokerProcess, lab2: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """Kernel identity, not the hostname text: uid OTHER_UID on the consumer's socket gets
+    /host_nak and /fd_nak with no fd, and cannot open the pin either."""
+    ifname = lab2.ifname_a
+    ready = drop_box(workdir) / "lease.json"
+    holder = subprocess.Popen(
+        as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 2, [
+            "sh", "-c", 'echo "$1 $2" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 60',
+            str(ready), "{dp-path}", "{map-path}",
+        ])),
+        preexec_fn=lambda: enter_netns(lab2.ns_a),
+    )  # fmt: skip
+    try:
+        wait_until(ready.exists, timeout=20)
+        dp_path, map_pin = ready.read_text().split()
+        got = in_lab(lab2, as_uid(OTHER_UID, actor("device_plugin", dp_path, ifname)))
+        seen = json.loads(got.stdout)
+        assert [r["reply"] for r in seen["replies"]] == ["/host_nak", "/nak", "/fd_nak", "/nak"]
+        assert all(r["fds"] == 0 for r in seen["replies"])
+        assert f"to uid {OTHER_UID}" in broker2.log()
+        opened = in_lab(
+            lab2,
+            as_uid(OTHER_UID, [sys.executable, "-c", f"open({map_pin!r}, 'rb')"]),
+        )
+        assert "Permission denied" in opened.stderr
+        info = Path(map_pin).stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (UNPRIVILEGED_UID, 0o600)
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_until(lambda: not leases(broker2))
+
+
+SHARED_NIC_POLICY = "exclusive_tenancy = false\n" + LAB_POLICY
+
+
+def test_tenants_cannot_reach_each_others_queues(
+    lab2: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """Two map leases on one interface (the policy lets tenants share it), queue 0 for uid
+    61000 and queue 1 for uid 61001. The second tenant writes its own socket into every
+    slot of the map it was given (what a holder of a shared XSKMAP could do to take or
+    blank other queues): the first tenant still gets every frame sent to queue 0, the
+    second those sent to queue 1."""
+    with BrokerProcess(lab2.ns_a, pin_root, workdir, policy=SHARED_NIC_POLICY) as broker:
+        _two_tenants(broker, lab2, workdir)
+
+
+def _two_tenants(broker2: BrokerProcess, lab2: VethLab, workdir: Path) -> None:
+    ifname = lab2.ifname_a
+    box = drop_box(workdir)
+    tenants = {}
+    for queue, uid in ((0, UNPRIVILEGED_UID), (1, OTHER_UID)):
+        ready = box / f"ready{queue}"
+        consumer = actor("map_tenant", "{dp-path}", ifname, str(queue), "0,1", str(ready), "6")
+        request = request_map(
+            broker2, ifname, 1, consumer, "--start-queue", str(queue), "--mode", "native"
+        )
+        tenants[queue] = subprocess.Popen(
+            as_uid(uid, request), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: enter_netns(lab2.ns_a),
+        )  # fmt: skip
+        wait_until(ready.exists, timeout=20)
+    for queue, count in ((0, 50), (1, 40)):
+        assert send_to_queue(lab2.b, lab2.a, steer_queue(queue, "native", 2), "t", count) == count
+    seen = {}
+    for queue, proc in tenants.items():
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        seen[queue] = json.loads(out)
+    assert seen[1]["filled"] == [0, 0]  # it could write both slots of its own map
+    assert seen[0]["received"] == 50
+    assert seen[1]["received"] == 40
+    wait_until(lambda: not leases(broker2))
+
+
+def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
+    broker2: BrokerProcess, lab2: VethLab, workdir: Path
+) -> None:
+    """The lease's steering lives in the pinned map of maps: a broker killed outright and
+    started again adopts it, and when the consumer then exits its pin is removed and its
+    queue can be leased again, to a map lease or to sockets."""
+    ifname = lab2.ifname_a
+    ready = drop_box(workdir) / "paths"
+    script = 'echo "$1" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 60'
+    consumer = ["sh", "-c", script, str(ready), "{map-path}"]
+    holder = subprocess.Popen(
+        as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 1, consumer)),
+        preexec_fn=lambda: enter_netns(lab2.ns_a),
+    )  # fmt: skip
+    try:
+        wait_until(ready.exists, timeout=20)
+        map_pin = Path(ready.read_text().strip())
+        broker2.kill()
+        broker2.start()
+        (lease,) = leases(broker2)
+        assert lease.handout == "map" and map_pin.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_until(lambda: not leases(broker2))
+    assert not map_pin.exists()
+    again = in_lab(lab2, as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 1, ["true"])))
+    assert again.returncode == 0, again.stderr
+    with broker2.client().lease(Request(ifname, 1)) as sockets:
+        assert sockets.queue_ids == [0]
+
+
+def test_a_pin_directory_someone_else_made_is_refused(
+    lab2: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """bpffs's root is world-writable: a uid that makes the lease pin directory first could
+    swap pins in it. The broker refuses to pin there, says why, and leaves nothing behind."""
+    planted = lease_pin_dir(pin_root)
+    planted.mkdir(mode=0o777)
+    os.chown(planted, OTHER_UID, UNPRIVILEGED_GID)
+    try:
+        with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as broker:
+            got = in_lab(lab2, request_map(broker, lab2.ifname_a, 1, ["true"]))
+            assert got.returncode != 0
+            assert got.stderr.startswith("UNTRUSTED_PATH"), got.stderr
+            assert str(planted) in got.stderr
+            assert not leases(broker)
+            assert not list((broker.state_dir / "dp").glob("*"))
+            assert not list(planted.iterdir())
+    finally:
+        planted.rmdir()
+
+
+@pytest.fixture(scope="module")
+def dpdk() -> Dpdk:
+    return ensure_dpdk()
+
+
+def peer_rx_packets(lab: VethLab) -> int:
+    (link,) = json.loads(run(["ip", "-n", lab.ns_b, "-j", "-s", "link", "show", lab.ifname_b]))
+    return int(link["stats64"]["rx"]["packets"])
+
+
+def vdevs(ifname: str, queues: int, option: str) -> list[str]:
+    """One af_xdp port per queue (see lab.dpdk.pmd_args)."""
+    return [
+        f"net_af_xdp{q},iface={ifname},start_queue={q},queue_count=1,{option}"
+        for q in range(queues)
+    ]
+
+
+@pytest.mark.parametrize("forward", ["rxonly", "txonly"])
+@pytest.mark.parametrize("how", ["use_cni", "use_pinned_map"])
+@pytest.mark.parametrize("mode", ["native", "skb"])
+def test_unmodified_testpmd_unprivileged(
+    dpdk: Dpdk, lab2: VethLab, pin_root: Path, workdir: Path, mode: str, how: str, forward: str
+) -> None:
+    """dpdk-testpmd as uid 61000 with CAP_NET_RAW and CAP_IPC_LOCK only, through
+    `xsk-broker request --handout map`, one port per leased queue: frames the peer sends to
+    each queue arrive on its port (rxonly; in skb mode veth steers to queue 0 only, see
+    lab.netlab.steer_queue), and every port sends frames the peer receives (txonly)."""
+    path = "{dp-path}" if how == "use_cni" else "{map-path}"
+    ports = vdevs(lab2.ifname_a, 2, f"{how}=1,dp_path={path}")
+    with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as broker:
+        command = dpdk.testpmd() + pmd_args(ports, forward)
+        request = request_map(broker, lab2.ifname_a, 2, command, "--mode", mode)
+        before = peer_rx_packets(lab2)
+        pmd = PmdRun(as_uid(UNPRIVILEGED_UID, request), preexec_fn=lambda: enter_netns(lab2.ns_a))
+        sent = {}
+        try:
+            assert pmd.started(), pmd.output
+            if forward == "rxonly":
+                for q in range(2) if mode == "native" else range(1):
+                    sent[q] = send_to_queue(lab2.b, lab2.a, steer_queue(q, mode, 2), "dp", 100 + q)
+            time.sleep(1.0)
+        finally:
+            output = pmd.stop()
+        stats = port_stats(output)
+        assert set(stats) == {0, 1}, output
+        if forward == "rxonly":
+            assert {q: stats[q][0] for q in sent} == sent == {q: 100 + q for q in sent}, output
+        else:
+            assert all(tx > 0 for _rx, tx in stats.values()), output
+            assert peer_rx_packets(lab2) - before >= 0.9 * sum(tx for _rx, tx in stats.values())
+        assert (broker.log().count("its XSKMAP to pid") == 2) == (how == "use_cni")
+        wait_until(lambda: not leases(broker))
+
+
+def test_testpmd_refused_where_the_policy_says_no(
+    dpdk: Dpdk, lab2: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """The same testpmd command, with a policy that does not name uid 61000: the request is
+    refused before testpmd runs, and the refusal is in the broker's log."""
+    policy = '[[allow]]\nname = "root only"\nusers = [0]\n'
+    ports = vdevs(lab2.ifname_a, 2, "use_cni=1,dp_path={dp-path}")
+    with BrokerProcess(lab2.ns_a, pin_root, workdir, policy=policy) as broker:
+        command = dpdk.testpmd() + pmd_args(ports, "rxonly")
+        got = in_lab(lab2, as_uid(UNPRIVILEGED_UID, request_map(broker, lab2.ifname_a, 2, command)))
+        assert got.returncode != 0
+        assert got.stderr.startswith("DENIED"), got.stderr
+        assert "EAL" not in got.stdout + got.stderr
+        assert f"to uid {UNPRIVILEGED_UID}" in broker.log() and "event=denied" in broker.log()
+    assert not xdp_of(lab2)
