@@ -23,6 +23,7 @@ from broker import bpf, fdpass, memlock, netdev, procinfo, xsk
 from broker.audit import log_event
 from broker.errors import (
     AttachFailed,
+    BadRequest,
     BrokerError,
     ConsumerGone,
     Denied,
@@ -289,6 +290,8 @@ class Service:
         )
 
     def _consumer(self, caller: Caller, request: Request) -> Consumer:
+        if request.consumer_pid is not None:
+            _same_pid_namespace(caller, request.consumer_pid)
         if request.consumer_pid is None or request.consumer_pid == caller.pid:
             return Consumer(caller.pid, caller.uid, os.dup(caller.pidfd))
         try:
@@ -330,6 +333,8 @@ class Service:
         if busy:
             raise QueueBusy(_some([_held_by(lease, request) for lease in busy], "; "))
         self._check_tenancy(request, ifindex, consumer)
+        # The interface's refusals before the memlock limit is raised: refusals change nothing.
+        self.loader.check(request.ifname, grant.mode, request.queue_ids, ifindex)
         memlock.ensure(
             consumer.pid,
             memlock.needed_bytes(request.queues, request.umem_bytes),
@@ -683,6 +688,20 @@ class Service:
         """The one line `systemctl status` shows."""
         attachments = ", ".join(f"{a.ifname}/{a.mode}" for a in self.loader.attachments.values())
         return f"{len(self.leases.by_id)} lease(s); attached: {attachments or 'none'}"
+
+
+def _same_pid_namespace(caller: Caller, consumer_pid: int) -> None:
+    """A consumer pid is read in the broker's pid namespace: from a caller in a namespace
+    below it (a container's), the same number names another process (its pid 1 is the
+    host's init), so such a caller may not name one."""
+    depth = len(procinfo.read_status(caller.pid, caller.pidfd).nspids)
+    if depth != len(procinfo.read_status(os.getpid()).nspids):
+        raise BadRequest(
+            f"consumer_pid {consumer_pid} would be read in the broker's pid namespace, but the "
+            f"caller (pid {caller.pid}) runs in another pid namespace, where that number names "
+            "another process: ask from the consumer itself (leave consumer_pid out), or from "
+            "the broker's pid namespace"
+        )
 
 
 def _some(parts: Sequence[str], sep: str, most: int = 4) -> str:

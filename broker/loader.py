@@ -21,7 +21,7 @@ from pathlib import Path
 from broker import bpf, netdev, xdpprog
 from broker.bpffs import ensure_bpffs, remove_pins
 from broker.config import DEFAULT_PIN_ROOT
-from broker.errors import AttachFailed, BadQueues, ModeUnsupported, XdpConflict
+from broker.errors import AttachFailed, BadQueues, Denied, ModeUnsupported, XdpConflict
 from broker.protocol import AttachmentInfo
 
 MODE_FLAGS = {"native": bpf.XDP_FLAGS_DRV_MODE, "skb": bpf.XDP_FLAGS_SKB_MODE}
@@ -128,25 +128,34 @@ class Loader:
         request leaves the interface as it was.
         """
         ifindex = netdev.ifindex_of(ifname) if ifindex is None else ifindex
+        current = self._current(ifindex, ifname)
+        if current is None:
+            state = netdev.link_state(ifindex)
+            _check_link(state, ifname, queue_ids)
+            current = self._attach(state, ifname, mode)
+        self.attachments[ifindex] = current
+        _check_attachment(current, ifname, mode, queue_ids)
+        current.ifname = ifname
+        return current
+
+    def check(self, ifname: str, mode: str, queue_ids: range, ifindex: int) -> None:
+        """Refuse what ensure() would refuse before it attaches (queues the device lacks, a
+        mode other than its attachment's, another XDP program), attaching nothing: asked
+        before the broker changes anything else for a request (a consumer's memlock limit)."""
+        current = self._current(ifindex, ifname)
+        if current is None:
+            _check_link(netdev.link_state(ifindex), ifname, queue_ids)
+        else:
+            self.attachments[ifindex] = current
+            _check_attachment(current, ifname, mode, queue_ids)
+
+    def _current(self, ifindex: int, ifname: str) -> Attachment | None:
+        """The live attachment of ifindex, cached or adopted from its pins; None if none."""
         current = self.attachments.get(ifindex)
         if current is not None and not self._still_live(current):
             self.forget(ifindex)
             current = None
-        if current is None:
-            current = self._adopt(ifindex, ifname)
-        if current is None:
-            state = netdev.link_state(ifindex)
-            check_queue_range(ifname, state.rx_queues, queue_ids)
-            current = self._attach(state, ifname, mode)
-        self.attachments[ifindex] = current
-        check_queue_range(ifname, current.queue_count, queue_ids)
-        if mode not in ("auto", current.mode):
-            raise ModeUnsupported(
-                f"{ifname} already carries the XSK program in {current.mode} mode; "
-                f"ask for mode={current.mode} or auto, or detach it first"
-            )
-        current.ifname = ifname
-        return current
+        return current if current is not None else self._adopt(ifindex, ifname)
 
     def _still_live(self, attachment: Attachment) -> bool:
         """Whether a cached attachment still holds its device, asking the kernel at most
@@ -256,12 +265,6 @@ class Loader:
 
     def _attach(self, state: netdev.LinkState, ifname: str, mode: str) -> Attachment:
         ifindex = state.ifindex
-        if state.xdp_mode is not None:
-            raise XdpConflict(
-                f"{ifname} already has another XDP program (id {state.xdp_prog_id}, "
-                f"{state.xdp_mode} mode) attached; remove it (ip link set dev {ifname} xdp off) "
-                "or let the broker own the interface"
-            )
         ensure_bpffs(self.pin_root)
         self.ns_dir.mkdir(mode=0o700, exist_ok=True)
         pin_dir = self.ns_dir / str(ifindex)
@@ -301,6 +304,34 @@ class Loader:
             pin_dir=pin_dir,
             adopted=False,
             checked_at=self.clock(),
+        )
+
+
+def _check_link(state: netdev.LinkState, ifname: str, queue_ids: range) -> None:
+    """An interface without the broker's attachment: not loopback, the queues exist, no
+    other program."""
+    if state.loopback:
+        raise Denied(
+            f"{ifname} is a loopback interface: every local connection of the broker's "
+            "network namespace passes it, so its queues are never handed out, whatever the "
+            "policy says; give the consumer a veth, macvlan or NIC of its own"
+        )
+    check_queue_range(ifname, state.rx_queues, queue_ids)
+    if state.xdp_mode is not None:
+        raise XdpConflict(
+            f"{ifname} already has another XDP program (id {state.xdp_prog_id}, "
+            f"{state.xdp_mode} mode) attached; remove it (ip link set dev {ifname} xdp off) "
+            "or let the broker own the interface"
+        )
+
+
+def _check_attachment(current: Attachment, ifname: str, mode: str, queue_ids: range) -> None:
+    """An interface with the broker's attachment: the queues exist, the mode is its mode."""
+    check_queue_range(ifname, current.queue_count, queue_ids)
+    if mode not in ("auto", current.mode):
+        raise ModeUnsupported(
+            f"{ifname} already carries the XSK program in {current.mode} mode; "
+            f"ask for mode={current.mode} or auto, or detach it first"
         )
 
 

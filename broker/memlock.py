@@ -55,7 +55,8 @@ def check(
 
     needed_bytes is this lease's UMEM total (see needed_bytes()), held_bytes_for_uid the UMEM
     of the live leases whose consumers run as the same real uid. A consumer with CAP_IPC_LOCK
-    in its effective set always passes, as in the kernel. With the consumer's pidfd, a
+    in its effective set always passes, as in the kernel, if it runs in the broker's user
+    namespace (in one of its own, anyone has every capability). With the consumer's pidfd, a
     recycled pid is noticed (ConsumerGone) instead of checking a stranger.
     """
     soft = procinfo.memlock_limit(consumer_pid, pidfd).soft
@@ -63,7 +64,9 @@ def check(
         return
     # Only a shortfall needs the (costlier) status: CAP_IPC_LOCK, and the uid to name.
     status = procinfo.read_status(consumer_pid, pidfd)
-    if status.has_cap(procinfo.CAP_IPC_LOCK):
+    if status.has_cap(procinfo.CAP_IPC_LOCK) and procinfo.in_own_user_namespace(
+        consumer_pid, pidfd
+    ):
         return
     held = f" and uid {status.uid} already holds {mib(held_bytes_for_uid)} through other leases"
     raise MemlockExceeded(

@@ -33,6 +33,7 @@ IFLA_NUM_RX_QUEUES = 32
 IFLA_XDP = 43
 IFLA_XDP_ATTACHED = 2
 IFLA_XDP_PROG_ID = 4
+IFF_LOOPBACK = 0x8
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 RECV_BYTES = 1 << 16
 
@@ -54,6 +55,7 @@ class LinkState(NamedTuple):
     rx_queues: int
     xdp_mode: str | None
     xdp_prog_id: int
+    loopback: bool = False  # IFF_LOOPBACK
 
 
 def ifindex_of(ifname: str) -> int:
@@ -156,7 +158,10 @@ def link_state(ifindex: int) -> LinkState:
                 code = _error(payload)
                 raise NoSuchDevice(f"interface with ifindex {ifindex} is gone: {os.strerror(code)}")
             if kind == RTM_NEWLINK:
-                return _state(*link_attributes(payload))
+                flags = IFINFOMSG.unpack_from(payload)[3]
+                return _state(*link_attributes(payload))._replace(
+                    loopback=bool(flags & IFF_LOOPBACK)
+                )
     raise OSError(f"rtnetlink gave no answer about ifindex {ifindex}")
 
 

@@ -30,6 +30,9 @@ class ProcStatus:
     gids: tuple[int, ...]
     groups: tuple[int, ...]
     cap_eff: int
+    # The pid in each pid namespace from the one /proc belongs to down to the process's own:
+    # more entries than the broker's own means a pid namespace below the broker's.
+    nspids: tuple[int, ...]
 
     @property
     def uid(self) -> int:
@@ -86,9 +89,18 @@ def read_status(pid: int, pidfd: int | None = None) -> ProcStatus:
         gids = tuple(int(v) for v in fields["Gid"].split())
         groups = tuple(int(v) for v in fields["Groups"].split())
         cap_eff = int(fields["CapEff"], 16)
+        nspids = tuple(int(v) for v in fields["NSpid"].split())
     except (KeyError, ValueError) as exc:
         raise ConsumerGone(f"/proc/{pid}/status is unreadable: {exc}") from None
-    return ProcStatus(pid, uids, gids, groups, cap_eff)
+    return ProcStatus(pid, uids, gids, groups, cap_eff, nspids)
+
+
+def in_own_user_namespace(pid: int, pidfd: int | None = None) -> bool:
+    """Whether pid runs in the broker's user namespace. /proc/PID/uid_map (readable by
+    anyone) reads as the reader sees it, so the same text means the same namespace; any
+    user can make a namespace of its own, where it has every capability, which the kernel
+    does not count outside it."""
+    return _read(pid, "uid_map", pidfd) == _read(os.getpid(), "uid_map", None)
 
 
 def memlock_limit(pid: int, pidfd: int | None = None) -> Limit:

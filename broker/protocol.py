@@ -42,6 +42,7 @@ HANDOUTS = ("sockets", "map")
 MAX_TAG_CHARS = 64
 IFNAMSIZ = 16
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
+QUEUE_ID_LIMIT = 1 << 32  # the kernel's queue ids (and XSKMAP keys) are u32
 LEASE_ID_CHARS = 12
 # How much of a refused message's unknown field names an error repeats back (and logs).
 MAX_NAMES_ECHOED = 8
@@ -64,6 +65,13 @@ def _field(body: Body, name: str, kind: type, default: Any = ..., *, nullable: b
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise BadRequest(f"field '{name}' must be {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def _shown(number: int) -> str:
+    """A number as an error repeats it: in full up to 20 digits, else its first 20 and its
+    length (the parser takes 4300 digits, and a refusal is logged)."""
+    text = str(number)
+    return text if len(text) <= 20 else f"{text[:20]}... ({len(text)} digits)"
 
 
 def validate_ifname(ifname: str) -> str:
@@ -134,10 +142,12 @@ class Request:
         ifname = validate_ifname(_field(body, "ifname", str))
         queues = _field(body, "queues", int)
         if not 1 <= queues <= MAX_QUEUES_PER_LEASE:
-            raise BadQueues(f"queues must be 1..{MAX_QUEUES_PER_LEASE}, got {queues}")
+            raise BadQueues(f"queues must be 1..{MAX_QUEUES_PER_LEASE}, got {_shown(queues)}")
         start = _field(body, "start_queue", int, 0)
-        if start < 0:
-            raise BadQueues(f"start_queue must be 0 or more, got {start}")
+        if not 0 <= start <= QUEUE_ID_LIMIT - queues:
+            raise BadQueues(
+                f"start_queue must be 0..2^32-{queues} (queue ids are u32), got {_shown(start)}"
+            )
         mode = _field(body, "mode", str, "auto")
         if mode not in MODES:
             raise ModeUnsupported(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -146,10 +156,10 @@ class Request:
             raise BadRequest(f"tag must be at most {MAX_TAG_CHARS} printable characters")
         pid = _field(body, "consumer_pid", int, None, nullable=True)
         if pid is not None and not 0 < pid <= PID_MAX_LIMIT:
-            raise BadRequest(f"consumer_pid must be 1..{PID_MAX_LIMIT}, got {pid}")
+            raise BadRequest(f"consumer_pid must be 1..{PID_MAX_LIMIT}, got {_shown(pid)}")
         umem = _field(body, "umem_bytes", int, QEMU_UMEM_BYTES)
         if not MIN_UMEM_BYTES <= umem <= MAX_UMEM_BYTES:
-            raise BadRequest(f"umem_bytes must be {MIN_UMEM_BYTES}..2^40, got {umem}")
+            raise BadRequest(f"umem_bytes must be {MIN_UMEM_BYTES}..2^40, got {_shown(umem)}")
         handout = _field(body, "handout", str, None, nullable=True)
         if handout is not None and handout not in HANDOUTS:
             raise BadRequest(f"handout must be one of {', '.join(HANDOUTS)}, got {handout!r}")
@@ -175,7 +185,7 @@ class StatusQuery:
         lease_id = _field(body, "lease_id", str, None, nullable=True)
         uid = _field(body, "uid", int, None, nullable=True)
         if uid is not None and not 0 <= uid < 1 << 32:
-            raise BadRequest(f"uid must be 0..2^32-1, got {uid}")
+            raise BadRequest(f"uid must be 0..2^32-1, got {_shown(uid)}")
         return cls(
             None if ifname is None else validate_ifname(ifname),
             None if lease_id is None else validate_lease_id(lease_id),

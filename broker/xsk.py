@@ -1,8 +1,9 @@
 """AF_XDP sockets for a lease: create, pin to the device, insert into the map, roll back.
 
 The broker never registers a UMEM or binds: the consumer (QEMU) does both. It only makes the
-unbound socket, fixes it to the interface with SO_BINDTODEVICE (which the consumer cannot
-undo without CAP_NET_RAW), and puts it in the XSKMAP slot of its queue.
+unbound socket, fixes it to the interface's ifindex with SO_BINDTOIFINDEX (SO_BINDTODEVICE by
+index, which the consumer cannot undo without CAP_NET_RAW), and puts it in the XSKMAP slot
+of its queue.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from broker.errors import AttachFailed, QueueBusy
 from broker.loader import Attachment
 
 AF_XDP = 44
+SO_BINDTOIFINDEX = 62
 
 
-def _new_socket(ifname: str) -> int:
+def _new_socket(ifindex: int) -> int:
+    """By ifindex, not name: the attachment's map is the ifindex's, and a name can pass to
+    another interface (a rename) between the request's lookup and this call."""
     sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX, ifindex)
     except OSError:
         sock.close()
         raise
@@ -40,7 +44,7 @@ def create_sockets(attachment: Attachment, queue_ids: list[int]) -> list[int]:
     try:
         for queue in queue_ids:
             try:
-                fds.append(_new_socket(attachment.ifname))
+                fds.append(_new_socket(attachment.ifindex))
             except OSError as exc:
                 raise AttachFailed(
                     f"creating the AF_XDP socket for {attachment.ifname} queue {queue}: "

@@ -9,25 +9,32 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, AnyStr
 
+from broker import procinfo
 from broker.loader import netns_key
 from lab.brokerproc import REPO, BrokerProcess, wait_until
-from lab.netlab import VethLab, in_netns, run
+from lab.netlab import VethLab, in_netns, run, spawn_unprivileged
+from lab.traffic import client_env
 
 __all__ = [
     "ACTORS",
+    "RAISING_POLICY",
     "REPO",
     "BrokerFactory",
     "Spawn",
+    "Tenant",
     "actor",
+    "capless_consumer",
     "fd_count",
+    "memlock_of",
     "open_fds",
     "pidfd_of_dead",
     "pin_dir",
@@ -36,6 +43,7 @@ __all__ = [
     "quiet_fd_count",
     "run_captured",
     "settled_fd_count",
+    "tenants",
     "wait_until",
     "xdp_of",
     "xsk_cli",
@@ -97,6 +105,33 @@ def pidfd_of_dead(child: subprocess.Popen[bytes]) -> Iterator[int]:
         os.close(pidfd)
 
 
+# Root may ask, and the broker may raise a consumer's memlock limit to 4 MiB per queue.
+RAISING_POLICY = """
+[[allow]]
+name = "raise"
+users = [0]
+raise_memlock = true
+max_umem_bytes_per_queue = 4194304
+"""
+
+
+def capless_consumer(spawn: Spawn, soft: int, hard: int) -> subprocess.Popen[bytes]:
+    """A root `sleep` without CAP_IPC_LOCK and with these memlock limits: a consumer whose
+    limit the broker (root, no CAP_SYS_RESOURCE) may raise within the hard limit."""
+    consumer = spawn(
+        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "60"],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard)),
+    )
+    wait_until(lambda: not procinfo.read_status(consumer.pid).has_cap(procinfo.CAP_IPC_LOCK))
+    return consumer
+
+
+def memlock_of(pid: int) -> tuple[int | None, int | None]:
+    """pid's memlock (soft, hard) limits; None is unlimited."""
+    limit = procinfo.memlock_limit(pid)
+    return limit.soft, limit.hard
+
+
 def xdp_of(lab: VethLab) -> dict[str, Any]:
     """What `ip` says is attached to the lab's `a` end ({} when nothing is)."""
     link: dict[str, Any]
@@ -141,3 +176,47 @@ def settled_fd_count(pid: int, expected: int, timeout: float = 2.0) -> int:
     """The fd count once it reaches expected, or whatever it is after timeout."""
     wait_until(lambda: fd_count(pid) == expected, timeout, fail=False)
     return fd_count(pid)
+
+
+class Tenant:
+    """One tenant actor: a process of uid that holds its leases until it exits."""
+
+    def __init__(self, broker: BrokerProcess, uid: int) -> None:
+        self.uid = uid
+        self.proc = spawn_unprivileged(
+            actor("tenant"), uid, netns=broker.netns, env=client_env(broker), cwd=str(REPO),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def ask(self, **command: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"tenant {self.uid} died: {self.proc.communicate()[1]}"
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def leases(self, ifname: str, *queues: int, **args: Any) -> list[str]:
+        """One lease per queue; the ids, in queue order."""
+        one = {"ifname": ifname, "queues": 1, "umem_bytes": 1 << 20} | args
+        reply = self.ask(lease=[one | {"start_queue": q} for q in queues])
+        assert "leases" in reply, reply
+        ids: list[str] = reply["leases"]
+        return ids
+
+    def exit(self) -> None:
+        """End the tenant (its leases end with it); again is harmless."""
+        if self.proc.returncode is None:
+            self.proc.communicate(timeout=30)
+
+
+@contextmanager
+def tenants(broker: BrokerProcess, *uids: int) -> Iterator[list[Tenant]]:
+    with ExitStack() as stack:
+        crowd = []
+        for uid in uids:
+            tenant = Tenant(broker, uid)
+            stack.callback(tenant.exit)
+            crowd.append(tenant)
+        yield crowd

@@ -56,6 +56,18 @@ def bad_requests(ifname: str) -> list[tuple[str, bytes, str]]:
         ("mode unknown", body(ifname=ifname, queues=1, mode="hw"), "MODE_UNSUPPORTED"),
         ("queues as string", body(ifname=ifname, queues="1"), "BAD_REQUEST"),
         ("queues as bool", body(ifname=ifname, queues=True), "BAD_REQUEST"),
+        ("queues as float", body(ifname=ifname, queues=1.0), "BAD_REQUEST"),
+        ("umem NaN", body(ifname=ifname, queues=1, umem_bytes=float("nan")), "BAD_REQUEST"),
+        (
+            "start queue beyond u32",
+            body(ifname=ifname, queues=2, start_queue=2**32 - 1),
+            "BAD_QUEUES",
+        ),
+        (
+            "number of 4301 digits",
+            body(ifname=ifname)[:-1] + b',"queues":1' + b"0" * 4300 + b"}",
+            "BAD_MESSAGE",
+        ),
         ("ifname with slash", body(ifname="a/b", queues=1), "BAD_REQUEST"),
         ("ifname with comma", body(ifname="a,script=x", queues=1), "NO_SUCH_DEVICE"),
         ("ifname too long", body(ifname="x" * 16, queues=1), "BAD_REQUEST"),

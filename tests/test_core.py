@@ -58,7 +58,8 @@ def test_unprivileged_consumer_receives_and_sends_on_every_queue(
 def test_request_execs_command_with_fds_above_stdio_in_queue_order(
     broker4: BrokerProcess, lab4: VethLab, workdir: Path
 ) -> None:
-    """stdin and stdout are closed, so fds would land on 0 and 1 unless moved."""
+    """stdin and stdout are closed, so fds would land on 0 and 1 unless moved; nothing but
+    the lease's sockets (no connection to the broker, no other fd) is inherited."""
     out = workdir / "inspect.json"
     out.touch(mode=0o666)
     out.chmod(0o666)
@@ -75,6 +76,7 @@ def test_request_execs_command_with_fds_above_stdio_in_queue_order(
     seen = json.loads(out.read_text())
     fds = seen["fds"]
     assert len(fds) == 3 and min(fds) > 2, seen
+    assert seen["open"] == sorted([2, *fds]), "only stderr and the lease's sockets reach COMMAND"
     assert seen["families"] == [44, 44, 44]
     assert seen["uid"] != 0
     sock_fds = ":".join(str(fd) for fd in fds)

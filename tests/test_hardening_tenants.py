@@ -11,74 +11,37 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import resource
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import BrokerFactory, Spawn, actor, xdp_of, xsk_cli
+from support import (
+    RAISING_POLICY,
+    BrokerFactory,
+    Spawn,
+    actor,
+    capless_consumer,
+    memlock_of,
+    tenants,
+    xdp_of,
+    xsk_cli,
+)
 
-from broker import procinfo
 from broker.errors import Denied, MemlockExceeded, QueueBusy
 from broker.protocol import MAX_MESSAGE_BYTES, MAX_TAG_CHARS, LeaseInfo
 from client.aio import AsyncClient
 from client.cli import substitute
 from client.lease import Lease
 from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess, wait_until
-from lab.netlab import VethLab, run, run_unprivileged, spawn_unprivileged
+from lab.netlab import VethLab, run, run_unprivileged
 from lab.traffic import client_env
 
 MIB = 1 << 20
 SHARED = "exclusive_tenancy = false\n" + LAB_POLICY
-
-
-class Tenant:
-    """One tenant actor: a process of uid that holds its leases until it exits."""
-
-    def __init__(self, broker: BrokerProcess, uid: int) -> None:
-        self.uid = uid
-        self.proc = spawn_unprivileged(
-            actor("tenant"), uid, netns=broker.netns, env=client_env(broker), cwd=str(REPO),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-
-    def ask(self, **command: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"tenant {self.uid} died: {self.proc.communicate()[1]}"
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def leases(self, ifname: str, *queues: int, **args: Any) -> list[str]:
-        """One lease per queue; the ids, in queue order."""
-        one = {"ifname": ifname, "queues": 1, "umem_bytes": MIB} | args
-        reply = self.ask(lease=[one | {"start_queue": q} for q in queues])
-        assert "leases" in reply, reply
-        ids: list[str] = reply["leases"]
-        return ids
-
-    def exit(self) -> None:
-        """End the tenant (its leases end with it); again is harmless."""
-        if self.proc.returncode is None:
-            self.proc.communicate(timeout=30)
-
-
-@contextmanager
-def tenants(broker: BrokerProcess, *uids: int) -> Iterator[list[Tenant]]:
-    with ExitStack() as stack:
-        crowd = []
-        for uid in uids:
-            tenant = Tenant(broker, uid)
-            stack.callback(tenant.exit)
-            crowd.append(tenant)
-        yield crowd
 
 
 def cli_as(broker: BrokerProcess, uid: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -271,19 +234,6 @@ def test_an_interface_named_like_a_placeholder_reaches_qemu_as_named(
 
 # --- 5: what a rule may make the broker do ----------------------------------------------
 
-RAISING = """
-[[allow]]
-name = "raise"
-users = [0]
-raise_memlock = true
-max_umem_bytes_per_queue = 4194304
-"""
-
-
-def memlock_of(pid: int) -> tuple[int | None, int | None]:
-    limit = procinfo.memlock_limit(pid)
-    return limit.soft, limit.hard
-
 
 @pytest.mark.kernel
 def test_raise_memlock_is_bounded_by_the_rules_umem_per_queue(
@@ -293,12 +243,8 @@ def test_raise_memlock_is_bounded_by_the_rules_umem_per_queue(
     refused by the rule before the broker touches anything; 2 x 3 MiB is raised to 6 MiB;
     after a reload to 1 MiB per queue, a lease that would need 7 MiB is refused rather than
     raised beyond 3 queues x 1 MiB."""
-    broker, lab = broker_factory(policy=RAISING)
-    consumer = spawn(
-        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "60"],
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (MIB, 8 * MIB)),
-    )
-    wait_until(lambda: not procinfo.read_status(consumer.pid).has_cap(procinfo.CAP_IPC_LOCK))
+    broker, lab = broker_factory(policy=RAISING_POLICY)
+    consumer = capless_consumer(spawn, MIB, 8 * MIB)
     client = broker.client()
     baseline = broker.quiet_fd_count()
 
@@ -311,7 +257,7 @@ def test_raise_memlock_is_bounded_by_the_rules_umem_per_queue(
     with client.request(lab.ifname_a, 2, umem_bytes=3 * MIB, consumer_pid=consumer.pid):
         assert memlock_of(consumer.pid) == (6 * MIB, 8 * MIB)
 
-    broker.policy_path.write_text(RAISING.replace("4194304", str(MIB)))
+    broker.policy_path.write_text(RAISING_POLICY.replace("4194304", str(MIB)))
     assert broker.proc is not None
     broker.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: "policy reloaded" in broker.log())
@@ -344,19 +290,19 @@ def test_policy_check_refuses_a_bad_umem_maximum(tmp_path: Path, text: str, reas
 
 def test_policy_check_explains_the_umem_maximum_and_tenancy(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
-    explained = policy_check(path, RAISING, "--as", "root")
+    explained = policy_check(path, RAISING_POLICY, "--as", "root")
     assert explained.returncode == 0, explained.stderr
     assert "at most 4194304 bytes of UMEM per queue" in explained.stdout
     assert "exclusive tenancy: on" in explained.stdout
-    shared = policy_check(path, "exclusive_tenancy = false\n" + RAISING, "--json")
+    shared = policy_check(path, "exclusive_tenancy = false\n" + RAISING_POLICY, "--json")
     assert json.loads(shared.stdout)["exclusive_tenancy"] is False
     (tmp_path / "more.toml").write_text("exclusive_tenancy = true\n")
-    nested = policy_check(path, 'include = ["more.toml"]\n' + RAISING)
+    nested = policy_check(path, 'include = ["more.toml"]\n' + RAISING_POLICY)
     assert nested.returncode == 1
     assert "more.toml:1: exclusive_tenancy may be set only in the top policy file" in (
         nested.stderr
     )
-    wrong = policy_check(path, 'exclusive_tenancy = "yes"\n' + RAISING)
+    wrong = policy_check(path, 'exclusive_tenancy = "yes"\n' + RAISING_POLICY)
     assert "exclusive_tenancy must be true or false" in wrong.stderr
 
 

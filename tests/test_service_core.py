@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from support import Spawn
 
 from broker.core import Done, NeedsPolkit, Service
 from broker.errors import ConsumerGone, Denied, LeasesLive, NoSuchLease, QueueBusy
@@ -256,6 +257,27 @@ def test_an_abandoned_polkit_check_closes_what_it_held(
     core.service.close()
     os.close(core.caller.pidfd)
     assert open_fds() <= before
+
+
+def test_a_consumer_that_exits_while_polkit_is_asked_gets_nothing(
+    lab4: VethLab, pin_root: Path, tmp_path: Path, spawn: Spawn
+) -> None:
+    """The consumer exits (its pid perhaps reused) while the check waits: polkit's yes
+    then grants nothing, makes nothing, and the held pidfd is closed."""
+    before = open_fds()
+    core = make_core(lab4, pin_root, tmp_path, POLKIT_POLICY)
+    consumer = spawn()
+    waiting = core.handle(Request(lab4.ifname_a, 1, umem_bytes=1 << 20, consumer_pid=consumer.pid))
+    assert isinstance(waiting, NeedsPolkit)
+    consumer.kill()
+    consumer.wait()
+    with pytest.raises(ConsumerGone):
+        core.call(lambda: waiting.resume(None))
+    assert core.service.leases.by_id == {} and core.service.loader.attachments == {}
+    assert not core.ports.watched
+    core.service.close()
+    os.close(core.caller.pidfd)
+    assert open_fds() <= before, "the waiting consumer's pidfd leaked"
 
 
 def test_an_admin_op_is_authorized_again_after_polkit(
