@@ -21,9 +21,20 @@ log = logging.getLogger(SYSLOG_IDENTIFIER)
 _FIELDS_TEXT = "xsk_fields_text"
 
 
+def queue_span(values: list[object] | list[int]) -> str:
+    """Consecutive numbers (every lease's and request's queue ids) as "first-last" from
+    three on, so that a 253-queue refusal's line names a span, not 253 numbers; anything
+    else comma-joined."""
+    first, last = (values[0], values[-1]) if values else (None, None)
+    if len(values) >= 3 and isinstance(first, int) and isinstance(last, int):
+        if values == list(range(first, last + 1)):
+            return f"{first}-{last}"
+    return ",".join(map(str, values))
+
+
 def _field_value(value: object) -> str:
     if isinstance(value, list | tuple):
-        return ",".join(map(str, value))
+        return queue_span(list(value))
     return str(value)
 
 

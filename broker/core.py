@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from broker import bpf, fdpass, memlock, netdev, procinfo, xsk
-from broker.audit import log_event
+from broker.audit import log_event, queue_span
 from broker.errors import (
     AttachFailed,
     BadRequest,
@@ -652,7 +652,7 @@ class Service:
         """One structured line per decision (journal fields; key=value on stderr)."""
         log_event(
             log,
-            f"{event} lease {info.lease_id}: {info.ifname} queues {info.queue_ids} "
+            f"{event} lease {info.lease_id}: {info.ifname} queues {queue_span(info.queue_ids)} "
             f"for pid {info.consumer_pid} ({reason})",
             event=event,
             lease=info.lease_id,
@@ -669,7 +669,7 @@ class Service:
         queues = list(request.queue_ids)
         log_event(
             log,
-            f"denied {request.ifname} queues {queues} to uid {caller.uid}: {error}",
+            f"denied {request.ifname} queues {queue_span(queues)} to uid {caller.uid}: {error}",
             event="denied",
             interface=request.ifname,
             queues=queues,

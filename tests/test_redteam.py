@@ -301,3 +301,18 @@ def test_the_loopback_interface_is_never_handed_out(broker_factory: BrokerFactor
     assert "loopback" in reply["message"], reply
     (link,) = json.loads(run(["ip", "-n", broker.netns, "-d", "-j", "link", "show", "lo"]))
     assert "xdp" not in link
+
+
+@pytest.mark.kernel
+def test_a_refused_wide_request_logs_a_queue_span_not_every_queue(
+    broker_factory: BrokerFactory,
+) -> None:
+    """A 253-queue request on a 4-queue interface names its queues as a span: its line
+    used to list 253 ids in the message and twice in the fields, about 6 KB a refusal."""
+    broker, lab = broker_factory()
+    before = broker.log_path.stat().st_size
+    with pytest.raises(BadQueues):
+        broker.client().request(lab.ifname_a, 253)
+    logged = broker.log_path.read_bytes()[before:].decode()
+    assert "queues 0-252" in logged and "queues=0-252" in logged, logged
+    assert len(logged) < 1024, logged
