@@ -607,6 +607,16 @@ class Service:
         self.loader.forget(ifindex)
         self._report_status()
 
+    def link_renamed(self, ifindex: int, ifname: str) -> None:
+        """Leases and the attachment follow their interface's new name: revoke, status and
+        their filters, the policy and the next request all go by the current name."""
+        attachment = self.loader.attachments.get(ifindex)
+        if attachment is not None:
+            attachment.ifname = ifname
+        for lease in self.leases.rename(ifindex, ifname):
+            self._audit("renamed", lease.info, f"interface {ifindex} is now {ifname}")
+        self._report_status()
+
     def reload_policy(self) -> None:
         """SIGHUP: use the new policy only if it loads whole; leases are never touched."""
         try:
