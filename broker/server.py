@@ -161,6 +161,8 @@ class Server:
             for event in self.linkwatch.drain():
                 if event.kind == "removed":
                     self.service.link_removed(event.ifindex, event.ifname)
+                elif event.kind == "renamed":
+                    self.service.link_renamed(event.ifindex, event.ifname)
         elif what == "decided":
             self._polkit_answered()
         else:
