@@ -83,7 +83,7 @@ def _inherited_listener(inherited: Sequence[tuple[str, int]]) -> socket.socket |
     return sock
 
 
-def _gid(group: str | int) -> int:
+def gid_of(group: str | int) -> int:
     if isinstance(group, int):
         return group
     try:
@@ -117,7 +117,7 @@ def _bind(path: Path, mode: int, group: str | int | None) -> socket.socket:
     can put their own socket there. The mode comes from the umask at bind(), and the group
     is set without following a link: nothing is done by path after bind() that a link
     swapped in could redirect."""
-    gid = None if group is None else _gid(group)
+    gid = None if group is None else gid_of(group)
     trust.ensure_directory("socket directory", path.parent, 0o755)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

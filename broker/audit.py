@@ -21,9 +21,18 @@ log = logging.getLogger(SYSLOG_IDENTIFIER)
 _FIELDS_TEXT = "xsk_fields_text"
 
 
+def queue_span(queue_ids: list[int]) -> str:
+    """Consecutive queue ids (every lease's and request's are) as "first-last" from three
+    on, so that a 253-queue refusal's line names a span, not 253 numbers."""
+    if len(queue_ids) >= 3 and queue_ids == list(range(queue_ids[0], queue_ids[-1] + 1)):
+        return f"{queue_ids[0]}-{queue_ids[-1]}"
+    return ",".join(map(str, queue_ids))
+
+
 def _field_value(value: object) -> str:
     if isinstance(value, list | tuple):
-        return ",".join(map(str, value))
+        numbers = [v for v in value if isinstance(v, int)]
+        return queue_span(numbers) if len(numbers) == len(value) else ",".join(map(str, value))
     return str(value)
 
 

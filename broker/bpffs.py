@@ -37,13 +37,16 @@ def is_bpffs(path: Path) -> bool:
 
 
 def ensure_bpffs(pin_root: Path) -> None:
-    """Make pin_root's directory, mounting bpffs at /sys/fs/bpf first if nobody has.
+    """Make pin_root's directory, mounting bpffs at /sys/fs/bpf first if nobody has; a
+    pin_root on a bpffs already (a mount point of its own, say) is used as it is.
 
     A pin root others could write is refused before anything is mounted (broker.trust):
     whoever can rename the pins can make a restarted broker lose its attachments. The
     broker's own mount is mode 0700; bpffs's default is 1777.
     """
     trust.check_new_directory("pin directory", pin_root)
+    if is_bpffs(pin_root):
+        return
     anchor = pin_root.parent
     if not is_bpffs(anchor) and anchor == DEFAULT_PIN_ROOT.parent:
         libc = _libc()

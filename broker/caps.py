@@ -140,6 +140,13 @@ def drop_to_minimum(keep: Iterable[str] = REQUIRED + OPTIONAL) -> dict[str, froz
     return after
 
 
+def check_start(allow_root: bool, keep: Iterable[str] = REQUIRED + OPTIONAL) -> None:
+    """The refusals of enter_least_privilege alone, which `serve` makes before it creates
+    anything: RootRefused or MissingCapabilities."""
+    refuse_full_root(allow_root, keep)
+    check_required()
+
+
 def enter_least_privilege(
     allow_root: bool, keep: Iterable[str] = REQUIRED + OPTIONAL
 ) -> dict[str, frozenset[str]]:
@@ -148,6 +155,5 @@ def enter_least_privilege(
     One call so the order (check before drop, drop before any request) cannot be got wrong.
     Raises RootRefused or MissingCapabilities; returns the sets afterwards.
     """
-    refuse_full_root(allow_root, keep)
-    check_required()
+    check_start(allow_root, keep)
     return drop_to_minimum(keep)

@@ -65,6 +65,10 @@ class ServeConfig:
     metrics_file: Path | None = setting(
         None, "write metrics for node_exporter's textfile collector here (*.prom)", kind=Path
     )
+    without_passrights: bool = setting(
+        False, "test switch: leave SO_PASSRIGHTS on, as kernels before 6.16 have it "
+        "(client fds then reach the broker and are closed off its loop)",
+    )  # fmt: skip
 
     @property
     def burst(self) -> float:

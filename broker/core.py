@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from broker import bpf, fdpass, memlock, netdev, procinfo, xsk
-from broker.audit import log_event
+from broker.audit import log_event, queue_span
 from broker.errors import (
     AttachFailed,
     BadRequest,
@@ -607,6 +607,16 @@ class Service:
         self.loader.forget(ifindex)
         self._report_status()
 
+    def link_renamed(self, ifindex: int, ifname: str) -> None:
+        """Leases and the attachment follow their interface's new name: revoke, status and
+        their filters, the policy and the next request all go by the current name."""
+        attachment = self.loader.attachments.get(ifindex)
+        if attachment is not None:
+            attachment.ifname = ifname
+        for lease in self.leases.rename(ifindex, ifname):
+            self._audit("renamed", lease.info, f"interface {ifindex} is now {ifname}")
+        self._report_status()
+
     def reload_policy(self) -> None:
         """SIGHUP: use the new policy only if it loads whole; leases are never touched."""
         try:
@@ -652,7 +662,7 @@ class Service:
         """One structured line per decision (journal fields; key=value on stderr)."""
         log_event(
             log,
-            f"{event} lease {info.lease_id}: {info.ifname} queues {info.queue_ids} "
+            f"{event} lease {info.lease_id}: {info.ifname} queues {queue_span(info.queue_ids)} "
             f"for pid {info.consumer_pid} ({reason})",
             event=event,
             lease=info.lease_id,
@@ -669,7 +679,7 @@ class Service:
         queues = list(request.queue_ids)
         log_event(
             log,
-            f"denied {request.ifname} queues {queues} to uid {caller.uid}: {error}",
+            f"denied {request.ifname} queues {queue_span(queues)} to uid {caller.uid}: {error}",
             event="denied",
             interface=request.ifname,
             queues=queues,

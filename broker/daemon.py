@@ -1,16 +1,23 @@
 """`xsk-broker serve`: the order of start-up matters, so it is written down once here.
 
-1. logging (journal or stderr), 2. the directories it will trust checked (broker.trust),
-before anything is made, 3. bpffs and 4. the listening socket (from systemd, or bound by
-hand: mounting and chgrp need privileges the broker is about to drop), 5. capabilities down
-to the three it needs, 6. adopt pins and leases, 7. READY=1, serve.
+1. logging (journal or stderr), 2. every refusal that can be decided up front (root without
+--allow-root, missing capabilities, an unknown group, a directory another uid could change
+(broker.trust), a bad policy), so a refused start creates nothing, 3. the listening socket
+(from systemd, or bound by hand) and 4. bpffs (chgrp and mounting need privileges the
+broker is about to drop), 5. capabilities down to the three it needs, 6. adopt pins and
+leases, 7. READY=1, serve. A start that fails after 3 removes what it made: the socket it
+bound, the pin and state directories it created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
+import socket
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker import activation, audit, caps, trust
@@ -51,20 +58,35 @@ def refuse_untrusted(config: ServeConfig, activated: bool) -> None:
         check_metrics_path(config.metrics_file)
 
 
+@contextlib.contextmanager
+def undone_on_failure(listener: socket.socket, bound: Path | None, *dirs: Path) -> Iterator[None]:
+    """Undo the start's traces if the body fails: the socket file bound here (not one
+    systemd owns), and whichever of dirs did not exist before (if still empty)."""
+    made = [path for path in dirs if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        listener.close()
+        if bound is not None:
+            with contextlib.suppress(OSError):
+                bound.unlink()
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
 def main(config: ServeConfig) -> int:
     audit.setup_logging(config.verbose)
+    keep = caps.REQUIRED + caps.OPTIONAL + (caps.MAP_PINS if config.map_pins else ())
+    caps.check_start(config.allow_root, keep)
+    group = None
+    if config.group is not None:
+        group = activation.gid_of(int(config.group) if config.group.isdigit() else config.group)
     inherited = activation.inherited_fds()
     refuse_untrusted(config, activated=bool(inherited))
-    ensure_bpffs(config.pin_root)
-    raise_fd_limit()
-    group = int(config.group) if config.group and config.group.isdigit() else config.group
-    listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
-    keep = caps.REQUIRED + caps.OPTIONAL + (caps.MAP_PINS if config.map_pins else ())
-    caps.enter_least_privilege(config.allow_root, keep)
-    notifier = activation.Notifier()
-    stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
-    trust.ensure_directory("state directory", config.state_dir, 0o755)
     selector = selectors.DefaultSelector()
+    notifier = activation.Notifier()
     service = Service(
         config.policy_path,
         Loader(config.pin_root),
@@ -74,23 +96,36 @@ def main(config: ServeConfig) -> int:
         max_status_leases=config.max_status_leases,
         on_change=notifier.status,
     )
-    front: FrontEnd = JsonFrontEnd(service)
-    metrics: Metrics | None = None
-    if config.metrics_file is not None:  # imported only then: a cold start waits for imports
-        from broker.metrics import instrument
+    raise_fd_limit()
+    listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
+    bound = None if any(fd == listener.fileno() for _, fd in inherited) else config.socket_path
+    with undone_on_failure(listener, bound, config.pin_root, config.state_dir):
+        ensure_bpffs(config.pin_root)
+        caps.enter_least_privilege(config.allow_root, keep)
+        trust.ensure_directory("state directory", config.state_dir, 0o755)
+        stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
+        front: FrontEnd = JsonFrontEnd(service)
+        metrics: Metrics | None = None
+        if config.metrics_file is not None:  # imported only then: a cold start waits for imports
+            from broker.metrics import instrument
 
-        metrics, front = instrument(service, front, config.metrics_file, config.state_dir)
-    server = Server(config, listener, front, service, selector)
-    service.maps = MapLeases(
-        dp_dir=config.state_dir / "dp",
-        pin_dir=config.pin_root.with_name(config.pin_root.name + "-leases"),
-        serve=server.serve,
-        unserve=server.unserve,
-        front_end=lambda lease_id: DevicePluginFrontEnd(service, lease_id),
-    )
-    server.catch_signals()
+            metrics, front = instrument(service, front, config.metrics_file, config.state_dir)
+        server = Server(config, listener, front, service, selector)
+        service.maps = MapLeases(
+            dp_dir=config.state_dir / "dp",
+            pin_dir=config.pin_root.with_name(config.pin_root.name + "-leases"),
+            serve=server.serve,
+            unserve=server.unserve,
+            front_end=lambda lease_id: DevicePluginFrontEnd(service, lease_id),
+        )
+        server.catch_signals()
+        try:
+            service.start(stored)
+        except BaseException:
+            server.close()
+            service.close()
+            raise
     try:
-        service.start(stored)
         if metrics is not None:
             metrics.start()
         notifier.ready()

@@ -8,7 +8,8 @@ into 128 bytes and compared by prefix:
     /fin -> /fin_ack                anything else -> /nak
 The hostname is ignored: who asks is the kernel's word (SO_PEERCRED at accept), and only the
 lease's consumer uid is answered. /config_busy_poll (CNDP's, not sent by DPDK 24.11) is
-refused: the busy-poll settings that need privilege are not offered.
+refused: the busy-poll settings that need privilege are not offered (it comes with an fd,
+so where the kernel has SO_PASSRIGHTS its sendmsg already fails with EPERM: fdguard.py).
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ import array
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.errors import FdsRefused, MessageTooLarge, ProtocolViolation
 from broker.protocol import MAX_MESSAGE_BYTES
 
 _INT_SIZE = array.array("i").itemsize
+SCM_MAX_FD = 253  # the most fds one message can carry (include/net/scm.h)
 
 
 @dataclass
@@ -51,10 +53,15 @@ def receive(sock: socket.socket, max_fds: int, max_bytes: int = MAX_MESSAGE_BYTE
     return Datagram(data, fds, truncated)
 
 
-def receive_request(sock: socket.socket) -> bytes:
-    """Read a client's datagram, refusing fds and anything cut short (closing what came)."""
-    datagram = receive(sock, max_fds=0)
-    close_all(datagram.fds)
+def receive_request(sock: socket.socket, dispose: Callable[[list[int]], None] = close_all) -> bytes:
+    """Read a client's datagram, refusing fds and anything cut short.
+
+    There is room for every fd a message can carry, so the kernel drops none in this thread
+    (dropping one runs its last close here); each goes to dispose, which the loop points at
+    a thread of its own (fdguard.Closer).
+    """
+    datagram = receive(sock, max_fds=SCM_MAX_FD)
+    dispose(datagram.fds)
     if datagram.fds:
         raise FdsRefused(f"clients may not send file descriptors; {len(datagram.fds)} closed")
     if datagram.truncated:

@@ -10,6 +10,7 @@ refusing leased queues. broker.journal reads back only valid records; restore co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -69,6 +70,19 @@ class LeaseTable:
             os.close(lease.pidfd)
         self._append({"end": lease_id})
         return lease
+
+    def rename(self, ifindex: int, ifname: str) -> list[LiveLease]:
+        """Give ifindex's leases its new name, journaled (a later record of a lease id
+        replaces the earlier one on replay); returns the leases renamed."""
+        renamed = [
+            lease
+            for lease in self.by_id.values()
+            if lease.info.ifindex == ifindex and lease.info.ifname != ifname
+        ]
+        for lease in renamed:
+            lease.info = dataclasses.replace(lease.info, ifname=ifname)
+            self._append(_added(lease))
+        return renamed
 
     def by_pidfd(self, pidfd: int) -> list[LiveLease]:
         return [lease for lease in self.by_id.values() if lease.pidfd == pidfd]

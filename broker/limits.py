@@ -48,15 +48,30 @@ class UidLimits:
 
     def refuse_connection(self, uid: int) -> BrokerError | None:
         """Caps on open connections, overall and per uid, so idle hoarders cannot lock
-        everyone else out."""
-        total = self.connections.total()
-        if total >= self.max_connections:
-            return TooManyConnections(f"the broker holds {total} connections; retry later")
+        everyone else out (see crowding for how a full broker still lets others in)."""
         if self.connections[uid] >= self.max_connections_per_uid:
             return TooManyConnections(
                 f"uid {uid} already has {self.max_connections_per_uid} connections open; close some"
             )
+        total = self.connections.total()
+        if total >= self.max_connections:
+            return TooManyConnections(f"the broker holds {total} connections; retry later")
         return None
+
+    def crowding(self, uid: int) -> int | None:
+        """The uid that must give up a connection so that uid gets one, or None.
+
+        A full broker makes room for a uid under its cap by taking a connection from the
+        uid holding the most, as long as that one would still hold more afterwards: a few
+        colluding uids can fill the cap, but not keep a lighter uid out, and the holdings
+        settle at fair shares rather than trading places.
+        """
+        if self.connections.total() < self.max_connections:
+            return None
+        if self.connections[uid] >= self.max_connections_per_uid:
+            return None
+        heaviest, held = self.connections.most_common(1)[0]
+        return heaviest if held > self.connections[uid] + 1 else None
 
     def refuse_message(self, uid: int) -> BrokerError | None:
         if self.may_send(uid):

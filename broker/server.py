@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker import fdpass
+from broker import fdguard, fdpass
 from broker.config import ServeConfig
 from broker.core import Service
-from broker.errors import BrokerError, RateLimited
+from broker.errors import BrokerError, RateLimited, TooManyConnections
 from broker.frontend import Answer, FrontEnd, Waiting
 from broker.limits import UidLimits
 from broker.linkwatch import LinkWatch
@@ -42,6 +42,7 @@ class Connection:
     deadline: float
     front: FrontEnd
     listener: int  # the fd of the listening socket it came from
+    sealed: bool  # no fd of the client's can be queued on it: close it on the loop
     parked: bool = False
 
 
@@ -109,6 +110,8 @@ class Server:
         for end in (self.signals, self.signals_w):
             end.setblocking(False)
         self.linkwatch = LinkWatch()
+        self.closer = fdguard.Closer()
+        self.refuses_rights = not config.without_passrights
         self.running = True
         self.last_activity = time.monotonic()
         for source, what in (
@@ -121,6 +124,10 @@ class Server:
 
     def serve(self, listener: socket.socket, front: FrontEnd) -> None:
         """Accept connections on listener too, and let front answer them."""
+        if self.refuses_rights and not fdguard.refuse_rights(listener):
+            self.refuses_rights = False
+            log.warning("the kernel lacks SO_PASSRIGHTS: client fds reach the broker and "
+                        "are closed by a thread of their own")  # fmt: skip
         listener.setblocking(False)
         self.listeners[listener.fileno()] = (listener, front)
         self.selector.register(listener, selectors.EVENT_READ, "listen")
@@ -132,7 +139,7 @@ class Server:
             self.selector.unregister(listener)
         for conn_fd in [c for c, conn in self.connections.items() if conn.listener == fd]:
             self._drop(conn_fd)
-        listener.close()
+        self._close(listener, self.refuses_rights)  # its backlog may hold a client's fds
 
     def catch_signals(self) -> None:
         """SIGTERM/SIGINT stop and SIGHUP reloads, acted on by the loop between events (a
@@ -170,6 +177,8 @@ class Server:
             for event in self.linkwatch.drain():
                 if event.kind == "removed":
                     self.service.link_removed(event.ifindex, event.ifname)
+                elif event.kind == "renamed":
+                    self.service.link_renamed(event.ifindex, event.ifname)
         elif what == "decided":
             self._polkit_answered()
         else:
@@ -218,18 +227,25 @@ class Server:
         try:
             peer = peer_of(sock)
         except OSError:
-            sock.close()
+            self._close(sock, sealed=False)
             return None
+        sealed = self.refuses_rights and fdguard.sealed(sock)
+        crowded = self.limits.crowding(peer.uid)
+        if crowded is not None:
+            self._evict(crowded)
         refusal = self.limits.refuse_connection(peer.uid)
         if refusal is not None:
             os.close(peer.pidfd)
-            with sock, contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
                 fdpass.send(sock, front.refuse(refusal).data)
+            self._close(sock, sealed)
             return None
         self.limits.connected(peer.uid)
         sock.setblocking(False)
         deadline = self.last_activity + self.config.connection_deadline
-        self.connections[sock.fileno()] = Connection(sock, peer, deadline, front, listener.fileno())
+        self.connections[sock.fileno()] = Connection(
+            sock, peer, deadline, front, listener.fileno(), sealed
+        )
         self.selector.register(sock, selectors.EVENT_READ, "conn")
         return sock
 
@@ -239,8 +255,32 @@ class Server:
             self.limits.disconnected(conn.peer.uid)
             if not conn.parked:
                 self.selector.unregister(conn.sock)
-            conn.sock.close()
+            self._close(conn.sock, conn.sealed)
             os.close(conn.peer.pidfd)
+
+    def _evict(self, uid: int) -> None:
+        """Close uid's connection silent the longest (one waiting for polkit is busy, not
+        idle), telling its client why."""
+        idle = [
+            conn for conn in self.connections.values() if conn.peer.uid == uid and not conn.parked
+        ]
+        if not idle:
+            return
+        conn = min(idle, key=lambda c: c.deadline)
+        fd, held = conn.sock.fileno(), self.limits.connections[uid]
+        self._reply(conn, conn.front.refuse(TooManyConnections(
+            f"closed to make room: the broker is full and uid {uid} holds the most "
+            f"connections ({held}); close idle ones"
+        )))  # fmt: skip
+        log.info("evicted an idle connection of uid %d (%d open) to make room", uid, held)
+        self._drop(fd)
+
+    def _close(self, sock: socket.socket, sealed: bool) -> None:
+        """Close a connection; one that may still hold a client's fd, off the loop."""
+        if sealed:
+            sock.close()
+        else:
+            self.closer.close_socket(sock)
 
     def _readable(self, conn: Connection) -> None:
         self.last_activity = time.monotonic()
@@ -248,12 +288,12 @@ class Server:
         refusal = self.limits.refuse_message(conn.peer.uid)
         if refusal is not None:
             with contextlib.suppress(OSError):
-                fdpass.close_all(fdpass.receive(conn.sock, max_fds=0).fds)
+                self.closer.close_fds(fdpass.receive(conn.sock, fdpass.SCM_MAX_FD).fds)
             self._reply(conn, conn.front.refuse(refusal))
             self._drop(conn.sock.fileno())
             return
         try:
-            data = fdpass.receive_request(conn.sock)
+            data = fdpass.receive_request(conn.sock, self.closer.close_fds)
         except BrokerError as error:
             self._reply(conn, conn.front.refuse(error))
             return

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import pins_of, xdp_of
+from support import BrokerFactory, pins_of, xdp_of
 
 from broker import fdpass
 from broker.errors import BrokerError
@@ -113,20 +113,28 @@ def test_every_bad_request_is_refused_and_changes_nothing(
     assert broker4.stop() == 0, "SIGTERM must end the broker cleanly"
 
 
+@pytest.mark.parametrize("passrights", ["on", "off"])
 def test_fds_sent_by_a_client_are_refused_and_closed(
-    broker4: BrokerProcess, lab4: VethLab, pin_root: Path
+    broker_factory: BrokerFactory, pin_root: Path, passrights: str
 ) -> None:
-    baseline = broker4.quiet_fd_count()
+    """With SO_PASSRIGHTS (Linux 6.16+) the client's sendmsg fails with EPERM; without it
+    (as on older kernels) the broker closes them and answers FDS_REFUSED."""
+    broker, lab = broker_factory(*(["--without-passrights"] if passrights == "off" else []))
+    baseline = broker.quiet_fd_count()
     read_end, write_end = os.pipe()
     try:
-        error = ask(broker4, body(ifname=lab4.ifname_a, queues=1), [read_end, write_end])
+        if passrights == "on":
+            with pytest.raises(PermissionError):
+                ask(broker, body(ifname=lab.ifname_a, queues=1), [read_end, write_end])
+        else:
+            error = ask(broker, body(ifname=lab.ifname_a, queues=1), [read_end, write_end])
+            assert error["code"] == "FDS_REFUSED"
+            assert "2 closed" in error["message"]
     finally:
         os.close(read_end)
         os.close(write_end)
-    assert error["code"] == "FDS_REFUSED"
-    assert "2 closed" in error["message"]
-    assert broker4.settled_fd_count(baseline) == baseline
-    nothing_attached(lab4, pin_root)
+    assert broker.settled_fd_count(baseline) == baseline
+    nothing_attached(lab, pin_root)
 
 
 def test_mode_conflicting_with_the_attachment_is_refused_without_change(

@@ -273,6 +273,21 @@ def test_check_main_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert any("matches uid 1000" in line for line in report["explanation"])
 
 
+def test_check_warns_of_a_rule_that_covers_every_interface(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Valid, exit 0, but named: a rule without `interfaces` also hands out the uplink."""
+    path = write(tmp_path, "policy.toml", '[[allow]]\nname = "wide"\nusers = [1000]\n')
+    assert policy_check_main(path, None) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: allow rule 'wide' (policy.toml:1) covers every interface"), err
+    assert policy_check_main(path, None, as_json=True) == 0
+    assert len(json.loads(capsys.readouterr().out)["warnings"]) == 1
+    write(tmp_path, "policy.toml", BASE)
+    assert policy_check_main(path, None) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_explain_shows_deny(tmp_path: Path) -> None:
     text = explain(load(tmp_path), Caller(1000, 1000, (1002,), 0))
     assert "DENIED by deny rule 'quarantine' (policy.toml:2) (matches group 1002)" in text

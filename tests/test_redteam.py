@@ -301,3 +301,46 @@ def test_the_loopback_interface_is_never_handed_out(broker_factory: BrokerFactor
     assert "loopback" in reply["message"], reply
     (link,) = json.loads(run(["ip", "-n", broker.netns, "-d", "-j", "link", "show", "lo"]))
     assert "xdp" not in link
+
+
+@pytest.mark.kernel
+def test_a_refused_wide_request_logs_a_queue_span_not_every_queue(
+    broker_factory: BrokerFactory,
+) -> None:
+    """A 253-queue request on a 4-queue interface names its queues as a span: its line
+    used to list 253 ids in the message and twice in the fields, about 6 KB a refusal."""
+    broker, lab = broker_factory()
+    before = broker.log_path.stat().st_size
+    with pytest.raises(BadQueues):
+        broker.client().request(lab.ifname_a, 253)
+    logged = broker.log_path.read_bytes()[before:].decode()
+    assert "queues 0-252" in logged and "queues=0-252" in logged, logged
+    assert len(logged) < 1024, logged
+
+
+def _rename(netns: str, old: str, new: str) -> None:
+    for args in (["down"], ["name", new], ["up"]):
+        run(["ip", "-n", netns, "link", "set", "dev", old if args != ["up"] else new, *args])
+
+
+@pytest.mark.kernel
+def test_leases_follow_their_interfaces_new_name(broker_factory: BrokerFactory) -> None:
+    """Renames were ignored: a lease kept its interface's old name, so revoke authorized an
+    admin against it and status's --ifname filter missed it. Leases and the attachment now
+    follow the current name, also across a broker restart (the journal records it)."""
+    broker, lab = broker_factory()
+    new = lab.ifname_a + "r"
+    client = broker.client()
+    with client.request(lab.ifname_a, 1, umem_bytes=4096) as lease:
+        _rename(broker.netns, lab.ifname_a, new)
+        try:
+            wait_until(lambda: client.status(ifname=new).leases != [])
+            assert [a.ifname for a in client.status(ifname=new).attachments] == [new]
+            assert client.status(ifname=lab.ifname_a).leases == []
+            assert f"renamed lease {lease.lease_id}" in broker.log()
+            broker.kill()
+            broker.start()
+            shown = broker.client().status(ifname=new).leases
+            assert [info.lease_id for info in shown] == [lease.lease_id]
+        finally:
+            _rename(broker.netns, new, lab.ifname_a)

@@ -1,4 +1,4 @@
-"""The shipped units as installed: clean `systemd-analyze verify`, security exposure <= 2.0."""
+"""The shipped units as installed: clean `systemd-analyze verify`, security exposure <= 1.7."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import pytest
 
 from broker import units
 
-MAX_EXPOSURE = 2.0
+# What both units measure now. xsk-broker.service at 1.5 would need ProtectProc= (hides
+# the consumers' /proc/PID that the broker reads: identity, start time, RLIMIT_MEMLOCK) or
+# PrivateUsers=/PrivateNetwork= (its capabilities would no longer reach the host's
+# interfaces).
+MAX_EXPOSURE = 1.7
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def test_verify_is_clean(installed: Path) -> None:
 
 
 @pytest.mark.parametrize("service", units.SERVICES)
-def test_security_exposure_is_at_most_two(installed: Path, service: str) -> None:
+def test_security_exposure_stays_at_its_measured_figure(installed: Path, service: str) -> None:
     done = analyze("security", "--offline=true", str(installed / service))
     match = re.search(rf"Overall exposure level for {re.escape(service)}: (\d+\.\d+)", done.stdout)
     assert match, done.stdout + done.stderr

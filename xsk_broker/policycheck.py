@@ -15,6 +15,7 @@ from broker.config import DEFAULT_POLICY_PATH
 from broker.errors import UsageError
 from broker.policy import (
     ADMIN_OPS,
+    EVERYONE,
     REQUEST_ACTION,
     Caller,
     Policy,
@@ -74,6 +75,17 @@ def _tenancy(policy: Policy) -> str:
     return "off (uids may share an interface; see docs/security.md on queue squatting)"
 
 
+def warnings(policy: Policy) -> list[str]:
+    """Valid but likely unmeant: an allow rule without `interfaces` hands out every
+    interface, the host's uplink included (the broker refuses only loopback)."""
+    return [
+        f"warning: {rule.label} covers every interface, the uplink included; name the "
+        "interfaces it may hand out (interfaces = [...])"
+        for rule in policy.allow
+        if EVERYONE in rule.interfaces
+    ]
+
+
 def caller_for_user(user: str) -> Caller:
     """A Caller as the kernel would report a process of user (name or uid) started by login."""
     try:
@@ -100,6 +112,7 @@ class ReportJson(TypedDict):
     allow_rules: int
     deny_rules: int
     exclusive_tenancy: bool
+    warnings: list[str]
     caller: NotRequired[CallerJson]
     explanation: NotRequired[list[str]]
 
@@ -112,6 +125,7 @@ def report(policy: Policy, caller: Caller | None) -> ReportJson:
         "allow_rules": len(policy.allow),
         "deny_rules": len(policy.deny),
         "exclusive_tenancy": policy.exclusive_tenancy,
+        "warnings": warnings(policy),
     }
     if caller is not None:
         body["caller"] = {"uid": caller.uid, "gid": caller.gid, "groups": list(caller.groups)}
@@ -134,7 +148,10 @@ def main(path: Path | str | None, as_user: str | None, *, as_json: bool = False)
         return 2
     if as_json:
         print(json.dumps(report(policy, caller)))
-    elif caller is None:
+        return 0
+    for warning in warnings(policy):
+        print(warning, file=sys.stderr)
+    if caller is None:
         files = ", ".join(str(f) for f in policy.files)
         print(
             f"policy OK: {len(policy.allow)} allow and {len(policy.deny)} deny rule(s) in {files}"

@@ -1,8 +1,9 @@
 """A hostile client: IDLE_COUNT idle connections, then GARBAGE malformed messages.
 
 argv: SOCKET_PATH IDLE_COUNT GARBAGE. Prints "idle" once the idle connections are open,
-then a JSON count of the reply codes ("closed" when the broker hung up), then waits for a
-line on stdin before exiting (and so closing everything).
+then a JSON count of the reply codes ("closed" when the broker hung up, "EPERM" when the
+kernel refused to send fds: SO_PASSRIGHTS), then waits for a line on stdin before exiting
+(and so closing everything).
 """
 
 import array
@@ -50,6 +51,9 @@ def main(path: str, idle_count: int, garbage: int) -> None:
             else:
                 conn.send(data)
             reply = conn.recv(65536)
+        except PermissionError:
+            codes["EPERM"] += 1
+            continue
         except OSError:
             reply = b""
         if not reply:

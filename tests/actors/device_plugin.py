@@ -2,7 +2,8 @@
 commands without NUL, replies read into 128 bytes; /config_busy_poll goes with an fd, as
 CNDP sends it): argv[1] is the socket path, argv[2] the
 interface, argv[3:] extra commands to send. Prints one JSON object: each reply's text, how
-many fds came with it and the map type of each (17 is an XSKMAP), and, when a map came,
+many fds came with it and the map type of each (17 is an XSKMAP; "EPERM" where the kernel
+refused to send the fd), and, when a map came,
 whether this uid could fill its slot 0 with an AF_XDP socket of its own (DPDK does that).
 """
 
@@ -25,7 +26,11 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         if command.startswith("/config_busy_poll"):  # sent with the client's socket attached
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as mine:
                 rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [mine.fileno()]))]
-                sock.sendmsg([command.encode()], rights)
+                try:
+                    sock.sendmsg([command.encode()], rights)
+                except PermissionError:  # the broker's socket refuses fds (SO_PASSRIGHTS=0)
+                    replies.append({"sent": command, "reply": "EPERM", "fds": 0, "types": []})
+                    continue
         else:
             sock.send(command.encode())
         data, anc, _flags, _addr = sock.recvmsg(128, socket.CMSG_SPACE(4 * 4))
