@@ -66,6 +66,24 @@ def ensure_bpffs(pin_root: Path) -> None:
     trust.ensure_directory("pin directory", pin_root, 0o700)
 
 
+def lease_pin_dir(pin_root: Path) -> Path:
+    """Where `serve --map-pins` pins map leases: beside pin_root, since consumers must
+    traverse the directory and pin_root is 0700."""
+    return pin_root.with_name(pin_root.name + "-leases")
+
+
+def check_lease_pin_dir(pin_root: Path) -> None:
+    """Refuse at start a pin_root whose parent is no bpffs (a mount point itself), where
+    every map lease's pin would fail."""
+    if not is_bpffs(pin_root.parent):
+        raise AttachFailed(
+            f"--map-pins pins map leases in {lease_pin_dir(pin_root)}, beside --pin-dir, but "
+            f"{pin_root.parent} is not a bpffs: pass a --pin-dir below the bpffs mount point "
+            f"(such as {pin_root / 'xsk-broker'})",
+            errno=errno.ENOTDIR,
+        )
+
+
 def remove_pins(pin_dir: Path) -> None:
     """Remove one interface's pin directory, if any; it only ever holds pin files.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker import activation, audit, caps, trust
-from broker.bpffs import ensure_bpffs
+from broker.bpffs import check_lease_pin_dir, ensure_bpffs, lease_pin_dir
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
 from broker.dpfront import DevicePluginFrontEnd
@@ -101,6 +101,8 @@ def main(config: ServeConfig) -> int:
     bound = None if any(fd == listener.fileno() for _, fd in inherited) else config.socket_path
     with undone_on_failure(listener, bound, config.pin_root, config.state_dir):
         ensure_bpffs(config.pin_root)
+        if config.map_pins:
+            check_lease_pin_dir(config.pin_root)
         caps.enter_least_privilege(config.allow_root, keep)
         trust.ensure_directory("state directory", config.state_dir, 0o755)
         stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
@@ -113,7 +115,7 @@ def main(config: ServeConfig) -> int:
         server = Server(config, listener, front, service, selector)
         service.maps = MapLeases(
             dp_dir=config.state_dir / "dp",
-            pin_dir=config.pin_root.with_name(config.pin_root.name + "-leases"),
+            pin_dir=lease_pin_dir(config.pin_root),
             serve=server.serve,
             unserve=server.unserve,
             front_end=lambda lease_id: DevicePluginFrontEnd(service, lease_id),

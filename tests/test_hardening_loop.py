@@ -239,6 +239,27 @@ def test_pin_dir_may_be_a_bpffs_mount_point(lab4: VethLab, workdir: Path) -> Non
             assert pins_of(lab4, mount)
 
 
+@pytest.mark.kernel
+def test_map_pins_beside_a_pin_dir_that_is_a_mount_point_are_refused_at_start(
+    workdir: Path,
+) -> None:
+    """--map-pins pins beside --pin-dir, off the bpffs when --pin-dir is its mount point:
+    every map lease would fail there, so the start is refused, naming what to pass."""
+    with bpffs() as mount:
+        mount.chmod(0o700)
+        before = sorted(mount.iterdir())  # the kernel's own maps.debug, progs.debug
+        argv = [sys.executable, "-m", "xsk_broker", "serve", "--allow-root", "--map-pins",
+                "--socket", str(workdir / "b.sock"), "--pin-dir", str(mount),
+                "--state-dir", str(workdir / "state")]  # fmt: skip
+        result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines()[-1].startswith(
+            f"ATTACH_FAILED: --map-pins pins map leases in {mount}-leases, beside --pin-dir"
+        ), result.stderr
+        assert f"(such as {mount}/xsk-broker)" in result.stderr
+        assert list(workdir.iterdir()) == [] and sorted(mount.iterdir()) == before
+
+
 class Hoarders:
     """hoard actors, one uid each, started and reported on together."""
 
