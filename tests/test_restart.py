@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import time
@@ -122,6 +123,12 @@ def test_sigkill_during_64_queue_request_leaves_no_occupied_slot(
                 before = delay
             else:
                 replied = delay
+        # Under load the timing jitters by more than the sockets' part of a request, and
+        # bisection can settle beside it: then try random points around where it settled.
+        for _ in range(3 * KILLS):
+            if outcomes["mid"]:
+                break
+            kill_after(random.uniform(0.5 * before, 1.5 * replied))
         print(f"request {window * 1e3:.1f} ms; kills: {dict(outcomes)}")
         assert outcomes["mid"] > 0, f"no kill landed while sockets were open: {outcomes}"
         assert broker.client().status().leases == []
