@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -54,7 +55,20 @@ class Dpdk:
 def ensure_dpdk() -> Dpdk:
     """The cached rootfs, built first if missing (a debootstrap: a few minutes)."""
     path = labcache.entry("dpdk", SCRIPT.read_bytes())
+    _check_plugin_path(path)
     return Dpdk(labcache.ensure(path, lambda dest: ["sh", str(SCRIPT), str(dest)], BUILD_TIMEOUT))
+
+
+def _check_plugin_path(rootfs: Path) -> None:
+    """DPDK's EAL loads no plugin (-d) below a directory others may write, sticky or not
+    ("directory path /var/tmp is world-writable and insecure"): say so before it does."""
+    for parent in rootfs.parents:
+        if parent.exists() and parent.stat().st_mode & stat.S_IWOTH:
+            raise RuntimeError(
+                f"the DPDK rootfs {rootfs} lies below {parent}, which others may write, and "
+                "DPDK refuses plugins there: point XSK_BROKER_TEST_CACHE elsewhere (the "
+                "default /var/cache/xsk-broker-tests is fine)"
+            )
 
 
 class PmdRun:

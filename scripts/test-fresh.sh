@@ -12,7 +12,9 @@ umask 022  # the clone must be readable by the tests' other uids once inside the
 rev=${1:-HEAD}
 repo=$(git rev-parse --show-toplevel)
 work=$(mktemp -d /tmp/xsk-broker-fresh.XXXXXX)     # 0700: closed to other uids
-cache=$(mktemp -d /var/tmp/xsk-broker-cache.XXXXXX)
+# Beside the default cache (/var/cache/xsk-broker-tests), not under a world-writable /tmp or
+# /var/tmp: DPDK's EAL refuses plugins (-d) below any directory others may write.
+cache=$(mktemp -d /var/cache/xsk-broker-fresh-cache.XXXXXX)
 chmod 0755 "$cache"                                  # unprivileged QEMU runs from here
 trap 'rm -rf --one-file-system "$work" "$cache"' EXIT
 trap 'exit 130' INT
