@@ -16,6 +16,8 @@ Run as root: .venv/bin/python -m bench.dpdk_rx [--rounds N] [--seconds S].
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -71,8 +73,10 @@ def _round(dpdk: Dpdk, case: str, seconds: float) -> tuple[int, int]:
             vdev = f"net_af_xdp0,iface={lab.ifname_a},start_queue=0,queue_count=1"
             receiver = dpdk.testpmd() + _lcores(pmd_args([vdev], "rxonly"), main=0)
             return _receive(dpdk, lab, receiver, seconds)
-        with bpffs() as pins:
-            work = public_tempdir()
+        work = public_tempdir()
+        with contextlib.ExitStack() as undo:
+            undo.callback(shutil.rmtree, work, ignore_errors=True)
+            pins = undo.enter_context(bpffs())
             with BrokerProcess(lab.ns_a, pins / "xsk-broker", work) as broker:
                 vdev = f"net_af_xdp0,iface={lab.ifname_a},start_queue=0,queue_count=1,use_cni=1"
                 command = dpdk.testpmd() + _lcores(
