@@ -60,13 +60,10 @@ class Attachment:
 
     def steer(self, queue_ids: list[int], map_fd: int) -> None:
         """Redirect queue_ids through the XSKMAP map_fd (a map lease's own); all or none."""
-        done: list[int] = []
         try:
-            for queue in queue_ids:
-                bpf.map_update(self.queues_fd, queue, map_fd, bpf.BPF_ANY)
-                done.append(queue)
+            bpf.map_fill(self.queues_fd, queue_ids, map_fd)
         except bpf.BpfError as exc:
-            self.unsteer(done)
+            self.unsteer(queue_ids)
             raise AttachFailed(
                 f"{self.ifname}: steering queues {queue_ids} to the lease's map: {exc.strerror}",
                 errno=exc.errno,
@@ -75,9 +72,8 @@ class Attachment:
     def unsteer(self, queue_ids: list[int]) -> None:
         """Redirect queue_ids through the shared XSKMAP again: a map lease's map, whoever
         still holds it, no longer receives anything."""
-        for queue in queue_ids:
-            with contextlib.suppress(OSError):
-                bpf.map_update(self.queues_fd, queue, self.map_fd, bpf.BPF_ANY)
+        with contextlib.suppress(OSError):
+            bpf.map_fill(self.queues_fd, queue_ids, self.map_fd)
 
     def close(self) -> None:
         for fd in (self.map_fd, self.queues_fd, self.link_fd):
@@ -273,8 +269,7 @@ class Loader:
         link_fd = queues_fd = -1
         try:
             queues_fd = bpf.create_map_of_maps(f"queues_{ifindex}", map_fd, state.rx_queues)
-            for queue in range(state.rx_queues):
-                bpf.map_update(queues_fd, queue, map_fd, bpf.BPF_ANY)
+            bpf.map_fill(queues_fd, list(range(state.rx_queues)), map_fd)
             prog_fd = xdpprog.load(queues_fd)
             try:
                 link_fd, used = _link_first_possible(prog_fd, ifindex, ifname, mode)
