@@ -19,10 +19,7 @@ import json
 import re
 import shutil
 import statistics
-import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ from lab.brokerproc import BrokerProcess, public_tempdir
 from lab.guest import GuestImage, ensure_guest
 from lab.netlab import DEFAULT_ENV, VethLab, bpffs
 from lab.qemu import AfxdpQemu, ensure_qemu
-from lab.traffic import client_env
+from lab.traffic import client_env, iperf_server
 from lab.vm import GUEST_IP, PEER_IP, Vm, as_qemu_user, prepare_peer
 
 METRICS = {
@@ -72,25 +69,13 @@ def parse(console: str) -> dict[str, float]:
     return found
 
 
-@contextmanager
-def iperf_server(lab: VethLab) -> Iterator[None]:
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns_b, "iperf3", "-s", "-B", PEER_IP],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield
-    finally:
-        server.kill()
-        server.wait()
-
-
 def run_guest(
     argv: list[str], lab: VethLab, env: dict[str, str], workdir: Path
 ) -> dict[str, float]:
-    with iperf_server(lab), Vm(argv, lab.ns_a, workdir, env, "bench") as vm:
+    with (
+        iperf_server(["ip", "netns", "exec", lab.ns_b], PEER_IP),
+        Vm(argv, lab.ns_a, workdir, env, "bench") as vm,
+    ):
         vm.wait_for(r"^XSKT-EXIT (\d+)", 300)
         vm.wait_exit(30)
         return parse(vm.output())

@@ -131,3 +131,20 @@ def send_to_queue(
     ]
     with QueueSender(sender_end, tx_queue) as sender:
         return sender.send(frames)
+
+
+@contextmanager
+def iperf_server(enter_netns: list[str], address: str) -> Iterator[None]:
+    """`iperf3 -s` bound to address, run through enter_netns (an `ip netns exec NS` or
+    `nsenter -t PID -n` prefix) for as long as the block runs."""
+    server = subprocess.Popen(
+        [*enter_netns, "iperf3", "-s", "-B", address],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        server.kill()
+        server.wait()

@@ -39,6 +39,7 @@ from test_qemu_afxdp import GUEST_MAC, HOTPLUG, TRAFFIC
 from lab.brokerproc import wait_until
 from lab.guest import GuestImage, ensure_guest
 from lab.qemu import ensure_qemu
+from lab.traffic import iperf_server
 from lab.vm import PEER_IP
 
 pytestmark = [pytest.mark.kernel, pytest.mark.qemu]
@@ -97,21 +98,13 @@ def bits_per_second(box: BootedContainer, name: str, label: str) -> float:
 
 
 @contextlib.contextmanager
-def iperf_server(box: BootedContainer) -> Iterator[None]:
+def peer_iperf_server(box: BootedContainer) -> Iterator[None]:
     """iperf3 on the peer (the host's binary in the container's network namespace), whose
     stack sends full checksums (a guest drops partially-checksummed frames)."""
     netns = ["nsenter", "-t", str(box.leader), "-n"]
     subprocess.run([*netns, "ethtool", "-K", PEER, "tx", "off"], check=True, capture_output=True)
-    server = subprocess.Popen(
-        [*netns, "iperf3", "-s", "-B", PEER_IP],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with iperf_server(netns, PEER_IP):
         yield
-    finally:
-        server.kill()
-        server.wait()
 
 
 def proc_status(box: BootedContainer, pid: int) -> dict[str, str]:
@@ -148,7 +141,7 @@ def test_hotplug_into_libvirt_domain_carries_traffic(
 ) -> None:
     name = "xskt-afxdp"
     xml = domain_xml(name, AFXDP_EMULATOR, guest, guest.cmdline(HOTPLUG_TRAFFIC))
-    with iperf_server(box):
+    with peer_iperf_server(box):
         pid = start_domain(box, name, xml)
         try:
             attached_and_detached(box, name, pid)
