@@ -69,17 +69,6 @@ class PidfdWatch:
         self.selector.unregister(pidfd)
 
 
-def _has_input(sock: socket.socket) -> bool:
-    """Whether a datagram (or EOF) waits, without taking it (a peek: recv(0) makes no call)."""
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True  # _readable meets the error and drops the connection
-    return True
-
-
 class Server:
     """Serves front ends on listening sockets (the main one, and those serve() adds, such as
     a map lease's device-plugin socket); the core's pidfds and link events too."""
@@ -151,26 +140,21 @@ class Server:
     def step(self, timeout: float | None) -> None:
         """One round of the loop; no single event, whatever it raises, ends the broker."""
         for key, _ in self.selector.select(timeout):
-            self._guarded(key.data, key.fd)
+            try:
+                self._event(key.data, key.fd)
+            except Exception:
+                log.exception("handling a %s event failed", key.data)
+                if key.data == "conn":
+                    self._drop(key.fd)
         now = time.monotonic()
         for fd in [fd for fd, conn in self.connections.items() if conn.deadline <= now]:
             self._drop(fd)
-
-    def _guarded(self, what: str, fd: int) -> None:
-        try:
-            self._event(what, fd)
-        except Exception:
-            log.exception("handling a %s event failed", what)
-            if what == "conn":
-                self._drop(fd)
 
     def _event(self, what: str, fd: int) -> None:
         if what == "conn":
             self._readable(self.connections[fd])
         elif what == "listen":
-            accepted = self._accept(*self.listeners[fd])
-            if accepted is not None and _has_input(accepted):  # the client has usually sent
-                self._guarded("conn", accepted.fileno())  # already: one loop round fewer
+            self._accept(*self.listeners[fd])
         elif what == "pidfd":
             self.service.consumer_exited(fd)
         elif what == "links":
@@ -217,18 +201,17 @@ class Server:
         idle, since = self.config.idle_exit, time.monotonic() - self.last_activity
         return idle is not None and not self.connections and since >= idle
 
-    def _accept(self, listener: socket.socket, front: FrontEnd) -> socket.socket | None:
-        """The accepted connection, or None if there was none or it was refused."""
+    def _accept(self, listener: socket.socket, front: FrontEnd) -> None:
         try:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
-            return None
+            return
         self.last_activity = time.monotonic()
         try:
             peer = peer_of(sock)
         except OSError:
             self._close(sock, sealed=False)
-            return None
+            return
         sealed = self.refuses_rights and fdguard.sealed(sock)
         crowded = self.limits.crowding(peer.uid)
         if crowded is not None:
@@ -239,7 +222,7 @@ class Server:
             with contextlib.suppress(OSError):
                 fdpass.send(sock, front.refuse(refusal).data)
             self._close(sock, sealed)
-            return None
+            return
         self.limits.connected(peer.uid)
         sock.setblocking(False)
         deadline = self.last_activity + self.config.connection_deadline
@@ -247,7 +230,6 @@ class Server:
             sock, peer, deadline, front, listener.fileno(), sealed
         )
         self.selector.register(sock, selectors.EVENT_READ, "conn")
-        return sock
 
     def _drop(self, fd: int) -> None:
         conn = self.connections.pop(fd, None)
