@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, AnyStr
 
@@ -155,6 +155,17 @@ def pins_of(lab: VethLab, pin_root: Path) -> list[str]:
 def open_fds(pid: int | str = "self") -> set[str]:
     """The fd numbers a process has open."""
     return set(os.listdir(f"/proc/{pid}/fd"))
+
+
+def socket_links(fd_dir: Path) -> list[str]:
+    """The "socket:[inode]" target of each socket fd in a /proc/PID/fd directory. An fd
+    closed between listing and readlink (a QMP connection the peer's main loop is still
+    reaping) is no longer open, not an error."""
+    links = []
+    for fd in fd_dir.iterdir():
+        with suppress(FileNotFoundError):
+            links.append(os.readlink(fd))
+    return [link for link in links if link.startswith("socket:")]
 
 
 def fd_count(pid: int) -> int:

@@ -34,6 +34,7 @@ from libvirt_box import (
     start_domain,
     virsh,
 )
+from support import socket_links
 from test_qemu_afxdp import GUEST_MAC, HOTPLUG, TRAFFIC
 
 from lab.brokerproc import wait_until
@@ -113,8 +114,7 @@ def proc_status(box: BootedContainer, pid: int) -> dict[str, str]:
 
 
 def socket_fds(box: BootedContainer, pid: int) -> int:
-    fds = box.path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fds.iterdir() if fd.readlink().name.startswith("socket:"))
+    return len(socket_links(box.path(f"/proc/{pid}/fd")))
 
 
 def attach(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
-from support import open_fds, quiet_fd_count, settled_fd_count, wait_until, xsk_cli
+from support import quiet_fd_count, settled_fd_count, socket_links, wait_until, xsk_cli
 
 from broker.errors import BrokerError
 from broker.protocol import LeaseInfo, Request
@@ -66,8 +66,7 @@ class Qemu:
         return settled_fd_count(self.pid, expected)
 
     def socket_inodes(self) -> set[str]:
-        links = (os.readlink(f"/proc/{self.pid}/fd/{fd}") for fd in open_fds(self.pid))
-        return {link for link in links if link.startswith("socket:")}
+        return set(socket_links(Path(f"/proc/{self.pid}/fd")))
 
 
 def start_qemu(directory: Path, *extra: str) -> Qemu:
