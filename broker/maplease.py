@@ -154,7 +154,7 @@ def _remove_stale(what: str, directory: Path, suffix: str, live: set[str]) -> li
         for name in os.listdir(fd):
             lease_id = name.removesuffix(suffix)
             if name.endswith(suffix) and _is_lease_id(lease_id) and lease_id not in live:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=fd)
                     removed.append(name)
     finally:
