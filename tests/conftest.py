@@ -127,17 +127,33 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def lab4() -> Iterator[VethLab]:
-    with VethLab(queues=4) as lab:
-        yield lab
+def veth_lab_fixture(queues: int) -> object:
+    """A fixture, named by the module-level name it is bound to: a fresh veth lab with
+    `queues` queues, removed after the test (lab4 here; test modules make other sizes)."""
+
+    def lab() -> Iterator[VethLab]:
+        with VethLab(queues=queues) as lab:
+            yield lab
+
+    return pytest.fixture(lab)
 
 
-@pytest.fixture
-def broker4(lab4: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProcess]:
-    """A broker serving the `a` end of a fresh 4-queue veth lab."""
-    with BrokerProcess(lab4.ns_a, pin_root, workdir) as proc:
-        yield proc
+def broker_fixture(lab: str, *serve: str) -> object:
+    """A fixture, named like veth_lab_fixture's: a broker with `serve` options on the `a` end
+    of the lab that fixture `lab` makes, stopped after the test. It asks for its fixtures in
+    the order a plain fixture's arguments would (lab, pin_root, workdir), so they are set up
+    in that order and torn down in the reverse, the broker first."""
+
+    def broker(request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+        veth, pins, workdir = map(request.getfixturevalue, (lab, "pin_root", "workdir"))
+        with BrokerProcess(veth.ns_a, pins, workdir, *serve) as proc:
+            yield proc
+
+    return pytest.fixture(broker)
+
+
+lab4 = veth_lab_fixture(queues=4)
+broker4 = broker_fixture("lab4")  # serving the `a` end of a fresh 4-queue veth lab
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import broker_fixture, veth_lab_fixture
 from support import actor, pin_dir, run_captured, xdp_of
 
 from broker import bpf
@@ -68,16 +68,8 @@ def leases(broker: BrokerProcess) -> list[LeaseInfo]:
     return broker.client().status().leases
 
 
-@pytest.fixture
-def lab2() -> Iterator[VethLab]:
-    with VethLab(queues=2) as lab:
-        yield lab
-
-
-@pytest.fixture
-def broker2(lab2: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProcess]:
-    with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as proc:
-        yield proc
+lab2 = veth_lab_fixture(queues=2)
+broker2 = broker_fixture("lab2", "--map-pins")
 
 
 def drop_box(workdir: Path) -> Path:
