@@ -63,12 +63,15 @@ def lock_directories(config: ServeConfig, locks: DirectoryLocks, *, create: bool
     """Hold the state directory's and the pin directories' locks (broker.dirlock): first
     with create False, before the socket is bound, for the entries that exist (a second
     broker is refused having made nothing); then, once the directories exist, all. The map
-    leases' pin directory, when missing, is locked as it is made (maplease.py)."""
+    leases' pin directory is made now under --map-pins, so the lock is held from the start;
+    one another uid could change is left alone (its first pin refuses it, maplease.py)."""
     pins = flag_of("pin_root")
     locks.take("state directory", flag_of("state_dir"), config.state_dir, create=create)
     locks.take("pin directory", pins, config.pin_root, create=create)
     leases = lease_pin_dir(config.pin_root)
-    with contextlib.suppress(trust.UntrustedPath):  # missing, or refused at its first pin
+    with contextlib.suppress(trust.UntrustedPath):
+        if create and config.map_pins:
+            trust.ensure_directory("lease pin directory", leases, 0o711)
         trust.check_directory("lease pin directory", leases)
         locks.take("lease pin directory", pins, leases, create=create)
 
@@ -124,7 +127,7 @@ def main(config: ServeConfig) -> int:
     raise_fd_limit()
     listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
     bound = None if any(fd == listener.fileno() for _, fd in inherited) else config.socket_path
-    made = (config.pin_root, config.state_dir)
+    made = (config.pin_root, config.state_dir, lease_pin_dir(config.pin_root))
     with undone_on_failure(listener, bound, *made, *(path / LOCK_NAME for path in made)):
         ensure_bpffs(config.pin_root)
         if config.map_pins:
@@ -146,9 +149,6 @@ def main(config: ServeConfig) -> int:
             serve=server.serve,
             unserve=server.unserve,
             front_end=lambda lease_id: device_plugin_front_end(service, lease_id),
-            lock_pin_dir=lambda: locks.take(
-                "lease pin directory", flag_of("pin_root"), lease_pin_dir(config.pin_root)
-            ),
         )
         server.catch_signals()
         try:

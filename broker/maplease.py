@@ -42,8 +42,6 @@ class MapLeases:
     serve: Callable[[socket.socket, FrontEnd], None]
     unserve: Callable[[socket.socket], None]
     front_end: Callable[[str], FrontEnd]
-    # Takes the pin directory's lock (dirlock.py) once it exists; raises if another has it.
-    lock_pin_dir: Callable[[], None] = field(default=lambda: None)
     listeners: dict[str, socket.socket] = field(default_factory=dict)
     maps: dict[str, int] = field(default_factory=dict)
 
@@ -112,7 +110,6 @@ class MapLeases:
             log.info("lease %s: no pinned map (serve --map-pins keeps CAP_CHOWN)", lease_id)
             return ""
         trust.ensure_directory("lease pin directory", self.pin_dir, 0o711)
-        self.lock_pin_dir()  # before the chmod: the directory may be another broker's
         os.chmod(self.pin_dir, 0o711)  # the broker's own now; consumers traverse it
         _check_reachable(self.pin_dir)
         path = self.pin_dir / lease_id

@@ -1,5 +1,6 @@
 """One broker per directory (broker/dirlock.py): a second broker on its own socket but on
-the first one's state directory or pin directory is refused at start with one line naming
+the first one's state directory, pin directory or map leases' pin directory (as its own
+--pin-dir) is refused at start with one line naming
 the directory and the holder's pid, and changes nothing there; the first one's map lease
 keeps its frames. Before the lock, such a broker ended the first one's lease in the shared
 journal and removed its device-plugin socket, or steered its queue back to the shared
@@ -59,13 +60,15 @@ def came_up(broker: BrokerProcess) -> bool:
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("shared", ["state-dir", "pin-dir"])
+@pytest.mark.parametrize("shared", ["state-dir", "pin-dir", "lease-pin-dir"])
 def test_a_second_broker_on_the_first_ones_directory_is_refused_and_changes_nothing(
     lab4: VethLab, pin_root: Path, workdir: Path, other_workdir: Path, shared: str
 ) -> None:
     ifname = lab4.ifname_a
-    own_pins = pin_root.with_name(pin_root.name + "-second")  # unused unless the pin-dir
-    second_pins = pin_root if shared == "pin-dir" else own_pins  # is shared; never made
+    own_pins = pin_root.with_name(pin_root.name + "-second")  # never made if refused
+    second_pins = {"pin-dir": pin_root, "lease-pin-dir": lease_pin_dir(pin_root)}.get(
+        shared, own_pins
+    )
     state = ("--state-dir", str(workdir / "state")) if shared == "state-dir" else ()
     second = BrokerProcess(lab4.ns_a, second_pins, other_workdir, "--map-pins", *state)
     try:
@@ -96,11 +99,12 @@ def test_a_second_broker_on_the_first_ones_directory_is_refused_and_changes_noth
             assert second.client().status().broker.pid == second.pid
     finally:
         second.stop()
-        for path in (own_pins, lease_pin_dir(own_pins)):
+        for path in (own_pins, lease_pin_dir(second_pins)):
             shutil.rmtree(path, ignore_errors=True)
     directory, flag, what = {
         "state-dir": (workdir / "state", "--state-dir", "state directory"),
         "pin-dir": (pin_root, "--pin-dir", "pin directory"),
+        "lease-pin-dir": (lease_pin_dir(pin_root), "--pin-dir", "pin directory"),
     }[shared]
     assert refusal == [
         f"DIRECTORY_IN_USE: {what} {directory} is in use by another broker (pid {first.pid}): "
