@@ -1,10 +1,9 @@
 """One broker per directory (broker/dirlock.py): a second broker on its own socket but on
 the first one's state directory, pin directory or map leases' pin directory (as its own
---pin-dir) is refused at start with one line naming
-the directory and the holder's pid, and changes nothing there; the first one's map lease
-keeps its frames. Before the lock, such a broker ended the first one's lease in the shared
-journal and removed its device-plugin socket, or steered its queue back to the shared
-XSKMAP and removed its pin."""
+--pin-dir) is refused at start with one line naming the directory and the holder's pid,
+and changes nothing there; the first one's map lease keeps its frames. Before the lock,
+such a broker ended the first one's lease in the shared journal and removed its
+device-plugin socket, or steered its queue back to the shared XSKMAP and removed its pin."""
 
 from __future__ import annotations
 
