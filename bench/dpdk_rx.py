@@ -17,12 +17,13 @@ maps first: about 1 ns more per packet under BPF_PROG_TEST_RUN).
 Reading the figures: on veth the receiving end's NAPI (XDP program, redirect, copy into the
 UMEM) runs in softirq on the cpu whose transmit scheduled it, the generator's, busy polling
 or not (the softirq column shows it); so the generator and that kernel work share cpu 0
-while the receiver spins alone on cpu 1. Received-of-sent below 1 means redirects into the
-receiver's socket failed (its rings were full; veth counts them in rx_queue_0_drops): the
-receiver fell behind. Here both defaults cost the receiver a system call per empty poll, so
-the literal figure compares two differently handicapped receivers; the fair figure is the
-one that says what the broker costs. Other processes on the VM move single runs by a third
-or more, so the verdicts are medians of per-round ratios, each round's runs adjacent.
+while the receiver spins alone on cpu 1. Received-of-sent below 1 counts frames the
+redirect could not place in the receiver's socket (veth's rx_queue_0_drops). Both defaults
+cost the receiver a system call per empty poll (perf counted some 2.5 million recvfrom() a
+second against none with busy_budget=0), so the literal figure compares two differently
+handicapped receivers; the fair figure is the one that says what the broker costs. Other
+processes on the VM move single runs by a third or more, so the verdicts are medians of
+per-round ratios, each round's runs adjacent.
 
 Each run gets a fresh one-queue veth pair in native mode; a generator testpmd (txonly,
 root) on the peer sends for --seconds while the receiver counts. The generator forwards on
