@@ -5,22 +5,34 @@ per-lease pinned XSKMAP (use_pinned_map=1), with a real, unmodified dpdk-testpmd
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import actor, run_captured, xdp_of
+from conftest import broker_fixture, veth_lab_fixture
+from support import actor, pin_dir, run_captured, xdp_of
 
+from broker import bpf
 from broker.protocol import LeaseInfo, Request
 from lab.brokerproc import LAB_POLICY, BrokerProcess, wait_until
 from lab.dpdk import Dpdk, PmdRun, ensure_dpdk, pmd_args, port_stats
-from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, enter_netns, run, steer_queue
-from lab.traffic import send_to_queue
+from lab.netlab import (
+    UNPRIVILEGED_GID,
+    UNPRIVILEGED_UID,
+    VethLab,
+    enter_netns,
+    in_netns,
+    run,
+    steer_queue,
+)
+from lab.traffic import running_probe, send_to_queue
 
 pytestmark = [pytest.mark.kernel]
 
@@ -56,16 +68,8 @@ def leases(broker: BrokerProcess) -> list[LeaseInfo]:
     return broker.client().status().leases
 
 
-@pytest.fixture
-def lab2() -> Iterator[VethLab]:
-    with VethLab(queues=2) as lab:
-        yield lab
-
-
-@pytest.fixture
-def broker2(lab2: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProcess]:
-    with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as proc:
-        yield proc
+lab2 = veth_lab_fixture(queues=2)
+broker2 = broker_fixture("lab2", "--map-pins")
 
 
 def drop_box(workdir: Path) -> Path:
@@ -200,6 +204,105 @@ def _two_tenants(broker2: BrokerProcess, lab2: VethLab, workdir: Path) -> None:
     wait_until(lambda: not leases(broker2))
 
 
+def map_id(pin: Path) -> int:
+    fd = bpf.get_pinned(str(pin))
+    try:
+        return bpf.map_info(fd).map_id
+    finally:
+        os.close(fd)
+
+
+def slots_of(pin: Path, count: int) -> list[int | None]:
+    """The id of the map in each slot of a pinned map of maps; None where it is empty."""
+    fd, libbpf, found = bpf.get_pinned(str(pin)), ctypes.CDLL("libbpf.so.1"), []
+    try:
+        for slot in range(count):
+            key, value = ctypes.c_uint32(slot), ctypes.c_uint32()
+            empty = libbpf.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+            found.append(None if empty else value.value)
+        return found
+    finally:
+        os.close(fd)
+
+
+# xdpprog.instructions(0) as brokers up to fe4af8b loaded them (the map of maps' fd goes
+# into the immediate of instruction 2): a queue whose slot is empty passes its frames to the
+# stack, so those brokers filled every slot with the shared map at attach.
+OLDER_PROGRAM = bytes.fromhex(
+    "6112100000000000632afcff0000000018110000000000000000000000000000bfa2000000000000"
+    "07020000fcffffff85000000010000001500050000000000bf0100000000000061a2fcff00000000"
+    "b70300000200000085000000330000009500000000000000b7000000020000009500000000000000"
+)
+
+
+def pin_older_attachment(lab: VethLab, pins: Path) -> None:
+    """Attach and pin what an older broker left on lab's `a` end: OLDER_PROGRAM, natively,
+    with both slots of its map of maps holding its shared XSKMAP."""
+    shared = bpf.create_xskmap("xsks_older", 2)
+    queues = bpf.create_map_of_maps("queues_older", shared, 2)
+    prog = link = -1
+    try:
+        bpf.map_fill(queues, [0, 1], shared)
+        code = bytearray(OLDER_PROGRAM)
+        struct.pack_into("<i", code, 2 * 8 + 4, queues)
+        prog = bpf.load_xdp_program("xsk_redirect", bytes(code))
+        with in_netns(lab.ns_a):
+            link = bpf.create_xdp_link(prog, lab.a.ifindex, bpf.XDP_FLAGS_DRV_MODE)
+        pins.mkdir(mode=0o700, parents=True)
+        bpf.pin(shared, str(pins / "map"))
+        bpf.pin(queues, str(pins / "queues"))
+        bpf.pin(link, str(pins / "link_native"))
+    finally:
+        for fd in (shared, queues, prog, link):
+            if fd >= 0:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["attached", "adopted-older"])
+def test_only_map_leases_fill_slots_of_the_map_of_maps(
+    broker2: BrokerProcess, lab2: VethLab, pin_root: Path, workdir: Path, older: bool
+) -> None:
+    """Attaching writes no slot of the map of maps (each write waits out an RCU grace
+    period): a socket lease receives through the shared XSKMAP the program falls back to,
+    a map lease through its own map in its queue's slot, and once the map lease ends its
+    queue is the shared map's again and a socket lease on it receives. An attachment an
+    older broker pinned, whose program has no fallback and whose slots all hold the shared
+    map, is adopted as it is and serves the same."""
+    ifname, pins = lab2.ifname_a, pin_dir(lab2, pin_root) / str(lab2.a.ifindex)
+    if older:
+        pin_older_attachment(lab2, pins)
+    steer = {q: steer_queue(q, "native", 2) for q in (0, 1)}
+    with running_probe(broker2, ifname, 1, "--mode", "native", "--expect", "16") as sockets:
+        shared = map_id(pins / "map")
+        unleased = shared if older else None
+        assert slots_of(pins / "queues", 2) == [unleased, unleased]
+        assert send_to_queue(lab2.b, lab2.a, steer[0], "s", 8) == 8
+        ready = drop_box(workdir) / "ready"
+        consumer = actor("map_tenant", "{dp-path}", ifname, "1", "1", str(ready), "3")
+        request = request_map(broker2, ifname, 1, consumer, "--start-queue", "1")
+        with subprocess.Popen(
+            as_uid(UNPRIVILEGED_UID, request), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, preexec_fn=lambda: enter_netns(lab2.ns_a),
+        ) as tenant:  # fmt: skip
+            wait_until(ready.exists, timeout=20)
+            first, own = slots_of(pins / "queues", 2)
+            assert first == unleased and own not in (None, shared)
+            assert send_to_queue(lab2.b, lab2.a, steer[1], "m", 40) == 40
+            assert send_to_queue(lab2.b, lab2.a, steer[0], "s", 8) == 8
+            out, err = tenant.communicate(timeout=30)
+        assert tenant.returncode == 0, err
+        assert json.loads(out)["received"] == 40
+        assert sockets.result().queues[0].received == 16
+    wait_until(lambda: not leases(broker2))
+    assert slots_of(pins / "queues", 2) == [unleased, shared]
+    with running_probe(
+        broker2, ifname, 1, "--start-queue", "1", "--expect", "8"
+    ) as after:  # fmt: skip
+        assert send_to_queue(lab2.b, lab2.a, steer[1], "a", 8) == 8
+        assert after.result().queues[0].received == 8
+    assert broker2.client().status().attachments[0].adopted == older
+
+
 def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
     broker2: BrokerProcess, lab2: VethLab, workdir: Path
 ) -> None:
@@ -232,14 +335,111 @@ def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
         assert sockets.queue_ids == [0]
 
 
+def drop_journal_record(state_dir: Path, lease_id: str) -> None:
+    """Leave the lease journal as a broker that died between steering a map lease's queues
+    and journaling the lease would have: without that lease's record."""
+    journal = state_dir / "leases.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("add", {}).get("lease_id") != lease_id]
+    assert len(kept) < len(lines)
+    journal.write_bytes(b"".join(kept))
+
+
+# Below the probe's 8 MiB memlock limit, which counts what its uid holds through map leases.
+SMALL_UMEM = ("--umem-bytes", str(1 << 20))
+
+
+def map_lease_on(
+    broker: BrokerProcess, lab: VethLab, queue: int, consumer: list[str], **options: Any
+) -> subprocess.Popen[str]:
+    """A map lease on one queue (native mode, a small UMEM) for consumer, run as
+    UNPRIVILEGED_UID."""
+    request = request_map(
+        broker, lab.ifname_a, 1, consumer, "--start-queue", str(queue), "--mode", "native",
+        *SMALL_UMEM,
+    )  # fmt: skip
+    return subprocess.Popen(
+        as_uid(UNPRIVILEGED_UID, request),
+        text=True,
+        preexec_fn=lambda: enter_netns(lab.ns_a),
+        **options,
+    )
+
+
+def test_a_restart_gives_back_the_slots_no_live_lease_owns(
+    lab4: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """Three map leases, queues 0, 1 and 2, then the broker is killed outright. Queue 1's
+    lease is left as a broker that died between steering it and journaling it leaves it
+    (its record dropped: slot steered, pin and socket made, no lease), queue 2's consumer
+    exits while no broker runs. The next broker steers queues 1 and 2 back to the shared
+    XSKMAP (one audit line naming both) and removes their pins and sockets: a socket lease
+    on them receives. Queue 0's lease keeps its slot, and its consumer the frames sent to
+    it after the restart."""
+    ifname, pins = lab4.ifname_a, pin_dir(lab4, pin_root) / str(lab4.a.ifindex)
+    box, holders, paths = drop_box(workdir), [], {}
+    with BrokerProcess(lab4.ns_a, pin_root, workdir, "--map-pins") as broker:
+        ready = box / "tenant"
+        consumer = actor("map_tenant", "{dp-path}", ifname, "0", "0", str(ready), "25")
+        tenant = map_lease_on(
+            broker, lab4, 0, consumer, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            wait_until(ready.exists, timeout=20)
+            for queue in (1, 2):
+                ready = box / f"paths{queue}"
+                script = 'echo "$1 $2" > "$0.tmp"; mv "$0.tmp" "$0"; exec sleep 60'
+                consumer = ["sh", "-c", script, str(ready), "{dp-path}", "{map-path}"]
+                holders.append(map_lease_on(broker, lab4, queue, consumer))
+                wait_until(ready.exists, timeout=20)
+                paths[queue] = [Path(p) for p in ready.read_text().split()]
+            by_queue = {lease.queue_ids[0]: lease.lease_id for lease in leases(broker)}
+            shared, steered = map_id(pins / "map"), slots_of(pins / "queues", 4)
+            assert None not in steered[:3] and shared not in steered
+            broker.kill()
+            for holder in holders:
+                holder.kill()
+                holder.wait()
+            drop_journal_record(broker.state_dir, by_queue[1])
+            broker.start()
+            with running_probe(
+                broker, ifname, 2, "--start-queue", "1", "--mode", "native", "--expect", "8",
+                duration=10,
+            ) as probe:  # fmt: skip
+                for queue in (1, 2):
+                    assert send_to_queue(lab4.b, lab4.a, queue, f"q={queue}", 8) == 8
+                assert [q.received for q in probe.result().queues] == [8, 8]
+            assert send_to_queue(lab4.b, lab4.a, 0, "q=0", 30) == 30
+            assert slots_of(pins / "queues", 4) == [steered[0], shared, shared, None]
+            assert [lease.lease_id for lease in leases(broker)] == [by_queue[0]]
+            out, err = tenant.communicate(timeout=60)
+        finally:
+            for proc in (tenant, *holders):
+                proc.kill()
+                proc.wait()
+        assert tenant.returncode == 0, err
+        assert json.loads(out)["received"] == 30
+        assert [path for path in paths[1] + paths[2] if path.exists()] == []
+        (line,) = [line for line in broker.log().splitlines() if "event=reconciled" in line]
+        assert f"interface={ifname} queues=1,2" in line
+
+
 def test_a_pin_directory_someone_else_made_is_refused(
     lab2: VethLab, pin_root: Path, workdir: Path
 ) -> None:
     """bpffs's root is world-writable: a uid that makes the lease pin directory first could
-    swap pins in it. The broker refuses to pin there, says why, and leaves nothing behind."""
+    swap pins in it. The broker refuses to pin there, says why, and leaves nothing behind;
+    nor does it remove anything there at start (a pin named like a lease that is not live)."""
     planted = lease_pin_dir(pin_root)
-    planted.mkdir(mode=0o777)
+    planted.mkdir()
+    planted.chmod(0o777)  # not left to mkdir's mode, which the umask narrows
     os.chown(planted, OTHER_UID, UNPRIVILEGED_GID)
+    decoy = planted / "0123456789ab"
+    fd = bpf.create_xskmap("decoy", 1)
+    try:
+        bpf.pin(fd, str(decoy))
+    finally:
+        os.close(fd)
     try:
         with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as broker:
             got = in_lab(lab2, request_map(broker, lab2.ifname_a, 1, ["true"]))
@@ -248,8 +448,9 @@ def test_a_pin_directory_someone_else_made_is_refused(
             assert str(planted) in got.stderr
             assert not leases(broker)
             assert not list((broker.state_dir / "dp").glob("*"))
-            assert not list(planted.iterdir())
+            assert list(planted.iterdir()) == [decoy]
     finally:
+        decoy.unlink(missing_ok=True)
         planted.rmdir()
 
 
