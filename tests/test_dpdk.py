@@ -311,7 +311,7 @@ def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
     queue can be leased again, to a map lease or to sockets."""
     ifname = lab2.ifname_a
     ready = drop_box(workdir) / "paths"
-    script = 'echo "$1" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 60'
+    script = 'echo "$1" > "$0.tmp"; mv "$0.tmp" "$0"; exec sleep 60'
     consumer = ["sh", "-c", script, str(ready), "{map-path}"]
     holder = subprocess.Popen(
         as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 1, consumer)),
@@ -481,9 +481,11 @@ def test_unmodified_testpmd_unprivileged(
     """dpdk-testpmd as uid 61000 with CAP_NET_RAW and CAP_IPC_LOCK only, through
     `xsk-broker request --handout map`, one port per leased queue: frames the peer sends to
     each queue arrive on its port (rxonly; in skb mode veth steers to queue 0 only, see
-    lab.netlab.steer_queue), and every port sends frames the peer receives (txonly)."""
+    lab.netlab.steer_queue), and every port sends frames the peer receives (txonly). Port 1
+    passes busy_budget=0 as docs/client.md advises, port 0 keeps the PMD's default."""
     path = "{dp-path}" if how == "use_cni" else "{map-path}"
     ports = vdevs(lab2.ifname_a, 2, f"{how}=1,dp_path={path}")
+    ports[1] += ",busy_budget=0"
     with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as broker:
         command = dpdk.testpmd() + pmd_args(ports, forward)
         request = request_map(broker, lab2.ifname_a, 2, command, "--mode", mode)
