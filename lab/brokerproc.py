@@ -33,16 +33,25 @@ def public_tempdir(prefix: str = "xskt-") -> Path:
     return path
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, fail: bool = True) -> bool:
-    """Poll predicate until true; the broker's loop acts asynchronously to its clients."""
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, fail: bool = True) -> bool:
+    """Poll predicate until true; the broker's loop acts asynchronously to its clients. The
+    default timeout is generous (a loaded 2-core VM), as it costs only a failing run."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             if fail:
-                raise AssertionError(f"condition not met within {timeout} s")
+                raise AssertionError(f"{describe(predicate)} not true within {timeout} s")
             return False
         time.sleep(0.02)
     return True
+
+
+def describe(predicate: Callable[[], bool]) -> str:
+    """Where a polled condition is written (a lambda's source line), for failure messages."""
+    code = getattr(predicate, "__code__", None)
+    if code is None or hasattr(predicate, "__self__"):  # a method: what it is bound to says more
+        return repr(predicate)
+    return f"{predicate.__qualname__} ({Path(code.co_filename).name}:{code.co_firstlineno})"
 
 
 @dataclass(frozen=True)
