@@ -88,7 +88,7 @@ def test_inherited_stream_socket_is_refused_with_the_fix(
     child, path = socket_activate(tmp_path, notify_socket)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            wait_until(path.exists, 10)
+            wait_until(path.exists)
             conn.connect(str(path))
             assert child.wait(10) == 1
     finally:

@@ -137,7 +137,7 @@ def test_another_uid_gets_no_map_and_is_logged(
         preexec_fn=lambda: enter_netns(lab2.ns_a),
     )  # fmt: skip
     try:
-        wait_until(ready.exists, timeout=20)
+        wait_until(ready.exists, timeout=60)
         dp_path, map_pin = ready.read_text().split()
         got = in_lab(lab2, as_uid(OTHER_UID, actor("device_plugin", dp_path, ifname)))
         seen = json.loads(got.stdout)
@@ -186,7 +186,7 @@ def _two_tenants(broker2: BrokerProcess, lab2: VethLab, workdir: Path) -> None:
             as_uid(uid, request), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             preexec_fn=lambda: enter_netns(lab2.ns_a),
         )  # fmt: skip
-        wait_until(ready.exists, timeout=20)
+        wait_until(ready.exists, timeout=60)
     for queue, count in ((0, 50), (1, 40)):
         assert send_to_queue(lab2.b, lab2.a, steer_queue(queue, "native", 2), "t", count) == count
     seen = {}
@@ -215,7 +215,7 @@ def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
         preexec_fn=lambda: enter_netns(lab2.ns_a),
     )  # fmt: skip
     try:
-        wait_until(ready.exists, timeout=20)
+        wait_until(ready.exists, timeout=60)
         map_pin = Path(ready.read_text().strip())
         broker2.kill()
         broker2.start()

@@ -86,7 +86,7 @@ def start_qemu(directory: Path, *extra: str) -> Qemu:
         ],
         stdin=subprocess.DEVNULL,
     )
-    wait_until(lambda: os.path.exists(path) or proc.poll() is not None, 10)
+    wait_until(lambda: os.path.exists(path) or proc.poll() is not None)
     assert proc.poll() is None, "qemu-system-x86_64 exited during start-up"
     return Qemu(proc, path)
 
