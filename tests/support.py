@@ -12,7 +12,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -40,7 +39,6 @@ __all__ = [
     "pin_dir",
     "pins_of",
     "piped",
-    "quiet_fd_count",
     "run_captured",
     "settled_fd_count",
     "tenants",
@@ -172,18 +170,7 @@ def fd_count(pid: int) -> int:
     return len(open_fds(pid))
 
 
-def quiet_fd_count(pid: int, still: float = 0.1) -> int:
-    """The fd count once it has not changed for `still` seconds (a connection just closed
-    is still being reaped before that)."""
-    count, since = fd_count(pid), time.monotonic()
-    while time.monotonic() - since < still:
-        time.sleep(0.01)
-        if (now := fd_count(pid)) != count:
-            count, since = now, time.monotonic()
-    return count
-
-
-def settled_fd_count(pid: int, expected: int, timeout: float = 2.0) -> int:
+def settled_fd_count(pid: int, expected: int, timeout: float = 30.0) -> int:
     """The fd count once it reaches expected, or whatever it is after timeout."""
     wait_until(lambda: fd_count(pid) == expected, timeout, fail=False)
     return fd_count(pid)

@@ -22,7 +22,7 @@ from support import BrokerFactory, actor, pins_of, piped, wait_until
 
 from broker import fdpass
 from client.sync import Client
-from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess
+from lab.brokerproc import LAB_POLICY, REPO, BrokerProcess, still_fd_count
 from lab.netlab import DEFAULT_ENV, VethLab, bpffs, run, run_unprivileged, spawn_unprivileged
 from lab.traffic import client_env
 
@@ -275,7 +275,10 @@ class Hoarders:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert piped(self.procs[uid].stdout).readline() == "open\n"
-        self.broker.quiet_fd_count()  # the broker has taken (or refused) them all
+        # The broker has taken (or refused) them all before the next uid connects: "open"
+        # means only that they are queued in its backlog.
+        wait_until(lambda: self.broker.connections()[0] == 0)
+        still_fd_count(self.broker.pid)
 
     def report(self) -> dict[int, dict[str, Any]]:
         for proc in self.procs.values():
