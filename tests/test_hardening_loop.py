@@ -28,6 +28,7 @@ from lab.traffic import client_env
 
 ATTACKER_UID = 61003
 PROMPT = 5.0  # seconds: generous for a loaded 2-core VM; a stalled loop never answers
+SETTLE = 60.0  # seconds to wait for something that will happen (a thread blocking, a start)
 TRAPS = ["ping", "request", "truncated", "many", "hangup", "refused"]
 
 
@@ -110,9 +111,7 @@ def test_without_passrights_client_fds_are_closed_off_the_loop(
     attacker, outcome = spring_trap(broker, trap_lab, variant, 3 if variant == "refused" else 0)
     try:
         assert outcome == {"sent": True}
-        deadline = time.monotonic() + PROMPT
-        while not blocked_threads(broker.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: blocked_threads(broker.pid) > 0, SETTLE, fail=False)
         assert blocked_threads(broker.pid) == 1, "the trap never sprang: the test proves nothing"
         assert prompt_ping(broker) < PROMPT
         for _ in range(20):  # connections and refusals keep flowing past the blocked closer
@@ -154,8 +153,9 @@ def test_socket_activated_listener_refuses_rights_and_a_backlogged_trap_is_close
             piped(attacker.stdin).write("go\n")
             piped(attacker.stdin).flush()
             assert json.loads(piped(attacker.stdout).readline()) == expected
-            wait_until(lambda: Client(path, timeout=PROMPT).ping().broker != "", 10)
-        wait_until(lambda: blocked_threads(activator.pid) == 1, PROMPT)
+            # the first connection starts the broker: it answers once it has started
+            assert Client(path, timeout=SETTLE).ping().broker
+        wait_until(lambda: blocked_threads(activator.pid) == 1, SETTLE)
         start = time.monotonic()
         assert Client(path, timeout=PROMPT).ping().broker
         assert time.monotonic() - start < PROMPT
