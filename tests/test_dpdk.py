@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,7 +293,14 @@ def test_unmodified_testpmd_unprivileged(
             if forward == "rxonly":
                 for q in range(2) if mode == "native" else range(1):
                     sent[q] = send_to_queue(lab2.b, lab2.a, steer_queue(q, mode, 2), "dp", 100 + q)
-            time.sleep(1.0)
+            # Stopped once its statistics show every frame taken off its ring (rxonly) or
+            # frames sent on every port (txonly); fail=False: the assertions below say more.
+            least = sent if forward == "rxonly" else {0: 1, 1: 1}
+            column = 0 if forward == "rxonly" else 1
+            wait_until(
+                lambda: all(pmd.nic_stats().get(q, (0, 0))[column] >= n for q, n in least.items()),
+                fail=False,
+            )
         finally:
             output = pmd.stop()
         stats = port_stats(output)
