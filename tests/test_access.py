@@ -162,7 +162,7 @@ def test_nobody_takes_what_is_not_theirs(guarded: tuple[BrokerProcess, VethLab])
             assert stack.frames(0.5) == []
             broker.client().revoke(lease.lease_id)
             send_to_queue(lab.b, lab.a, 0, "after revoke", 4)
-            assert len(stack.frames(3.0, want=4)) == 4
+            assert len(stack.frames(10.0, want=4)) == 4
     assert "event=revoked" in broker.log()
 
 
