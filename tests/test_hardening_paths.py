@@ -77,7 +77,7 @@ def serve(workdir: Path, pin_root: Path, *args: str) -> subprocess.CompletedProc
         argv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        out, err = proc.communicate(timeout=15)
+        out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate()
