@@ -177,7 +177,9 @@ def _two_tenants(broker2: BrokerProcess, lab2: VethLab, workdir: Path) -> None:
     tenants = {}
     for queue, uid in ((0, UNPRIVILEGED_UID), (1, OTHER_UID)):
         ready = box / f"ready{queue}"
-        consumer = actor("map_tenant", "{dp-path}", ifname, str(queue), "0,1", str(ready), "6")
+        consumer = actor(
+            "map_tenant", "{dp-path}", ifname, str(queue), "0,1", str(ready), str(box / "sent")
+        )
         request = request_map(
             broker2, ifname, 1, consumer, "--start-queue", str(queue), "--mode", "native"
         )
@@ -188,6 +190,7 @@ def _two_tenants(broker2: BrokerProcess, lab2: VethLab, workdir: Path) -> None:
         wait_until(ready.exists, timeout=60)
     for queue, count in ((0, 50), (1, 40)):
         assert send_to_queue(lab2.b, lab2.a, steer_queue(queue, "native", 2), "t", count) == count
+    (box / "sent").touch()  # they count until then: a window from their start could end first
     seen = {}
     for queue, proc in tenants.items():
         out, err = proc.communicate(timeout=30)
