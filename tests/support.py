@@ -117,7 +117,7 @@ def capless_consumer(spawn: Spawn, soft: int, hard: int) -> subprocess.Popen[byt
     """A root `sleep` without CAP_IPC_LOCK and with these memlock limits: a consumer whose
     limit the broker (root, no CAP_SYS_RESOURCE) may raise within the hard limit."""
     consumer = spawn(
-        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "60"],
+        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "600"],
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard)),
     )
     wait_until(lambda: not procinfo.read_status(consumer.pid).has_cap(procinfo.CAP_IPC_LOCK))

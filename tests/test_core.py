@@ -185,7 +185,7 @@ def test_a_grant_whose_reply_cannot_be_delivered_ends_at_once(
     lease for the named consumer must not outlive the fds that never arrived."""
     broker = broker4.proc
     assert broker is not None  # the fixture started it
-    consumer = subprocess.Popen(["sleep", "60"])
+    consumer = subprocess.Popen(["sleep", "600"])
     try:
         broker.send_signal(signal.SIGSTOP)
         try:
