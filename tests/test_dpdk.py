@@ -130,7 +130,7 @@ def test_another_uid_gets_no_map_and_is_logged(
     ready = drop_box(workdir) / "lease.json"
     holder = subprocess.Popen(
         as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 2, [
-            "sh", "-c", 'echo "$1 $2" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 600',
+            "sh", "-c", 'echo "$1 $2" > "$0.tmp"; mv "$0.tmp" "$0"; exec sleep 600',
             str(ready), "{dp-path}", "{map-path}",
         ])),
         preexec_fn=lambda: enter_netns(lab2.ns_a),
@@ -210,7 +210,7 @@ def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
     queue can be leased again, to a map lease or to sockets."""
     ifname = lab2.ifname_a
     ready = drop_box(workdir) / "paths"
-    script = 'echo "$1" > "$0.tmp"; mv "$0.tmp" "$0"; sleep 600'
+    script = 'echo "$1" > "$0.tmp"; mv "$0.tmp" "$0"; exec sleep 600'
     consumer = ["sh", "-c", script, str(ready), "{map-path}"]
     holder = subprocess.Popen(
         as_uid(UNPRIVILEGED_UID, request_map(broker2, ifname, 1, consumer)),
