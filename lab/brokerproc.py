@@ -137,7 +137,7 @@ class BrokerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 10.0) -> BrokerProcess:
+    def start(self, timeout: float = 60.0) -> BrokerProcess:
         try:
             # a ^C held over the fork arrives when sigint_held() ends, inside this try
             with open(self.log_path, "ab") as log, sigint_held():
@@ -202,7 +202,7 @@ class BrokerProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=10)
+            return self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
