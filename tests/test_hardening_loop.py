@@ -301,8 +301,12 @@ def ping_as(broker: BrokerProcess, lab: VethLab, uid: int) -> subprocess.Complet
 @pytest.fixture
 def hoarders(broker_factory: BrokerFactory) -> Iterator[Hoarders]:
     """A broker capped at 40 connections, 10 a uid, for hoard actors; afterwards it must
-    have given back every fd they cost it."""
-    broker, lab = broker_factory("--max-connections", "40", "--max-connections-per-uid", "10")
+    have given back every fd they cost it. Idle connections are not timed out meanwhile (at
+    the default 10 s, a slow run lost the first uid's, and the counts were off)."""
+    broker, lab = broker_factory(
+        "--max-connections", "40", "--max-connections-per-uid", "10",
+        "--connection-deadline", "600",
+    )  # fmt: skip
     group = Hoarders(broker, lab)
     try:
         yield group
