@@ -29,6 +29,8 @@ from lab.traffic import client_env
 ATTACKER_UID = 61003
 PROMPT = 5.0  # seconds: generous for a loaded 2-core VM; a stalled loop never answers
 SETTLE = 60.0  # seconds to wait for something that will happen (a thread blocking, a start)
+# Idle connections a test holds must not time out under it (the default is 10 s of silence).
+KEEP_IDLE = ("--connection-deadline", "600")
 TRAPS = ["ping", "request", "truncated", "many", "hangup", "refused"]
 
 
@@ -88,7 +90,7 @@ def test_client_fds_are_refused_at_sendmsg_and_the_loop_keeps_serving(
     broker_factory: BrokerFactory, trap_lab: VethLab, variant: str
 ) -> None:
     """SO_PASSRIGHTS=0: the attacker's sendmsg fails with EPERM, nothing reaches the broker."""
-    broker, _ = broker_factory("--max-connections-per-uid", "3")
+    broker, _ = broker_factory("--max-connections-per-uid", "3", *KEEP_IDLE)
     baseline = broker.quiet_fd_count()
     attacker, outcome = spring_trap(broker, trap_lab, variant, 3 if variant == "refused" else 0)
     try:
@@ -106,7 +108,7 @@ def test_without_passrights_client_fds_are_closed_off_the_loop(
 ) -> None:
     """As on a kernel before 6.16 (--without-passrights): the trap reaches the broker and
     blocks a closer thread, never the loop; everything is closed once the attacker goes."""
-    broker, _ = broker_factory("--max-connections-per-uid", "3", "--without-passrights")
+    broker, _ = broker_factory("--max-connections-per-uid", "3", "--without-passrights", *KEEP_IDLE)
     baseline = broker.quiet_fd_count()
     attacker, outcome = spring_trap(broker, trap_lab, variant, 3 if variant == "refused" else 0)
     try:
@@ -304,9 +306,8 @@ def hoarders(broker_factory: BrokerFactory) -> Iterator[Hoarders]:
     have given back every fd they cost it. Idle connections are not timed out meanwhile (at
     the default 10 s, a slow run lost the first uid's, and the counts were off)."""
     broker, lab = broker_factory(
-        "--max-connections", "40", "--max-connections-per-uid", "10",
-        "--connection-deadline", "600",
-    )  # fmt: skip
+        "--max-connections", "40", "--max-connections-per-uid", "10", *KEEP_IDLE
+    )
     group = Hoarders(broker, lab)
     try:
         yield group
