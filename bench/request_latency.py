@@ -116,7 +116,7 @@ def kernel_attach(netns: str, name: str, mode: str) -> float:
         ifindex = socket.if_nametoindex(name)
         map_fd = bpf.create_xskmap("bench", 4)
         outer_fd = bpf.create_map_of_maps("bench", map_fd, 4)
-        prog_fd = xdpprog.load(outer_fd)
+        prog_fd = xdpprog.load(outer_fd, map_fd)
         try:
             started = time.perf_counter()
             link_fd = bpf.create_xdp_link(prog_fd, ifindex, MODE_FLAGS[mode])

@@ -35,8 +35,9 @@ LIVENESS_RECHECK = 1.0
 class Attachment:
     """The program on one interface; the broker holds the shared XSKMAP's fd (map_fd) to
     insert sockets, and the map of maps (queues_fd: which XSKMAP each queue redirects
-    through) to give a map lease's queues a private map. queues_fd is -1 for an attachment
-    adopted from a broker that pinned no map of maps: it serves socket leases only."""
+    through; an empty slot means the shared one) to give a map lease's queues a private
+    map. queues_fd is -1 for an attachment adopted from a broker that pinned no map of
+    maps: it serves socket leases only."""
 
     ifname: str
     ifindex: int
@@ -71,7 +72,13 @@ class Attachment:
 
     def unsteer(self, queue_ids: list[int]) -> None:
         """Redirect queue_ids through the shared XSKMAP again: a map lease's map, whoever
-        still holds it, no longer receives anything."""
+        still holds it, no longer receives anything.
+
+        The slots get the shared map rather than being emptied: an ARRAY_OF_MAPS has no
+        BPF_MAP_DELETE_BATCH (ENOTSUPP on 6.18) and each single delete waits out an RCU
+        grace period, where one batch waits once; and the program of an older broker, which
+        filled every slot at attach and passes frames of an empty one to the stack, may
+        still be the one attached (adopted from its pins)."""
         with contextlib.suppress(OSError):
             bpf.map_fill(self.queues_fd, queue_ids, self.map_fd)
 
@@ -269,8 +276,7 @@ class Loader:
         link_fd = queues_fd = -1
         try:
             queues_fd = bpf.create_map_of_maps(f"queues_{ifindex}", map_fd, state.rx_queues)
-            bpf.map_fill(queues_fd, list(range(state.rx_queues)), map_fd)
-            prog_fd = xdpprog.load(queues_fd)
+            prog_fd = xdpprog.load(queues_fd, map_fd)
             try:
                 link_fd, used = _link_first_possible(prog_fd, ifindex, ifname, mode)
             finally:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import select
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 from broker.errors import ConsumerGone
 
@@ -61,14 +63,24 @@ def _read(pid: int, name: str, pidfd: int | None) -> str:
         finally:
             os.close(fd)
     except (FileNotFoundError, ProcessLookupError):
-        raise ConsumerGone(f"process {pid} does not exist (any more)") from None
+        raise _gone(pid) from None
     except OSError as exc:
         if exc.errno == errno.ESRCH:
-            raise ConsumerGone(f"process {pid} does not exist (any more)") from None
+            raise _gone(pid) from None
         raise
+    _check_same(pid, pidfd)
+    return text
+
+
+def _gone(pid: int) -> ConsumerGone:
+    return ConsumerGone(f"process {pid} does not exist (any more)")
+
+
+def _check_same(pid: int, pidfd: int | None) -> None:
+    """After a read about pid: ConsumerGone if pidfd's process has exited meanwhile (the pid
+    may name another process by now)."""
     if pidfd is not None and pidfd_exited(pidfd):
         raise ConsumerGone(f"process {pid} exited while the broker was reading about it")
-    return text
 
 
 def pidfd_exited(pidfd: int) -> bool:
@@ -104,11 +116,20 @@ def in_own_user_namespace(pid: int, pidfd: int | None = None) -> bool:
 
 
 def memlock_limit(pid: int, pidfd: int | None = None) -> Limit:
-    """RLIMIT_MEMLOCK of pid from /proc/PID/limits (world-readable, unlike prlimit)."""
-    limit = parse_memlock(_read(pid, "limits", pidfd))
-    if limit is None:
-        raise ConsumerGone(f"/proc/{pid}/limits has no 'Max locked memory' line")
-    return limit
+    """RLIMIT_MEMLOCK of pid: prlimit() where the kernel lets the broker read it (the same
+    uids, or CAP_SYS_RESOURCE), one syscall instead of opening, generating and parsing all
+    of /proc/PID/limits on every request; else that file, which anyone may read."""
+    try:
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)
+    except PermissionError:  # EPERM, or EACCES from an LSM
+        limit = parse_memlock(_read(pid, "limits", pidfd))
+        if limit is None:
+            raise ConsumerGone(f"/proc/{pid}/limits has no 'Max locked memory' line") from None
+        return limit
+    except ProcessLookupError:
+        raise _gone(pid) from None
+    _check_same(pid, pidfd)
+    return Limit(_rlimit_value(soft), _rlimit_value(hard))
 
 
 def parse_memlock(limits_text: str) -> Limit | None:
@@ -124,6 +145,10 @@ def _limit_value(text: str) -> int | None:
     return None if text == "unlimited" else int(text)
 
 
+def _rlimit_value(value: int) -> int | None:
+    return None if value == resource.RLIM_INFINITY else value
+
+
 def start_time(pid: int, pidfd: int | None = None) -> int:
     """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, it names one process.
 
@@ -132,3 +157,40 @@ def start_time(pid: int, pidfd: int | None = None) -> int:
     """
     stat = _read(pid, "stat", pidfd)
     return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def pidfds_on_pidfs() -> bool:
+    """Whether pidfds are files of pidfs (Linux 6.9+), whose inode names one process until
+    reboot, rather than the one anonymous inode that every eventfd shares too. 64-bit only:
+    there, the inode numbers are never reused."""
+    pidfd, anon = os.pidfd_open(os.getpid()), os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        return sys.maxsize > 2**32 and os.fstat(pidfd).st_dev != os.fstat(anon).st_dev
+    finally:
+        os.close(pidfd)
+        os.close(anon)
+
+
+@dataclass
+class StartTimes:
+    """start_time() of the process behind a pidfd, remembered by the pidfd's pidfs inode, so
+    a consumer asking again costs an fstat instead of /proc/PID/stat (which the kernel
+    generates whole, summing over every thread). Without pidfs every call reads the file."""
+
+    pidfs: bool = field(default_factory=pidfds_on_pidfs)
+    most: int = 256
+    known: dict[int, int] = field(default_factory=dict)  # pidfs inode: start time
+
+    def of(self, pid: int, pidfd: int) -> int:
+        """pid's start time; ConsumerGone once pidfd's process has exited, as start_time()."""
+        if not self.pidfs:
+            return start_time(pid, pidfd)
+        inode = os.fstat(pidfd).st_ino
+        known = self.known.get(inode)
+        if known is not None:
+            _check_same(pid, pidfd)
+            return known
+        known = self.known[inode] = start_time(pid, pidfd)
+        if len(self.known) > self.most:  # the oldest goes
+            del self.known[next(iter(self.known))]
+        return known

@@ -5,21 +5,32 @@ per-lease pinned XSKMAP (use_pinned_map=1), with a real, unmodified dpdk-testpmd
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import actor, run_captured, xdp_of
+from support import actor, pin_dir, run_captured, xdp_of
 
+from broker import bpf
 from broker.protocol import LeaseInfo, Request
 from lab.brokerproc import LAB_POLICY, BrokerProcess, wait_until
 from lab.dpdk import Dpdk, PmdRun, ensure_dpdk, pmd_args, port_stats
-from lab.netlab import UNPRIVILEGED_GID, UNPRIVILEGED_UID, VethLab, enter_netns, run, steer_queue
-from lab.traffic import send_to_queue
+from lab.netlab import (
+    UNPRIVILEGED_GID,
+    UNPRIVILEGED_UID,
+    VethLab,
+    enter_netns,
+    in_netns,
+    run,
+    steer_queue,
+)
+from lab.traffic import running_probe, send_to_queue
 
 pytestmark = [pytest.mark.kernel]
 
@@ -200,6 +211,105 @@ def _two_tenants(broker2: BrokerProcess, lab2: VethLab, workdir: Path) -> None:
     assert seen[0]["received"] == 50
     assert seen[1]["received"] == 40
     wait_until(lambda: not leases(broker2))
+
+
+def map_id(pin: Path) -> int:
+    fd = bpf.get_pinned(str(pin))
+    try:
+        return bpf.map_info(fd).map_id
+    finally:
+        os.close(fd)
+
+
+def slots_of(pin: Path, count: int) -> list[int | None]:
+    """The id of the map in each slot of a pinned map of maps; None where it is empty."""
+    fd, libbpf, found = bpf.get_pinned(str(pin)), ctypes.CDLL("libbpf.so.1"), []
+    try:
+        for slot in range(count):
+            key, value = ctypes.c_uint32(slot), ctypes.c_uint32()
+            empty = libbpf.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+            found.append(None if empty else value.value)
+        return found
+    finally:
+        os.close(fd)
+
+
+# xdpprog.instructions(0) as brokers up to fe4af8b loaded them (the map of maps' fd goes
+# into the immediate of instruction 2): a queue whose slot is empty passes its frames to the
+# stack, so those brokers filled every slot with the shared map at attach.
+OLDER_PROGRAM = bytes.fromhex(
+    "6112100000000000632afcff0000000018110000000000000000000000000000bfa2000000000000"
+    "07020000fcffffff85000000010000001500050000000000bf0100000000000061a2fcff00000000"
+    "b70300000200000085000000330000009500000000000000b7000000020000009500000000000000"
+)
+
+
+def pin_older_attachment(lab: VethLab, pins: Path) -> None:
+    """Attach and pin what an older broker left on lab's `a` end: OLDER_PROGRAM, natively,
+    with both slots of its map of maps holding its shared XSKMAP."""
+    shared = bpf.create_xskmap("xsks_older", 2)
+    queues = bpf.create_map_of_maps("queues_older", shared, 2)
+    prog = link = -1
+    try:
+        bpf.map_fill(queues, [0, 1], shared)
+        code = bytearray(OLDER_PROGRAM)
+        struct.pack_into("<i", code, 2 * 8 + 4, queues)
+        prog = bpf.load_xdp_program("xsk_redirect", bytes(code))
+        with in_netns(lab.ns_a):
+            link = bpf.create_xdp_link(prog, lab.a.ifindex, bpf.XDP_FLAGS_DRV_MODE)
+        pins.mkdir(mode=0o700, parents=True)
+        bpf.pin(shared, str(pins / "map"))
+        bpf.pin(queues, str(pins / "queues"))
+        bpf.pin(link, str(pins / "link_native"))
+    finally:
+        for fd in (shared, queues, prog, link):
+            if fd >= 0:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["attached", "adopted-older"])
+def test_only_map_leases_fill_slots_of_the_map_of_maps(
+    broker2: BrokerProcess, lab2: VethLab, pin_root: Path, workdir: Path, older: bool
+) -> None:
+    """Attaching writes no slot of the map of maps (each write waits out an RCU grace
+    period): a socket lease receives through the shared XSKMAP the program falls back to,
+    a map lease through its own map in its queue's slot, and once the map lease ends its
+    queue is the shared map's again and a socket lease on it receives. An attachment an
+    older broker pinned, whose program has no fallback and whose slots all hold the shared
+    map, is adopted as it is and serves the same."""
+    ifname, pins = lab2.ifname_a, pin_dir(lab2, pin_root) / str(lab2.a.ifindex)
+    if older:
+        pin_older_attachment(lab2, pins)
+    steer = {q: steer_queue(q, "native", 2) for q in (0, 1)}
+    with running_probe(broker2, ifname, 1, "--mode", "native", "--expect", "16") as sockets:
+        shared = map_id(pins / "map")
+        unleased = shared if older else None
+        assert slots_of(pins / "queues", 2) == [unleased, unleased]
+        assert send_to_queue(lab2.b, lab2.a, steer[0], "s", 8) == 8
+        ready = drop_box(workdir) / "ready"
+        consumer = actor("map_tenant", "{dp-path}", ifname, "1", "1", str(ready), "3")
+        request = request_map(broker2, ifname, 1, consumer, "--start-queue", "1")
+        with subprocess.Popen(
+            as_uid(UNPRIVILEGED_UID, request), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, preexec_fn=lambda: enter_netns(lab2.ns_a),
+        ) as tenant:  # fmt: skip
+            wait_until(ready.exists, timeout=20)
+            first, own = slots_of(pins / "queues", 2)
+            assert first == unleased and own not in (None, shared)
+            assert send_to_queue(lab2.b, lab2.a, steer[1], "m", 40) == 40
+            assert send_to_queue(lab2.b, lab2.a, steer[0], "s", 8) == 8
+            out, err = tenant.communicate(timeout=30)
+        assert tenant.returncode == 0, err
+        assert json.loads(out)["received"] == 40
+        assert sockets.result().queues[0].received == 16
+    wait_until(lambda: not leases(broker2))
+    assert slots_of(pins / "queues", 2) == [unleased, shared]
+    with running_probe(
+        broker2, ifname, 1, "--start-queue", "1", "--expect", "8"
+    ) as after:  # fmt: skip
+        assert send_to_queue(lab2.b, lab2.a, steer[1], "a", 8) == 8
+        assert after.result().queues[0].received == 8
+    assert broker2.client().status().attachments[0].adopted == older
 
 
 def test_a_map_lease_survives_a_broker_restart_and_ends_clean(

@@ -124,6 +124,27 @@ def test_gone_consumer(spawn: Spawn) -> None:
             procinfo.read_status(os.getpid(), pidfd)
 
 
+def test_limit_is_the_same_through_prlimit_and_through_proc(spawn: Spawn) -> None:
+    """Root reads a root child's limit with prlimit(); another uid's falls back to
+    /proc/PID/limits (root here lacks CAP_SYS_RESOURCE). Both say what the file says."""
+    if procinfo.read_status(os.getpid()).has_cap(procinfo.CAP_SYS_RESOURCE):
+        pytest.skip("this process holds CAP_SYS_RESOURCE, so prlimit reads every uid's limit")
+    same = spawn(preexec_fn=_limit(3 * MIB, 5 * MIB))
+    other = spawn(user=UID, group=UID, extra_groups=[], preexec_fn=_limit(6 * MIB, 7 * MIB))
+    with pytest.raises(PermissionError):
+        resource.prlimit(other.pid, resource.RLIMIT_MEMLOCK)
+    for child, soft, hard in ((same, 3 * MIB, 5 * MIB), (other, 6 * MIB, 7 * MIB)):
+        with open(f"/proc/{child.pid}/limits") as limits:
+            assert procinfo.parse_memlock(limits.read()) == procinfo.Limit(soft, hard)
+        pidfd = os.pidfd_open(child.pid)
+        try:
+            assert procinfo.memlock_limit(child.pid, pidfd) == procinfo.Limit(soft, hard)
+        finally:
+            os.close(pidfd)
+        with pidfd_of_dead(child) as pidfd, pytest.raises(ConsumerGone):
+            procinfo.memlock_limit(child.pid, pidfd)
+
+
 def test_unlimited_and_page_rounding() -> None:
     """No process here may have an unlimited limit (no CAP_SYS_RESOURCE), so parse the text."""
     text = "Max locked memory         unlimited            unlimited            bytes\n"
