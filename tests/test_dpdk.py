@@ -286,18 +286,19 @@ def test_only_map_leases_fill_slots_of_the_map_of_maps(
         unleased = shared if older else None
         assert slots_of(pins / "queues", 2) == [unleased, unleased]
         assert send_to_queue(lab2.b, lab2.a, steer[0], "s", 8) == 8
-        ready = drop_box(workdir) / "ready"
-        consumer = actor("map_tenant", "{dp-path}", ifname, "1", "1", str(ready), "3")
+        ready, sent = drop_box(workdir) / "ready", drop_box(workdir) / "sent"
+        consumer = actor("map_tenant", "{dp-path}", ifname, "1", "1", str(ready), str(sent))
         request = request_map(broker2, ifname, 1, consumer, "--start-queue", "1")
         with subprocess.Popen(
             as_uid(UNPRIVILEGED_UID, request), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, preexec_fn=lambda: enter_netns(lab2.ns_a),
         ) as tenant:  # fmt: skip
-            wait_until(ready.exists, timeout=20)
+            wait_until(ready.exists, timeout=60)
             first, own = slots_of(pins / "queues", 2)
             assert first == unleased and own not in (None, shared)
             assert send_to_queue(lab2.b, lab2.a, steer[1], "m", 40) == 40
             assert send_to_queue(lab2.b, lab2.a, steer[0], "s", 8) == 8
+            sent.touch()  # it counts until then
             out, err = tenant.communicate(timeout=30)
         assert tenant.returncode == 0, err
         assert json.loads(out)["received"] == 40
