@@ -15,21 +15,19 @@ would add ~70 ms) and the venv's python. Goal ("Service core"): adopted cold rep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.goals import goal_line
 from client.sync import Client
-from lab.brokerproc import LAB_POLICY, public_tempdir, wait_until
-from lab.netlab import VethLab, bpffs, enter_netns
+from lab.brokerproc import activated_broker, public_tempdir
+from lab.netlab import VethLab, bpffs
 
-VENV_BIN = Path(sys.executable).parent
 GOAL_MS = 60.0
 
 
@@ -45,40 +43,6 @@ def process_start(argv: list[str], rounds: int) -> list[float]:
         subprocess.run(argv, check=True)
         samples.append(time.perf_counter() - started)
     return samples
-
-
-@contextlib.contextmanager
-def activated_broker(netns: str, pin_dir: Path, workdir: Path) -> Iterator[Path]:
-    """A socket-activation listener for one broker life; yields the socket path once bound.
-
-    On exit it waits for the broker's idle exit (killing it only if that never comes), so
-    the next round is a cold start again.
-    """
-    sock = workdir / "broker.sock"
-    policy = workdir / "policy.toml"
-    policy.write_text(LAB_POLICY)
-    argv = [
-        "systemd-socket-activate", "--seqpacket", "-l", str(sock),
-        str(VENV_BIN / "xsk-broker"), "serve", "--socket", str(sock),
-        "--pin-dir", str(pin_dir), "--state-dir", str(workdir / "state"),
-        "--policy", str(policy), "--allow-root", "--idle-exit", "1",
-    ]  # fmt: skip
-    with open(workdir / "broker.log", "ab") as log:
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            preexec_fn=lambda: enter_netns(netns),
-        )  # fmt: skip
-    try:
-        wait_until(lambda: sock.exists() or proc.poll() is not None)
-        if proc.poll() is not None:
-            raise RuntimeError(f"systemd-socket-activate exited {proc.returncode}")
-        yield sock
-        proc.wait(timeout=10)
-        sock.unlink(missing_ok=True)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def cold_request(netns: str, ifname: str, pin_dir: Path, workdir: Path) -> float:

@@ -16,11 +16,10 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from bench.goals import goal_line
+from bench.request_latency import timed
 from broker.core import NO_OP
 from broker.errors import BrokerError, MemlockExceeded
 from broker.metrics import WRITE_INTERVAL, Metrics
@@ -57,15 +56,6 @@ def filled(directory: Path) -> Metrics:
     for lease in state[1][:16]:
         metrics.decided("request", Granted(lease))
     return metrics
-
-
-def timed(step: Callable[[], None], rounds: int) -> list[float]:
-    samples = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - started)
-    return samples
 
 
 def report_writes(where: str, directory: Path, writes: int) -> float:

@@ -97,6 +97,7 @@ def _load() -> ctypes.CDLL:
         "bpf_obj_get": ([ctypes.c_char_p], c_int),
         "bpf_map_update_elem": ([c_int, vp, vp, ctypes.c_uint64], c_int),
         "bpf_map_delete_elem": ([c_int, vp], c_int),
+        "bpf_map_lookup_elem": ([c_int, vp, vp], c_int),
         "bpf_map_update_batch": ([c_int, vp, vp, ctypes.POINTER(u32), vp], c_int),
         "bpf_obj_get_info_by_fd": ([c_int, vp, ctypes.POINTER(u32)], c_int),
     }
@@ -196,6 +197,17 @@ def map_fill(map_fd: int, keys: list[int], value: int) -> None:
         _libbpf().bpf_map_update_batch(map_fd, k, v, ctypes.byref(count), None),
         f"setting map slots {keys[0]}..{keys[-1]}",
     )
+
+
+def inner_map_id(map_fd: int, key: int) -> int | None:
+    """The id of the map in slot key of a map of maps (user space reads ids, not fds);
+    None when the slot is empty."""
+    k, v = ctypes.c_uint32(key), ctypes.c_uint32()
+    result = _libbpf().bpf_map_lookup_elem(map_fd, ctypes.byref(k), ctypes.byref(v))
+    if result == -errno_mod.ENOENT:
+        return None
+    _check(result, f"reading map slot {key}")
+    return v.value
 
 
 def map_delete(map_fd: int, key: int) -> None:

@@ -80,13 +80,16 @@ class MapPaths:
 class MapHandouts(Protocol):
     """What a map lease gets besides the lease (maplease.MapLeases): made before the lease is
     recorded, removed when it ends. open() takes over the lease's map fd (closed by close(),
-    or by open() itself if it fails); map_fd() lends it."""
+    or by open() itself if it fails); map_fd() lends it; prune() removes at start what an
+    earlier broker left of leases not in live."""
 
     def open(self, lease_id: str, consumer_uid: int, map_fd: int) -> MapPaths: ...
 
     def close(self, lease_id: str) -> None: ...
 
     def map_fd(self, lease_id: str) -> int | None: ...
+
+    def prune(self, live: set[str]) -> None: ...
 
 
 # The operation a front end names when it refuses before a message was read.
@@ -196,7 +199,8 @@ class Service:
             log.info("adopted %s", attachment.describe())
         by_lease = {name.removeprefix(FDSTORE_PREFIX): fd for name, fd in stored_pidfds.items()}
         for info in self.leases.restore(by_lease):
-            self._release_slots(info)
+            if info.handout != "map":  # a map lease's slots: _reconcile(), in one batch
+                self._release_slots(info)
             self._audit("expired", info, "consumer exited while the broker was down")
         live = {FDSTORE_PREFIX + lease_id for lease_id in self.leases.by_id}
         for name in set(stored_pidfds) - live:
@@ -208,7 +212,33 @@ class Service:
                 self.fdstore.store_fds(name, [lease.pidfd])
             if lease.info.ifindex not in self.loader.attachments:
                 self._end(lease, "expired", "its interface vanished while the broker was down")
+        self._reconcile()
         self._report_status()
+
+    def _reconcile(self) -> None:
+        """After adoption and replay, leave nothing of a map lease that is not live: an
+        earlier broker leaves its steered slots, socket and pin behind when it ended while no
+        broker ran, or when the broker died between steering its queues and journaling it.
+        Each interface's such queues go back to the shared XSKMAP in one batch, audited."""
+        live = [
+            info for lease in self.leases.by_id.values() if (info := lease.info).handout == "map"
+        ]
+        if self.maps is not None:
+            self.maps.prune({info.lease_id for info in live})
+        for attachment in self.loader.attachments.values():
+            queues = attachment.reconcile(
+                {q for info in live if info.ifindex == attachment.ifindex for q in info.queue_ids}
+            )
+            if queues:
+                log_event(
+                    log,
+                    f"reconciled {attachment.ifname}: queues {queue_span(queues)} redirect "
+                    "through the shared XSKMAP again (no live lease owned their map)",
+                    event="reconciled",
+                    interface=attachment.ifname,
+                    queues=queues,
+                    reason="steered to a map no live lease owns",
+                )
 
     def close(self) -> None:
         """Close fds; leases and attachments stay (journal and pins) for the next broker."""

@@ -24,7 +24,6 @@ from broker import activation, audit, caps, trust
 from broker.bpffs import check_lease_pin_dir, ensure_bpffs, lease_pin_dir
 from broker.config import ServeConfig
 from broker.core import FDSTORE_PREFIX, Service
-from broker.dpfront import DevicePluginFrontEnd
 from broker.frontend import FrontEnd
 from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
@@ -56,6 +55,14 @@ def refuse_untrusted(config: ServeConfig, activated: bool) -> None:
         from broker.metrics import check_metrics_path
 
         check_metrics_path(config.metrics_file)
+
+
+def device_plugin_front_end(service: Service, lease_id: str) -> FrontEnd:
+    """A map lease's front end; dpfront is imported with the first one, not by every start
+    (most first replies hand out sockets)."""
+    from broker.dpfront import DevicePluginFrontEnd
+
+    return DevicePluginFrontEnd(service, lease_id)
 
 
 @contextlib.contextmanager
@@ -118,7 +125,7 @@ def main(config: ServeConfig) -> int:
             pin_dir=lease_pin_dir(config.pin_root),
             serve=server.serve,
             unserve=server.unserve,
-            front_end=lambda lease_id: DevicePluginFrontEnd(service, lease_id),
+            front_end=lambda lease_id: device_plugin_front_end(service, lease_id),
         )
         server.catch_signals()
         try:

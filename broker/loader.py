@@ -82,6 +82,32 @@ class Attachment:
         with contextlib.suppress(OSError):
             bpf.map_fill(self.queues_fd, queue_ids, self.map_fd)
 
+    def reconcile(self, kept: set[int]) -> list[int]:
+        """Steer back to the shared XSKMAP every queue outside kept (the queues of the live
+        map leases) whose slot holds another map, and return those queues: an earlier broker
+        left them steered to a lease that ended while none ran, or to one it died before
+        journaling. Nothing else would ever refill them, and the program falls back to the
+        shared map only for an empty slot, so a socket lease there would get no frames.
+        One batch update, as unsteer()'s; an empty slot stays empty."""
+        if self.queues_fd < 0:
+            return []
+        try:
+            shared = bpf.map_info(self.map_fd).map_id
+            stray = [
+                queue
+                for queue in range(self.queue_count)
+                if queue not in kept
+                and bpf.inner_map_id(self.queues_fd, queue) not in (None, shared)
+            ]
+            bpf.map_fill(self.queues_fd, stray, self.map_fd)
+        except bpf.BpfError as exc:
+            raise AttachFailed(
+                f"{self.ifname}: steering queues no live lease owns back to the shared map: "
+                f"{exc.strerror}",
+                errno=exc.errno,
+            ) from None
+        return stray
+
     def close(self) -> None:
         for fd in (self.map_fd, self.queues_fd, self.link_fd):
             if fd >= 0:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from broker import bpf, caps, trust
 from broker.core import MapPaths
-from broker.errors import AttachFailed
+from broker.errors import AttachFailed, BadRequest
 from broker.frontend import FrontEnd
+from broker.protocol import validate_lease_id
 
 log = logging.getLogger("xsk-broker")
 
@@ -71,6 +72,16 @@ class MapLeases:
         for path in (self._socket_path(lease_id), self.pin_dir / lease_id):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    def prune(self, live: set[str]) -> None:
+        """At start: remove the sockets and pins an earlier broker left of leases not in
+        live (ended while no broker ran, or never journaled), so none keeps its map."""
+        for what, directory, suffix in (
+            ("device-plugin socket directory", self.dp_dir, ".sock"),
+            ("lease pin directory", self.pin_dir, ""),
+        ):
+            for name in _remove_stale(what, directory, suffix, live):
+                log.info("removed %s: its lease is not live", directory / name)
 
     def _socket_path(self, lease_id: str) -> Path:
         return self.dp_dir / f"{lease_id}.sock"
@@ -127,3 +138,33 @@ def _check_reachable(directory: Path) -> None:
                 f"let others through it (chmod o+x {parent}) or run without --map-pins",
                 errno=errno.EACCES,
             )
+
+
+def _remove_stale(what: str, directory: Path, suffix: str, live: set[str]) -> list[str]:
+    """Unlink the files of directory named <lease id><suffix> but for live's, by name
+    relative to the directory's fd; returns their names. Nothing when the directory is
+    missing or untrusted (the next request on it refuses it)."""
+    try:
+        trust.check_directory(what, directory)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (trust.UntrustedPath, OSError):
+        return []
+    removed = []
+    try:
+        for name in os.listdir(fd):
+            lease_id = name.removesuffix(suffix)
+            if name.endswith(suffix) and _is_lease_id(lease_id) and lease_id not in live:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=fd)
+                    removed.append(name)
+    finally:
+        os.close(fd)
+    return removed
+
+
+def _is_lease_id(name: str) -> bool:
+    try:
+        validate_lease_id(name)
+    except BadRequest:
+        return False
+    return True

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from client.sync import Client
 from lab.netlab import UNPRIVILEGED_GID, enter_netns, in_netns, release_sigint, run, sigint_held
 
 REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SO_ACCEPTCON = 0x10000  # a listening socket's flag in /proc/net/unix
 
 
 def public_tempdir(prefix: str = "xskt-") -> Path:
@@ -215,3 +217,55 @@ class BrokerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def listening(pid: int, path: Path) -> bool:
+    """Whether a unix socket bound at path listens, in pid's network namespace. Its file
+    appears at bind(), a moment before listen(), and stays behind a killed listener."""
+    try:
+        with open(f"/proc/{pid}/net/unix") as table:
+            rows = [line.split() for line in table]
+    except OSError:  # pid has exited: nothing of its listens
+        return False
+    return any(
+        len(row) == 8 and row[7] == str(path) and int(row[3], 16) & SO_ACCEPTCON for row in rows
+    )
+
+
+@contextlib.contextmanager
+def activated_broker(
+    netns: str, pin_dir: Path, workdir: Path, env: Sequence[str] = ()
+) -> Iterator[Path]:
+    """One broker life under socket activation, as systemd gives it: systemd-socket-activate
+    listens in netns and execs `xsk-broker serve --idle-exit 1` on the first connection;
+    yields the socket path once it listens. env: VAR=VALUE for the broker (it gets no other).
+
+    On exit it waits for the broker's idle exit (killing it only if that never comes), so
+    the next life is a cold start again. Its stdout and stderr go to workdir/broker.log.
+    """
+    sock = workdir / "broker.sock"
+    policy = workdir / "policy.toml"
+    policy.write_text(LAB_POLICY)
+    argv = [
+        "systemd-socket-activate", "--seqpacket", "-l", str(sock),
+        *(f"--setenv={var}" for var in env),
+        str(VENV_BIN / "xsk-broker"), "serve", "--socket", str(sock),
+        "--pin-dir", str(pin_dir), "--state-dir", str(workdir / "state"),
+        "--policy", str(policy), "--allow-root", "--idle-exit", "1",
+    ]  # fmt: skip
+    with open(workdir / "broker.log", "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: enter_netns(netns),
+        )  # fmt: skip
+    try:
+        wait_until(lambda: proc.poll() is not None or listening(proc.pid, sock))
+        if proc.poll() is not None:
+            raise RuntimeError(f"systemd-socket-activate exited {proc.returncode}")
+        yield sock
+        proc.wait(timeout=60)  # the idle exit, however loaded the machine
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.unlink(missing_ok=True)

@@ -13,9 +13,11 @@ otherwise run unmarked, uncounted, and fail rather than skip for a non-root deve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import pluggy
 import pytest
 
-from lab.brokerproc import BrokerEnv, BrokerProcess, public_tempdir
+from lab.brokerproc import BrokerEnv, BrokerProcess, public_tempdir, wait_until
 from lab.netlab import VethLab, bpffs
 
 STRICT = os.environ.get("XSKT_STRICT") == "1"
@@ -83,7 +85,40 @@ def pytest_runtest_makereport(
             _passed[marker] += marker in item.keywords
 
 
+# Every process this run starts inherits the mark, unless given an environment of its own
+# (the unprivileged ones are: they are checked by the tests that start them).
+SESSION_VARIABLE = "XSKT_TEST_SESSION"
+os.environ[SESSION_VARIABLE] = str(os.getpid())
+
+
+def left_running(session: str | None = None) -> dict[int, str]:
+    """Processes carrying this run's mark (or session's) in their environment: a broker,
+    consumer or tracer some test started and never stopped. {pid: command line}"""
+    mark = f"{SESSION_VARIABLE}={session or os.environ[SESSION_VARIABLE]}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+            if mark in (entry / "environ").read_bytes().split(b"\0"):
+                argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                found[int(entry.name)] = argv.decode(errors="replace").strip()
+    return found
+
+
+@pytest.hookimpl(trylast=True)  # after the runner has torn down session fixtures
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A process a test left running fails the run (after a grace period in which it may
+    still be stopping) and is killed, so the machine is left clean."""
+    if os.geteuid() == 0:
+        wait_until(lambda: not left_running(), 10, fail=False)
+        if leftovers := left_running():
+            for pid in leftovers:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            listed = "\n".join(f"  {pid}: {argv}" for pid, argv in leftovers.items())
+            print(f"\nprocesses left running by the tests (now killed):\n{listed}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     target = os.environ.get("XSKT_REPORT")
     if target:
         Path(target).write_text(json.dumps({f"{k}_passed": n for k, n in _passed.items()}))
@@ -127,17 +162,33 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def lab4() -> Iterator[VethLab]:
-    with VethLab(queues=4) as lab:
-        yield lab
+def veth_lab_fixture(queues: int) -> object:
+    """A fixture, named by the module-level name it is bound to: a fresh veth lab with
+    `queues` queues, removed after the test (lab4 here; test modules make other sizes)."""
+
+    def lab() -> Iterator[VethLab]:
+        with VethLab(queues=queues) as lab:
+            yield lab
+
+    return pytest.fixture(lab)
 
 
-@pytest.fixture
-def broker4(lab4: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProcess]:
-    """A broker serving the `a` end of a fresh 4-queue veth lab."""
-    with BrokerProcess(lab4.ns_a, pin_root, workdir) as proc:
-        yield proc
+def broker_fixture(lab: str, *serve: str) -> object:
+    """A fixture, named like veth_lab_fixture's: a broker with `serve` options on the `a` end
+    of the lab that fixture `lab` makes, stopped after the test. It asks for its fixtures in
+    the order a plain fixture's arguments would (lab, pin_root, workdir), so they are set up
+    in that order and torn down in the reverse, the broker first."""
+
+    def broker(request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+        veth, pins, workdir = map(request.getfixturevalue, (lab, "pin_root", "workdir"))
+        with BrokerProcess(veth.ns_a, pins, workdir, *serve) as proc:
+            yield proc
+
+    return pytest.fixture(broker)
+
+
+lab4 = veth_lab_fixture(queues=4)
+broker4 = broker_fixture("lab4")  # serving the `a` end of a fresh 4-queue veth lab
 
 
 @pytest.fixture

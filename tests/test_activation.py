@@ -7,6 +7,7 @@ import grp
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -19,6 +20,26 @@ import pytest
 from support import REPO, actor, piped, wait_until
 
 from broker import activation, audit
+from client.sync import Client
+from lab.brokerproc import activated_broker
+from lab.netlab import VethLab
+
+# Imported only when needed, never by a socket-activated start whose first reply hands out
+# sockets: every import is time that reply waits for (bench.cold_start, goal p50 <= 60 ms).
+OFF_THE_COLD_PATH = (
+    "shutil",  # argparse's help width: xsk_broker.cli.HelpFormatter does without
+    "broker.dpfront",  # map leases
+    "broker.metrics",  # --metrics-file
+    "broker.polkit", "jeepney", "concurrent.futures",  # the first check parked for polkit
+    "systemd.journal",  # under journald only
+    "importlib.metadata",  # --version
+    "secrets", "hmac",  # lease ids are os.urandom
+    "client", "lab", "xsk_broker.doctor", "asyncio",
+)  # fmt: skip
+
+
+def off_the_cold_path(module: str) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in OFF_THE_COLD_PATH)
 
 
 @pytest.fixture
@@ -80,6 +101,27 @@ def test_socket_activated_broker_takes_the_inherited_seqpacket_socket_and_notifi
         "listen_env": [],
     }
     assert not (tmp_path / "not-used.sock").exists()
+
+
+@pytest.mark.kernel
+def test_an_adopting_cold_start_imports_nothing_its_first_reply_does_not_need(
+    pin_root: Path, workdir: Path
+) -> None:
+    """`python -X importtime` (PYTHONPROFILEIMPORTTIME) of the broker lives bench.cold_start
+    times: the first attaches and pins, the second adopts; each serves one request."""
+    with VethLab() as lab:
+        for _ in range(2):
+            with activated_broker(
+                lab.ns_a, pin_root, workdir, env=["PYTHONPROFILEIMPORTTIME=1"]
+            ) as sock:
+                client = Client(sock)
+                lease = client.request(lab.ifname_a, 1, umem_bytes=1 << 20)
+                lease.close()
+                client.release(lease.lease_id)
+    log = (workdir / "broker.log").read_text()
+    imported = set(re.findall(r"^import time: .*\| +([\w.]+)$", log, re.MULTILINE))
+    assert {"broker.daemon", "broker.loader"} <= imported and "adopted" in log, log
+    assert sorted(filter(off_the_cold_path, imported)) == []
 
 
 def test_inherited_stream_socket_is_refused_with_the_fix(

@@ -11,10 +11,11 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import broker_fixture, veth_lab_fixture
 from support import actor, pin_dir, run_captured, xdp_of
 
 from broker import bpf
@@ -66,16 +67,8 @@ def leases(broker: BrokerProcess) -> list[LeaseInfo]:
     return broker.client().status().leases
 
 
-@pytest.fixture
-def lab2() -> Iterator[VethLab]:
-    with VethLab(queues=2) as lab:
-        yield lab
-
-
-@pytest.fixture
-def broker2(lab2: VethLab, pin_root: Path, workdir: Path) -> Iterator[BrokerProcess]:
-    with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as proc:
-        yield proc
+lab2 = veth_lab_fixture(queues=2)
+broker2 = broker_fixture("lab2", "--map-pins")
 
 
 def drop_box(workdir: Path) -> Path:
@@ -345,14 +338,112 @@ def test_a_map_lease_survives_a_broker_restart_and_ends_clean(
         assert sockets.queue_ids == [0]
 
 
+def drop_journal_record(state_dir: Path, lease_id: str) -> None:
+    """Leave the lease journal as a broker that died between steering a map lease's queues
+    and journaling the lease would have: without that lease's record."""
+    journal = state_dir / "leases.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("add", {}).get("lease_id") != lease_id]
+    assert len(kept) < len(lines)
+    journal.write_bytes(b"".join(kept))
+
+
+# Below the probe's 8 MiB memlock limit, which counts what its uid holds through map leases.
+SMALL_UMEM = ("--umem-bytes", str(1 << 20))
+
+
+def map_lease_on(
+    broker: BrokerProcess, lab: VethLab, queue: int, consumer: list[str], **options: Any
+) -> subprocess.Popen[str]:
+    """A map lease on one queue (native mode, a small UMEM) for consumer, run as
+    UNPRIVILEGED_UID."""
+    request = request_map(
+        broker, lab.ifname_a, 1, consumer, "--start-queue", str(queue), "--mode", "native",
+        *SMALL_UMEM,
+    )  # fmt: skip
+    return subprocess.Popen(
+        as_uid(UNPRIVILEGED_UID, request),
+        text=True,
+        preexec_fn=lambda: enter_netns(lab.ns_a),
+        **options,
+    )
+
+
+def test_a_restart_gives_back_the_slots_no_live_lease_owns(
+    lab4: VethLab, pin_root: Path, workdir: Path
+) -> None:
+    """Three map leases, queues 0, 1 and 2, then the broker is killed outright. Queue 1's
+    lease is left as a broker that died between steering it and journaling it leaves it
+    (its record dropped: slot steered, pin and socket made, no lease), queue 2's consumer
+    exits while no broker runs. The next broker steers queues 1 and 2 back to the shared
+    XSKMAP (one audit line naming both) and removes their pins and sockets: a socket lease
+    on them receives. Queue 0's lease keeps its slot, and its consumer the frames sent to
+    it after the restart."""
+    ifname, pins = lab4.ifname_a, pin_dir(lab4, pin_root) / str(lab4.a.ifindex)
+    box, holders, paths = drop_box(workdir), [], {}
+    with BrokerProcess(lab4.ns_a, pin_root, workdir, "--map-pins") as broker:
+        ready, sent = box / "tenant", box / "sent"
+        consumer = actor("map_tenant", "{dp-path}", ifname, "0", "0", str(ready), str(sent))
+        tenant = map_lease_on(
+            broker, lab4, 0, consumer, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            wait_until(ready.exists, timeout=60)
+            for queue in (1, 2):
+                ready = box / f"paths{queue}"
+                script = 'echo "$1 $2" > "$0.tmp"; mv "$0.tmp" "$0"; exec sleep 600'
+                consumer = ["sh", "-c", script, str(ready), "{dp-path}", "{map-path}"]
+                holders.append(map_lease_on(broker, lab4, queue, consumer))
+                wait_until(ready.exists, timeout=60)
+                paths[queue] = [Path(p) for p in ready.read_text().split()]
+            by_queue = {lease.queue_ids[0]: lease.lease_id for lease in leases(broker)}
+            shared, steered = map_id(pins / "map"), slots_of(pins / "queues", 4)
+            assert None not in steered[:3] and shared not in steered
+            broker.kill()
+            for holder in holders:
+                holder.kill()
+                holder.wait()
+            drop_journal_record(broker.state_dir, by_queue[1])
+            broker.start()
+            with running_probe(
+                broker, ifname, 2, "--start-queue", "1", "--mode", "native", "--expect", "8",
+                duration=60,
+            ) as probe:  # fmt: skip
+                for queue in (1, 2):
+                    assert send_to_queue(lab4.b, lab4.a, queue, f"q={queue}", 8) == 8
+                assert [q.received for q in probe.result().queues] == [8, 8]
+            assert send_to_queue(lab4.b, lab4.a, 0, "q=0", 30) == 30
+            sent.touch()  # the tenant counts until then
+            assert slots_of(pins / "queues", 4) == [steered[0], shared, shared, None]
+            assert [lease.lease_id for lease in leases(broker)] == [by_queue[0]]
+            out, err = tenant.communicate(timeout=60)
+        finally:
+            for proc in (tenant, *holders):
+                proc.kill()
+                proc.wait()
+        assert tenant.returncode == 0, err
+        assert json.loads(out)["received"] == 30
+        assert [path for path in paths[1] + paths[2] if path.exists()] == []
+        (line,) = [line for line in broker.log().splitlines() if "event=reconciled" in line]
+        assert f"interface={ifname} queues=1,2" in line
+
+
 def test_a_pin_directory_someone_else_made_is_refused(
     lab2: VethLab, pin_root: Path, workdir: Path
 ) -> None:
     """bpffs's root is world-writable: a uid that makes the lease pin directory first could
-    swap pins in it. The broker refuses to pin there, says why, and leaves nothing behind."""
+    swap pins in it. The broker refuses to pin there, says why, and leaves nothing behind;
+    nor does it remove anything there at start (a pin named like a lease that is not live)."""
     planted = lease_pin_dir(pin_root)
-    planted.mkdir(mode=0o777)
+    planted.mkdir()
+    planted.chmod(0o777)  # not left to mkdir's mode, which the umask narrows
     os.chown(planted, OTHER_UID, UNPRIVILEGED_GID)
+    decoy = planted / "0123456789ab"
+    fd = bpf.create_xskmap("decoy", 1)
+    try:
+        bpf.pin(fd, str(decoy))
+    finally:
+        os.close(fd)
     try:
         with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as broker:
             got = in_lab(lab2, request_map(broker, lab2.ifname_a, 1, ["true"]))
@@ -361,8 +452,9 @@ def test_a_pin_directory_someone_else_made_is_refused(
             assert str(planted) in got.stderr
             assert not leases(broker)
             assert not list((broker.state_dir / "dp").glob("*"))
-            assert not list(planted.iterdir())
+            assert list(planted.iterdir()) == [decoy]
     finally:
+        decoy.unlink(missing_ok=True)
         planted.rmdir()
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -77,7 +78,7 @@ def serve(workdir: Path, pin_root: Path, *args: str) -> subprocess.CompletedProc
         argv, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=15)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate()
@@ -157,15 +158,22 @@ def test_socket_mode_and_group_never_go_through_a_link(
     trace = workdir / "strace.out"
     broker = BrokerProcess(lab4.ns_a, pin_root, workdir)
     calls_traced = "trace=/^(f|l)?ch(mod|own)"
+    # strace detaches from its tracee and exits on SIGTERM, so BrokerProcess.stop() alone
+    # would leave the broker running: it is stopped itself below, and setpriv's pdeathsig
+    # stops it should strace end first on any other path.
     broker.argv = ["strace", "-f", "-qq", "--seccomp-bpf", "-o", str(trace), "-e", calls_traced,
-                   *broker.argv]  # fmt: skip
+                   "setpriv", "--pdeathsig=TERM", "--", *broker.argv]  # fmt: skip
     with broker:
-        info = broker.socket_path.stat()
-        # strace blocks SIGTERM when it writes to a file (-I3): stop the broker it runs, and
-        # strace exits with it (stop() timed out and killed strace, leaving the broker running)
-        (child,) = Path(f"/proc/{broker.pid}/task/{broker.pid}/children").read_text().split()
-        os.kill(int(child), signal.SIGTERM)
-        assert broker.proc is not None and broker.proc.wait(60) == 0
+        try:
+            info = broker.socket_path.stat()
+        finally:
+            children = Path(f"/proc/{broker.pid}/task/{broker.pid}/children").read_text()
+            traced = os.pidfd_open(int(children.split()[0]))
+            try:
+                signal.pidfd_send_signal(traced, signal.SIGTERM)
+                assert select.select([traced], [], [], 60)[0], "the traced broker did not stop"
+            finally:
+                os.close(traced)
     calls = [line for line in trace.read_text().splitlines() if "broker.sock" in line]
     assert calls, "the group is set through the path"
     for call in calls:
