@@ -118,7 +118,12 @@ def in_own_user_namespace(pid: int, pidfd: int | None = None) -> bool:
 def memlock_limit(pid: int, pidfd: int | None = None) -> Limit:
     """RLIMIT_MEMLOCK of pid: prlimit() where the kernel lets the broker read it (the same
     uids, or CAP_SYS_RESOURCE), one syscall instead of opening, generating and parsing all
-    of /proc/PID/limits on every request; else that file, which anyone may read."""
+    of /proc/PID/limits on every request; else that file, which anyone may read.
+
+    pid 0, which SO_PEERCRED gives for a peer whose pid namespace is not below the broker's,
+    is refused: to prlimit() it means the broker itself."""
+    if pid <= 0:
+        raise _gone(pid)
     try:
         soft, hard = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)
     except PermissionError:  # EPERM, or EACCES from an LSM

@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,24 +86,59 @@ def pytest_runtest_makereport(
 
 
 # Every process this run starts inherits the mark, unless given an environment of its own
-# (the unprivileged ones are: they are checked by the tests that start them).
+# (the unprivileged ones are: they are checked by the tests that start them). Random, not
+# the run's pid: a pid is reused, so a killed run's leftovers (or those of a run in another
+# pid namespace) could carry the pid of a later run, which would kill them and fail.
 SESSION_VARIABLE = "XSKT_TEST_SESSION"
-os.environ[SESSION_VARIABLE] = str(os.getpid())
+os.environ[SESSION_VARIABLE] = os.urandom(8).hex()
+
+
+def _marked(pid: int, mark: bytes) -> str | None:
+    """pid's command line if its environment carries mark; None if not, or if it is gone."""
+    with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+        if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            return argv.decode(errors="replace").strip()
+    return None
+
+
+def _mark(session: str | None) -> bytes:
+    return f"{SESSION_VARIABLE}={session or os.environ[SESSION_VARIABLE]}".encode()
 
 
 def left_running(session: str | None = None) -> dict[int, str]:
     """Processes carrying this run's mark (or session's) in their environment: a broker,
     consumer or tracer some test started and never stopped. {pid: command line}"""
-    mark = f"{SESSION_VARIABLE}={session or os.environ[SESSION_VARIABLE]}".encode()
+    mark = _mark(session)
     found = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
-            if mark in (entry / "environ").read_bytes().split(b"\0"):
-                argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-                found[int(entry.name)] = argv.decode(errors="replace").strip()
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            argv = _marked(int(entry.name), mark)
+            if argv is not None:
+                found[int(entry.name)] = argv
     return found
+
+
+def kill_left_running(pids: Iterable[int], session: str | None = None) -> dict[int, str]:
+    """SIGKILL those of pids that still carry the run's mark; returns them. Through a pidfd
+    opened before the mark is checked: a listed process that exits meanwhile may leave its
+    pid to anyone's process (the machine is shared, and this runs as root), which a kill by
+    pid would hit; a signal through the pidfd then fails instead (ESRCH)."""
+    mark, killed = _mark(session), {}
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            if (argv := _marked(pid, mark)) is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed[pid] = argv
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+    return killed
 
 
 @pytest.hookimpl(trylast=True)  # after the runner has torn down session fixtures
@@ -112,10 +147,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     still be stopping) and is killed, so the machine is left clean."""
     if os.geteuid() == 0:
         wait_until(lambda: not left_running(), 10, fail=False)
-        if leftovers := left_running():
-            for pid in leftovers:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+        if leftovers := kill_left_running(left_running()):
             listed = "\n".join(f"  {pid}: {argv}" for pid, argv in leftovers.items())
             print(f"\nprocesses left running by the tests (now killed):\n{listed}")
             session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -145,6 +145,23 @@ def test_limit_is_the_same_through_prlimit_and_through_proc(spawn: Spawn) -> Non
             procinfo.memlock_limit(child.pid, pidfd)
 
 
+def test_pid_0_is_no_consumer_not_the_broker_itself(spawn: Spawn) -> None:
+    """SO_PEERCRED says pid 0 for a caller outside the broker's pid namespace and those below
+    it (a host client of a containerised broker); prlimit(0, ...) is the broker's own limit,
+    which must be neither taken for the caller's nor raised for it."""
+    own = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    child = spawn()  # alive, so its pidfd says nothing has exited
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        with pytest.raises(ConsumerGone):
+            procinfo.memlock_limit(0, pidfd)
+        with pytest.raises(ConsumerGone):
+            memlock.raise_limit(0, 64 * MIB, pidfd=pidfd)
+    finally:
+        os.close(pidfd)
+    assert resource.getrlimit(resource.RLIMIT_MEMLOCK) == own
+
+
 def test_unlimited_and_page_rounding() -> None:
     """No process here may have an unlimited limit (no CAP_SYS_RESOURCE), so parse the text."""
     text = "Max locked memory         unlimited            unlimited            bytes\n"
