@@ -102,6 +102,10 @@ class PmdRun:
             time.sleep(0.05)
         return False
 
+    def nic_stats(self) -> dict[int, tuple[int, int]]:
+        """(rx, tx) packets per port in its latest periodic statistics (--stats-period)."""
+        return {int(port): (int(rx), int(tx)) for port, rx, tx in _NIC.findall(self.output)}
+
     def stop(self) -> str:
         """SIGINT (testpmd prints its final per-queue statistics) and its whole output."""
         if self.proc.poll() is None:
@@ -127,6 +131,9 @@ def pmd_args(vdevs: list[str], forward: str) -> list[str]:
     ]  # fmt: skip
 
 
+_NIC = re.compile(
+    r"NIC statistics for port (\d+)\s+#+\s*RX-packets:\s*(\d+).*?TX-packets:\s*(\d+)", re.S
+)
 _PORT = re.compile(
     r"Forward statistics for\s+port\s+(\d+)\s+-+\s*RX-packets:\s*(\d+).*?TX-packets:\s*(\d+)",
     re.S,
