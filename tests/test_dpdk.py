@@ -36,6 +36,7 @@ from lab.traffic import running_probe, send_to_queue
 pytestmark = [pytest.mark.kernel]
 
 OTHER_UID = UNPRIVILEGED_UID + 1
+SHARED_RUNTIME = Path("/tmp/dpdk")  # EAL's runtime directory for uids without XDG_RUNTIME_DIR
 CAPS = "ipc_lock,+net_raw"
 
 
@@ -488,6 +489,7 @@ def test_unmodified_testpmd_unprivileged(
     lab.netlab.steer_queue), and every port sends frames the peer receives (txonly). Port 1
     passes busy_budget=0 as docs/client.md advises, port 0 keeps the PMD's default."""
     path = "{dp-path}" if how == "use_cni" else "{map-path}"
+    shared_runtime_before = SHARED_RUNTIME.exists()
     ports = vdevs(lab2.ifname_a, 2, f"{how}=1,dp_path={path}")
     ports[1] += ",busy_budget=0"
     with BrokerProcess(lab2.ns_a, pin_root, workdir, "--map-pins") as broker:
@@ -520,6 +522,8 @@ def test_unmodified_testpmd_unprivileged(
             assert peer_rx_packets(lab2) - before >= 0.9 * sum(tx for _rx, tx in stats.values())
         assert (broker.log().count("its XSKMAP to pid") == 2) == (how == "use_cni")
         wait_until(lambda: not leases(broker))
+    assert not SHARED_RUNTIME.exists() or shared_runtime_before, "EAL's runtime dir was left"
+    assert not pmd.runtime.exists()
 
 
 def test_testpmd_refused_where_the_policy_says_no(
