@@ -10,6 +10,7 @@ the host's, so argv() names the two it needs with -d.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -131,6 +132,9 @@ class PmdRun:
         self.reader.join(timeout=5)
         for runtime in (self.runtime, *self.root_runtime):
             shutil.rmtree(runtime, ignore_errors=True)
+        if self.root_runtime:
+            with contextlib.suppress(OSError):  # EAL made it; left if anyone else uses it
+                ROOT_RUNTIME.rmdir()
         return self.output
 
 
