@@ -21,7 +21,7 @@ import prctl
 
 from broker.errors import BrokerError
 from client.sync import Client
-from lab.netlab import UNPRIVILEGED_GID, enter_netns, release_sigint, sigint_held
+from lab.netlab import UNPRIVILEGED_GID, enter_netns, in_netns, release_sigint, run, sigint_held
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -35,16 +35,47 @@ def public_tempdir(prefix: str = "xskt-") -> Path:
     return path
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, fail: bool = True) -> bool:
-    """Poll predicate until true; the broker's loop acts asynchronously to its clients."""
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, fail: bool = True) -> bool:
+    """Poll predicate until true; the broker's loop acts asynchronously to its clients. The
+    default timeout is generous (a loaded 2-core VM), as it costs only a failing run."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             if fail:
-                raise AssertionError(f"condition not met within {timeout} s")
+                raise AssertionError(f"{describe(predicate)} not true within {timeout} s")
             return False
         time.sleep(0.02)
     return True
+
+
+def describe(predicate: Callable[[], bool]) -> str:
+    """Where a polled condition is written (a lambda's source line), for failure messages."""
+    code = getattr(predicate, "__code__", None)
+    if code is None or hasattr(predicate, "__self__"):  # a method: what it is bound to says more
+        return repr(predicate)
+    return f"{predicate.__qualname__} ({Path(code.co_filename).name}:{code.co_firstlineno})"
+
+
+def unix_connections(path: Path | str, netns: str | None = None) -> tuple[int, int]:
+    """(waiting, open): connections to the unix socket listening at path that wait in its
+    backlog, and those accepted and not yet closed by the listening side. From sock_diag,
+    which sees the sockets of one network namespace (netns, or this thread's): the listener
+    in its own, and an accepted socket in its client's (the kernel makes it there)."""
+    argv = ["ss", "--unix", "--all", "--numeric", "--no-header", "src", str(path)]
+    with in_netns(netns) if netns is not None else contextlib.nullcontext():
+        rows = [line.split() for line in run(argv).splitlines() if line.strip()]
+    waiting = sum(int(row[2]) for row in rows if row[1] == "LISTEN")
+    return waiting, sum(row[1] == "ESTAB" for row in rows)
+
+
+def still_fd_count(pid: int, still: float = 0.1) -> int:
+    """pid's fd count once it has not changed for `still` seconds."""
+    count, since = len(os.listdir(f"/proc/{pid}/fd")), time.monotonic()
+    while time.monotonic() - since < still:
+        time.sleep(0.01)
+        if (now := len(os.listdir(f"/proc/{pid}/fd"))) != count:
+            count, since = now, time.monotonic()
+    return count
 
 
 @dataclass(frozen=True)
@@ -108,7 +139,7 @@ class BrokerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 10.0) -> BrokerProcess:
+    def start(self, timeout: float = 60.0) -> BrokerProcess:
         try:
             # a ^C held over the fork arrives when sigint_held() ends, inside this try
             with open(self.log_path, "ab") as log, sigint_held():
@@ -149,17 +180,20 @@ class BrokerProcess:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
-    def quiet_fd_count(self) -> int:
-        """The fd count once it has held still for 100 ms: a baseline with no connection
-        (such as start()'s own ping) still being reaped."""
-        count, since = self.fd_count(), time.monotonic()
-        while time.monotonic() - since < 0.1:
-            time.sleep(0.01)
-            if (now := self.fd_count()) != count:
-                count, since = now, time.monotonic()
-        return count
+    def connections(self) -> tuple[int, int]:
+        """(waiting in the listener's backlog, accepted and open) connections to the broker
+        from its namespace (the actors') and from the host's (this process's own)."""
+        waiting, actors = unix_connections(self.socket_path, self.netns)
+        return waiting, actors + unix_connections(self.socket_path)[1]
 
-    def settled_fd_count(self, expected: int, timeout: float = 5.0) -> int:
+    def quiet_fd_count(self) -> int:
+        """A baseline: the fd count once no connection is waiting or open (start()'s own ping
+        is still being reaped when it returns, for as long as a busy machine keeps the loop
+        from running) and the count has held still for 100 ms."""
+        wait_until(lambda: self.connections() == (0, 0))
+        return still_fd_count(self.pid)
+
+    def settled_fd_count(self, expected: int, timeout: float = 30.0) -> int:
         """The fd count once it reaches expected (closed peers are reaped in the loop)."""
         wait_until(lambda: self.fd_count() == expected, timeout, fail=False)
         return self.fd_count()
@@ -170,7 +204,7 @@ class BrokerProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=10)
+            return self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
@@ -229,7 +263,7 @@ def activated_broker(
         if proc.poll() is not None:
             raise RuntimeError(f"systemd-socket-activate exited {proc.returncode}")
         yield sock
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)  # the idle exit, however loaded the machine
     finally:
         if proc.poll() is None:
             proc.kill()

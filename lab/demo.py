@@ -95,7 +95,7 @@ def _exchange(
     with (
         running_probe(
             broker, lab.ifname_a, asked, "--mode", mode, "--reply", "--expect", str(frames),
-            duration=10.0,
+            duration=30.0,
         ) as probe,
         Capture(lab.b) as capture,
     ):  # fmt: skip
@@ -106,7 +106,7 @@ def _exchange(
         for queue in probe.queues:
             tx = steer_queue(queue, probe.mode, queues)
             send_to_queue(lab.b, lab.a, tx, f"demo q={queue}", frames)
-        replies = capture.frames(5.0, want=frames * len(probe.queues))
+        replies = capture.frames(15.0, want=frames * len(probe.queues))
         report = probe.result()
     per_queue = [DemoQueue(q.queue, q.received, q.sent, frames) for q in report.queues]
     result = DemoResult(

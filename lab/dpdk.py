@@ -10,10 +10,14 @@ the host's, so argv() names the two it needs with -d.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ LOADER = "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
 LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu",)
 TESTPMD = "usr/bin/dpdk-testpmd"
 PLUGINS = ("librte_net_af_xdp.so.25", "librte_mempool_ring.so.25")
+ROOT_RUNTIME = Path("/var/run/dpdk")
 # libxdp's BPF objects, for a PMD that loads its own program (no use_cni).
 BPF_OBJECTS = "usr/lib/x86_64-linux-gnu/bpf"
 
@@ -77,9 +82,18 @@ class PmdRun:
 
     def __init__(self, command: list[str], **popen: Any) -> None:
         self.lines: list[str] = []
+        # EAL makes a runtime directory even with --no-shconf and never removes it: as
+        # root /var/run/dpdk/PREFIX, otherwise $XDG_RUNTIME_DIR/dpdk/PREFIX (else /tmp/dpdk,
+        # left owned by the consumer's uid). Non-root runs get a private XDG_RUNTIME_DIR;
+        # root's directory is removed when its prefix is one of ours (xskt*).
+        self.runtime = Path(tempfile.mkdtemp(prefix="xskt-dpdk-"))
+        self.runtime.chmod(0o1777)
+        prefixes = [arg.split("=", 1)[1] for arg in command if arg.startswith("--file-prefix=")]
+        self.root_runtime = [ROOT_RUNTIME / p for p in prefixes if p.startswith("xskt")]
+        env = {**popen.pop("env", os.environ), "XDG_RUNTIME_DIR": str(self.runtime)}
         self.proc = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, **popen,
+            stderr=subprocess.STDOUT, text=True, env=env, **popen,
         )  # fmt: skip
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -102,6 +116,10 @@ class PmdRun:
             time.sleep(0.05)
         return False
 
+    def nic_stats(self) -> dict[int, tuple[int, int]]:
+        """(rx, tx) packets per port in its latest periodic statistics (--stats-period)."""
+        return {int(port): (int(rx), int(tx)) for port, rx, tx in _NIC.findall(self.output)}
+
     def stop(self) -> str:
         """SIGINT (testpmd prints its final per-queue statistics) and its whole output."""
         if self.proc.poll() is None:
@@ -112,6 +130,11 @@ class PmdRun:
             self.proc.kill()
             self.proc.wait()
         self.reader.join(timeout=5)
+        for runtime in (self.runtime, *self.root_runtime):
+            shutil.rmtree(runtime, ignore_errors=True)
+        if self.root_runtime:
+            with contextlib.suppress(OSError):  # EAL made it; left if anyone else uses it
+                ROOT_RUNTIME.rmdir()
         return self.output
 
 
@@ -127,6 +150,9 @@ def pmd_args(vdevs: list[str], forward: str) -> list[str]:
     ]  # fmt: skip
 
 
+_NIC = re.compile(
+    r"NIC statistics for port (\d+)\s+#+\s*RX-packets:\s*(\d+).*?TX-packets:\s*(\d+)", re.S
+)
 _PORT = re.compile(
     r"Forward statistics for\s+port\s+(\d+)\s+-+\s*RX-packets:\s*(\d+).*?TX-packets:\s*(\d+)",
     re.S,

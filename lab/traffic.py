@@ -43,7 +43,7 @@ class RunningProbe:
     queues: list[int]
     mode: str
 
-    def result(self, timeout: float = 30.0) -> ProbeReport:
+    def result(self, timeout: float = 90.0) -> ProbeReport:
         """The probe's report (its last line of output) once it has finished."""
         out, err = self.proc.communicate(timeout=timeout)
         assert self.proc.returncode == 0, f"probe failed ({self.proc.returncode}): {err}"
@@ -56,7 +56,7 @@ def running_probe(
     ifname: str,
     queues: int,
     *args: str,
-    duration: float = 20.0,
+    duration: float = 60.0,
     uid: int = UNPRIVILEGED_UID,
     extra_groups: Sequence[int] = (),
 ) -> Iterator[RunningProbe]:

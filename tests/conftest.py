@@ -172,12 +172,12 @@ def pin_root(bpf_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start children (`sleep 60` unless told otherwise, with Popen's keyword arguments);
+    """Start children (`sleep 600` unless told otherwise, with Popen's keyword arguments);
     all are killed and reaped after the test."""
     children: list[subprocess.Popen[bytes]] = []
 
     def start(argv: list[str] | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(argv or ["sleep", "60"], **kwargs)
+        child = subprocess.Popen(argv or ["sleep", "600"], **kwargs)
         children.append(child)
         return child
 

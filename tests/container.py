@@ -96,7 +96,7 @@ class BootedContainer:
     def __init__(
         self,
         rootfs: Path | None = None,
-        boot_timeout: float = 30,
+        boot_timeout: float = 90,
         binds: Sequence[tuple[Path, str]] = (),
     ) -> None:
         self.rootfs = rootfs
@@ -200,7 +200,8 @@ class BootedContainer:
     def _power_off(self) -> None:
         assert self._nspawn is not None
         if self._nspawn.poll() is None:
-            self.exec(["systemctl", "poweroff"], timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # then killed below
+                self.exec(["systemctl", "poweroff"], timeout=10)
             try:
                 self._nspawn.wait(15)
             except subprocess.TimeoutExpired:
@@ -294,7 +295,7 @@ class BootedContainer:
         done = self.exec(["systemctl", "show", unit, f"--property={','.join(properties)}"])
         return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
-    def journal(self, *matches: str, timeout: float = 5) -> list[dict[str, Any]]:
+    def journal(self, *matches: str, timeout: float = 30) -> list[dict[str, Any]]:
         """Journal entries (journalctl -o json) matching all of matches, e.g. "INTERFACE=x";
         waits up to timeout for at least one, since journald writes asynchronously."""
         deadline = time.monotonic() + timeout

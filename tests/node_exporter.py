@@ -74,8 +74,9 @@ class NodeExporter:
                 user=UNPRIVILEGED_UID, group=UNPRIVILEGED_GID, extra_groups=[],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )  # fmt: skip
-            wait_until(self._answers, timeout=10, fail=False)
-            if self.proc.poll() is None:
+            answered = wait_until(self._answers, timeout=60, fail=False)
+            if self.proc.poll() is None:  # running: it answers, or something is wrong
+                assert answered, f"node_exporter runs but did not answer {self.url} in 60 s"
                 return
         raise AssertionError(f"node_exporter did not start: {piped(self.proc.stderr).read()!r}")
 
@@ -92,7 +93,7 @@ class NodeExporter:
         with urllib.request.urlopen(self.url, timeout=5) as reply:
             return parse(reply.read().decode())
 
-    def scrape_until(self, wanted: Callable[[Figures], bool], timeout: float = 10) -> Figures:
+    def scrape_until(self, wanted: Callable[[Figures], bool], timeout: float = 30) -> Figures:
         """The first scrape for which wanted() holds (the broker writes within a second)."""
         seen: list[Figures] = [{}]
 

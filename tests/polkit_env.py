@@ -135,7 +135,7 @@ class PolkitEnv:
     def __post_init__(self) -> None:
         self.log = self.directory / "polkitd.log"
 
-    def start_polkitd(self, timeout: float = 10.0) -> None:
+    def start_polkitd(self, timeout: float = 60.0) -> None:
         """Start polkitd and wait until it owns org.freedesktop.PolicyKit1 on the bus."""
         mounts = [
             (self.directory / "rules", "/etc/polkit-1/rules.d"),

@@ -12,7 +12,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -40,7 +39,6 @@ __all__ = [
     "pin_dir",
     "pins_of",
     "piped",
-    "quiet_fd_count",
     "run_captured",
     "settled_fd_count",
     "tenants",
@@ -119,7 +117,7 @@ def capless_consumer(spawn: Spawn, soft: int, hard: int) -> subprocess.Popen[byt
     """A root `sleep` without CAP_IPC_LOCK and with these memlock limits: a consumer whose
     limit the broker (root, no CAP_SYS_RESOURCE) may raise within the hard limit."""
     consumer = spawn(
-        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "60"],
+        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "600"],
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard)),
     )
     wait_until(lambda: not procinfo.read_status(consumer.pid).has_cap(procinfo.CAP_IPC_LOCK))
@@ -172,18 +170,7 @@ def fd_count(pid: int) -> int:
     return len(open_fds(pid))
 
 
-def quiet_fd_count(pid: int, still: float = 0.1) -> int:
-    """The fd count once it has not changed for `still` seconds (a connection just closed
-    is still being reaped before that)."""
-    count, since = fd_count(pid), time.monotonic()
-    while time.monotonic() - since < still:
-        time.sleep(0.01)
-        if (now := fd_count(pid)) != count:
-            count, since = now, time.monotonic()
-    return count
-
-
-def settled_fd_count(pid: int, expected: int, timeout: float = 2.0) -> int:
+def settled_fd_count(pid: int, expected: int, timeout: float = 30.0) -> int:
     """The fd count once it reaches expected, or whatever it is after timeout."""
     wait_until(lambda: fd_count(pid) == expected, timeout, fail=False)
     return fd_count(pid)

@@ -49,7 +49,7 @@ def capture(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
-def collect(sock: socket.socket, count: int, timeout: float = 2.0) -> list[bytes]:
+def collect(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
     """Up to count frames, waiting at most timeout in total."""
     deadline = time.monotonic() + timeout
     frames: list[bytes] = []

@@ -184,11 +184,11 @@ def test_the_sandboxed_service_writes_metrics_where_operations_md_says(
         box.exec(["systemctl", "stop", "xsk-broker.service"], check=True)
         box.add_user()
         assert box.run([EXEC_PATH, "ping"], user=CLIENT_USER).returncode == 0
-        wait_until(lambda: "xsk_broker_up 1" in box.exec(["cat", prom]).stdout, timeout=10)
+        wait_until(lambda: "xsk_broker_up 1" in box.exec(["cat", prom]).stdout, timeout=60)
         stat = box.exec(["stat", "-c", "%a %U", prom], check=True).stdout.split()
         assert stat == ["644", "xsk-broker"]
         ping = 'xsk_broker_request_duration_seconds_count{op="ping"}'
-        wait_until(lambda: ping in box.exec(["cat", prom]).stdout, timeout=10)
+        wait_until(lambda: ping in box.exec(["cat", prom]).stdout, timeout=60)
         box.exec(["systemctl", "stop", "xsk-broker.service"], check=True)
         assert "xsk_broker_up 0" in box.exec(["cat", prom], check=True).stdout
     finally:

@@ -107,7 +107,7 @@ def test_vm_service_gets_dhcp(box: BootedContainer, dhcp_log: Path) -> None:
         assert lease_tags(box) == ["vm-t1"]
     finally:
         box.exec(["systemctl", "stop", "vm@t1"])
-    wait_until(lambda: lease_tags(box) == [], 10)
+    wait_until(lambda: lease_tags(box) == [], 60)
 
 
 def test_launch_vm_sh_gets_dhcp(box: BootedContainer, dhcp_log: Path) -> None:
@@ -130,4 +130,4 @@ def test_launch_vm_sh_gets_dhcp(box: BootedContainer, dhcp_log: Path) -> None:
         except subprocess.TimeoutExpired:
             launch.kill()
             launch.communicate()
-    wait_until(lambda: lease_tags(box) == [], 10)
+    wait_until(lambda: lease_tags(box) == [], 60)

@@ -73,6 +73,8 @@ def test_interrupted_demo_removes_what_it_made() -> None:
     assert status == 130, err
     assert err.strip().endswith("INTERRUPTED: stopped by the user")
     assert leftovers(lab_line) == []
-    wait_until(  # a broker caught mid-start is ended by its parent-death signal
-        lambda: subprocess.run(["pgrep", "-f", "xskt-demo-"], capture_output=True).stdout == b""
-    )
+    # A broker caught mid-start is ended by its parent-death signal. This demo's broker is
+    # the one with its bpffs in the command line: any demo's ("xskt-demo-") could be
+    # another run's on the same machine.
+    pins = made_by(lab_line)[-1]
+    wait_until(lambda: subprocess.run(["pgrep", "-f", pins], capture_output=True).stdout == b"")

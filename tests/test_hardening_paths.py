@@ -171,7 +171,7 @@ def test_socket_mode_and_group_never_go_through_a_link(
             traced = os.pidfd_open(int(children.split()[0]))
             try:
                 signal.pidfd_send_signal(traced, signal.SIGTERM)
-                assert select.select([traced], [], [], 10)[0], "the traced broker did not stop"
+                assert select.select([traced], [], [], 60)[0], "the traced broker did not stop"
             finally:
                 os.close(traced)
     calls = [line for line in trace.read_text().splitlines() if "broker.sock" in line]

@@ -65,7 +65,9 @@ def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
     lab4: VethLab, pin_root: Path, workdir: Path
 ) -> None:
     """500 idle connections and 10,000 malformed messages from one uid; root still served."""
-    limits = ("--max-connections-per-uid", "1000", "--rate-per-uid", "1000000")
+    # the idle connections stay, however slowly the run goes (10 s of silence by default)
+    limits = ("--max-connections-per-uid", "1000", "--rate-per-uid", "1000000",
+              "--connection-deadline", "600")  # fmt: skip
     with BrokerProcess(lab4.ns_a, pin_root, workdir, *limits) as broker:
         client = broker.client()
         with client.request(lab4.ifname_a, 4, umem_bytes=1 << 20) as lease:
@@ -97,7 +99,8 @@ def test_broker_survives_garbage_and_idle_connections_and_serves_meanwhile(
 
 @pytest.mark.kernel
 def test_connection_cap_per_uid_spares_other_uids(broker_factory: BrokerFactory) -> None:
-    broker, lab = broker_factory("--max-connections-per-uid", "4")
+    # the hog's connections must not time out before the refused ping (10 s by default)
+    broker, lab = broker_factory("--max-connections-per-uid", "4", "--connection-deadline", "600")
     hog = spawn_unprivileged(
         actor("attacker", str(broker.socket_path), "4", "0"),
         netns=lab.ns_a, env=client_env(broker), cwd=str(REPO),

@@ -25,7 +25,7 @@ def lab() -> Iterator[VethLab]:
         yield lab
 
 
-def collect(watch: LinkWatch, want: int, timeout: float = 2.0) -> list[LinkEvent]:
+def collect(watch: LinkWatch, want: int, timeout: float = 10.0) -> list[LinkEvent]:
     """Drain whenever the watcher's fd turns readable, until `want` events arrived."""
     events: list[LinkEvent] = []
     while len(events) < want:
@@ -45,7 +45,7 @@ def test_knows_existing_links_and_drain_without_events_returns_nothing(lab: Veth
         assert watch.drain() == []
         run(["ip", "-n", lab.ns_a, "link", "set", lab.ifname_a, "mtu", "1400"])
         run(["ip", "-n", lab.ns_a, "link", "set", lab.ifname_a, "down"])
-        assert select.select([watch], [], [], 1.0)[0], "state changes do reach the socket"
+        assert select.select([watch], [], [], 10.0)[0], "state changes do reach the socket"
         assert watch.drain() == [], "state changes of a known link are not events"
         assert watch.drain() == []
 

@@ -61,7 +61,7 @@ def test_cap_ipc_lock_bypasses_the_limit(spawn: Spawn) -> None:
             "--inh-caps=+ipc_lock",
             "--ambient-caps=+ipc_lock",
             "sleep",
-            "60",
+            "600",
         ],
         preexec_fn=_limit(MIB, MIB),
     )
@@ -78,7 +78,7 @@ def _wait_until(pid: int, ready: Callable[[procinfo.ProcStatus], bool]) -> None:
 def _root_without_ipc_lock(spawn: Spawn, soft: int, hard: int) -> subprocess.Popen[bytes]:
     """A root consumer that, like a confined QEMU, lacks CAP_IPC_LOCK."""
     child = spawn(
-        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "60"], preexec_fn=_limit(soft, hard)
+        ["setpriv", "--bounding-set=-ipc_lock", "sleep", "600"], preexec_fn=_limit(soft, hard)
     )
     _wait_until(child.pid, lambda status: not status.has_cap(procinfo.CAP_IPC_LOCK))
     return child

@@ -15,7 +15,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,16 +187,28 @@ while true; do echo RX $(cat /sys/class/net/eth0/statistics/rx_packets); sleep 0
 """
 
 
+def guest_rx_lines(vm: Vm) -> list[int]:
+    """The guest's rx_packets lines so far (it prints one every 250 ms of its time)."""
+    return [int(n) for n in re.findall(r"^RX (\d+)", vm.output(), re.MULTILINE)]
+
+
 def guest_rx(vm: Vm) -> int:
-    """The guest's latest rx_packets line (it prints one every 250 ms)."""
-    return int(re.findall(r"^RX (\d+)", vm.output(), re.MULTILINE)[-1])
+    """The guest's latest rx_packets line."""
+    return guest_rx_lines(vm)[-1]
 
 
 def rx_after_steering(vm: Vm, lab: VethLab, queue: int, frames: int) -> int:
-    """Steer frames to rx queue `queue` of the broker's end; the guest's rx count afterwards."""
+    """Steer frames to rx queue `queue` of the broker's end; the guest's rx count once slot
+    `queue` has redirected them into its socket and the guest has printed four more counts
+    since (a second of its own time, however slowly a loaded host runs it)."""
     guest_end = dataclasses.replace(lab.a, mac=GUEST_MAC)  # QEMU drops other unicast
+    key = f"rx_queue_{queue}_xdp_redirect"
+    redirected = xdp_stats(lab.ns_a, lab.ifname_a)[key] + frames
     send_to_queue(lab.b, guest_end, steer_queue(queue, "native", 2), f"q{queue}", frames)
-    time.sleep(1.0)
+    # fail=False: the caller's assertion on the counters says what went wrong
+    wait_until(lambda: xdp_stats(lab.ns_a, lab.ifname_a)[key] >= redirected, fail=False)
+    printed = len(guest_rx_lines(vm))
+    wait_until(lambda: len(guest_rx_lines(vm)) >= printed + 4, 60)
     return guest_rx(vm)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
-from support import quiet_fd_count, settled_fd_count, socket_links, wait_until, xsk_cli
+from support import settled_fd_count, socket_links, wait_until, xsk_cli
 
 from broker.errors import BrokerError
 from broker.protocol import LeaseInfo, Request
@@ -35,7 +35,7 @@ from client.qmp import (
     session,
     unplug,
 )
-from lab.brokerproc import BrokerEnv
+from lab.brokerproc import BrokerEnv, still_fd_count, unix_connections
 
 pytestmark = pytest.mark.kernel  # real AF_XDP sockets (CAP_NET_RAW), the session's broker
 AF_XDP = 44
@@ -58,8 +58,10 @@ class Qemu:
         return self.proc.pid
 
     def quiet_fd_count(self) -> int:
-        """The fd count once it has not changed for 100 ms (a QMP connection just closed)."""
-        return quiet_fd_count(self.pid)
+        """A baseline: the fd count once no QMP connection is open or waiting (QEMU's main
+        loop reaps one just closed when it gets to it) and it has held still for 100 ms."""
+        wait_until(lambda: unix_connections(self.qmp_path) == (0, 0))
+        return still_fd_count(self.pid)
 
     def settled_fd_count(self, expected: int) -> int:
         """The fd count once QEMU's main loop has closed a just-ended QMP connection."""
@@ -86,7 +88,7 @@ def start_qemu(directory: Path, *extra: str) -> Qemu:
         ],
         stdin=subprocess.DEVNULL,
     )
-    wait_until(lambda: os.path.exists(path) or proc.poll() is not None, 10)
+    wait_until(lambda: os.path.exists(path) or proc.poll() is not None)
     assert proc.poll() is None, "qemu-system-x86_64 exited during start-up"
     return Qemu(proc, path)
 

@@ -82,7 +82,7 @@ def test_consumer_pid_from_another_pid_namespace_is_refused(
     assert xdp_of(lab) == {}
 
     # From the broker's namespace the same manager may still name its consumer.
-    vm = spawn_unprivileged(["sleep", "60"], 61001, netns=broker.netns)
+    vm = spawn_unprivileged(["sleep", "600"], 61001, netns=broker.netns)
     try:
         assert ask_as(broker, 61001, request | {"consumer_pid": vm.pid})["ok"] is True
         # And in a container, a caller that is its own consumer is unaffected.

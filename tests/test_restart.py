@@ -62,8 +62,9 @@ def kill_during_request(broker: BrokerProcess, ifname: str, delay: float) -> str
     The broker is stopped (SIGSTOP) just before the kill so its fd table can be read as it
     was at death: more than conn + pidfd + the lease's pidfd dup above the idle count means
     sockets of this request were open ("mid"). A reply already queued means "replied".
+    The idle count is taken once the previous exchanges' connections are reaped.
     """
-    idle = broker.fd_count()
+    idle = broker.quiet_fd_count()
     request = Request(ifname, QUEUES, umem_bytes=UMEM_BYTES)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.connect(str(broker.socket_path))

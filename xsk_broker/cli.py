@@ -8,6 +8,7 @@ imported when that command runs, so `xsk-broker request` loads no daemon code.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -60,8 +61,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def cmd_serve(opts: argparse.Namespace) -> int:
+    # The daemon's modules are classes and functions that live as long as the process:
+    # collecting while importing them freed nothing and cost ~2 ms of every socket-activated
+    # cold start; frozen, later collections do not scan them again.
+    gc.disable()
     from broker import daemon
 
+    gc.freeze()
+    gc.enable()
     return daemon.main(config.from_flags(opts))
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 def connect(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(5)
+    s.settimeout(60)  # a loaded broker answers late, which is not "closed"
     s.connect(path)
     return s
 

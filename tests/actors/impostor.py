@@ -1,6 +1,6 @@
 """Pretends to be the broker at argv[1]: answers whatever arrives with a pong of its own.
 
-Prints "listening" once bound, then, after one connection (or 10 s without one), one JSON
+Prints "listening" once bound, then, after one connection (or 120 s without one), one JSON
 line saying whether a request reached it.
 """
 
@@ -13,7 +13,7 @@ from broker.protocol import Pong, encode_reply
 with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
     listener.bind(sys.argv[1])
     listener.listen()
-    listener.settimeout(10)
+    listener.settimeout(120)
     print("listening", flush=True)
     received = b""
     try:

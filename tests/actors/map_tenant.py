@@ -1,10 +1,11 @@
 """A map lease's consumer that makes its own AF_XDP socket, as DPDK does, and then tries
 to reach other queues through the map it was given.
 
-argv: DP_PATH IFNAME BIND_QUEUE SLOTS READY_FILE SECONDS. Gets the lease's XSKMAP over the
-device-plugin socket, binds a socket (own UMEM; needs CAP_NET_RAW) to BIND_QUEUE, puts it in
-every slot of SLOTS (comma separated; BPF_ANY replaces what is there), touches READY_FILE,
-counts frames for SECONDS and prints {"received": N, "filled": [rc per slot]}.
+argv: DP_PATH IFNAME BIND_QUEUE SLOTS READY_FILE STOP_FILE. Gets the lease's XSKMAP over
+the device-plugin socket, binds a socket (own UMEM; needs CAP_NET_RAW) to BIND_QUEUE, puts
+it in every slot of SLOTS (comma separated; BPF_ANY replaces what is there), touches
+READY_FILE, counts frames until STOP_FILE exists and none came for half a second (or for
+two minutes at most), and prints {"received": N, "filled": [rc per slot]}.
 """
 
 import array
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from client.consumer import XskSocket
 
-path, ifname, bind_queue, slots, ready, seconds = sys.argv[1:]
+path, ifname, bind_queue, slots, ready, stop = sys.argv[1:]
 with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as dp:
     dp.connect(path)
     dp.send(f"/xsk_map_fd,{ifname}".encode())
@@ -35,7 +36,10 @@ for slot in slots.split(","):
     filled.append(libbpf.bpf_map_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), 0))
 Path(ready).touch()
 received = 0
-deadline = time.monotonic() + float(seconds)
+deadline = time.monotonic() + 120
 while time.monotonic() < deadline:
-    received += len(xsk.receive(timeout=0.1))
+    got = len(xsk.receive(timeout=0.5))
+    received += got
+    if not got and Path(stop).exists():
+        break
 print(json.dumps({"received": received, "filled": filled}))
