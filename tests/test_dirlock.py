@@ -72,18 +72,19 @@ def test_a_second_broker_on_the_first_ones_directory_is_refused_and_changes_noth
     second = BrokerProcess(lab4.ns_a, second_pins, other_workdir, "--map-pins", *state)
     try:
         with BrokerProcess(lab4.ns_a, pin_root, workdir, "--map-pins") as first:
-            ready = drop_box(workdir) / "tenant"
-            consumer = actor("map_tenant", "{dp-path}", ifname, "0", "0", str(ready), "15")
+            ready, sent = drop_box(workdir) / "tenant", drop_box(workdir) / "sent"
+            consumer = actor("map_tenant", "{dp-path}", ifname, "0", "0", str(ready), str(sent))
             tenant = map_lease_on(
                 first, lab4, 0, consumer, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
             try:
-                wait_until(ready.exists, timeout=20)
+                wait_until(ready.exists, timeout=60)
                 before = held_by_first(first, pin_root, lab4)
                 started = came_up(second)
                 refusal = second.log().splitlines()
                 assert held_by_first(first, pin_root, lab4) == before
                 assert send_to_queue(lab4.b, lab4.a, 0, "q=0", 30) == 30
+                sent.touch()
                 out, err = tenant.communicate(timeout=60)
             finally:
                 tenant.kill()
