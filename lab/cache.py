@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 CACHE = Path(os.environ.get("XSK_BROKER_TEST_CACHE", "/var/cache/xsk-broker-tests"))
+# What the builder scripts that source it share (their entries are keyed by its bytes too).
+BUILD_WORK = Path(__file__).resolve().parent.parent / "scripts" / "build-work.sh"
 
 
 class CacheNotTrusted(RuntimeError):

@@ -59,7 +59,7 @@ class Dpdk:
 
 def ensure_dpdk() -> Dpdk:
     """The cached rootfs, built first if missing (a debootstrap: a few minutes)."""
-    path = labcache.entry("dpdk", SCRIPT.read_bytes())
+    path = labcache.entry("dpdk", SCRIPT.read_bytes(), labcache.BUILD_WORK.read_bytes())
     _check_plugin_path(path)
     return Dpdk(labcache.ensure(path, lambda dest: ["sh", str(SCRIPT), str(dest)], BUILD_TIMEOUT))
 

@@ -88,7 +88,7 @@ class AfxdpQemu:
 
 def ensure_qemu() -> AfxdpQemu:
     """The cached QEMU, built first if missing (8 minutes or so on two cores)."""
-    path = labcache.entry("qemu-afxdp", SCRIPT.read_bytes())
+    path = labcache.entry("qemu-afxdp", SCRIPT.read_bytes(), labcache.BUILD_WORK.read_bytes())
     return _load(labcache.ensure(path, lambda dest: ["sh", str(SCRIPT), str(dest)], BUILD_TIMEOUT))
 
 

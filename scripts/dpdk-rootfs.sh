@@ -25,27 +25,8 @@ log=$work/build.log
 # The PMDs are plugins testpmd is told to load with -d (lab/dpdk.py).
 packages="librte-net-af-xdp25 librte-mempool-ring25"
 
-cleanup() {
-    status=$?
-    trap - EXIT INT TERM
-    if [ -d "$work" ]; then
-        grep -F " $work/" /proc/self/mounts | cut -d' ' -f2 | sort -r | while read -r m; do
-            umount -l "$m" || true
-        done
-        if [ "$status" -ne 0 ] && [ -f "$log" ]; then
-            echo "dpdk-rootfs: failed (exit $status); last 30 lines of $log:" >&2
-            tail -n 30 "$log" >&2
-        fi
-        rm -rf --one-file-system "$work"
-    fi
-    exit "$status"
-}
-mkdir -p "$(dirname "$dest")"
-mkdir "$work"
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-: >"$log"
+name=dpdk-rootfs
+. "$(dirname "$0")/build-work.sh"
 
 isolated() {
     unshare --mount --propagation private --pid --fork --kill-child "$@"

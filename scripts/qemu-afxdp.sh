@@ -47,28 +47,8 @@ configure_flags="--prefix=$prefix --target-list=x86_64-softmmu --without-default
     --enable-tcg --enable-kvm --enable-af-xdp --enable-bpf --enable-slirp --enable-pixman
     --disable-docs --disable-werror --disable-download --disable-install-blobs"
 
-cleanup() {
-    status=$?
-    trap - EXIT INT TERM
-    if [ -d "$work" ]; then
-        # Nothing should be mounted here (see above), but never rm through a mount.
-        grep -F " $work/" /proc/self/mounts | cut -d' ' -f2 | sort -r | while read -r m; do
-            umount -l "$m" || true
-        done
-        if [ "$status" -ne 0 ] && [ -f "$log" ]; then
-            echo "qemu-afxdp: failed (exit $status); last 30 lines of $log:" >&2
-            tail -n 30 "$log" >&2
-        fi
-        rm -rf --one-file-system "$work"
-    fi
-    exit "$status"
-}
-mkdir -p "$(dirname "$dest")"
-mkdir "$work"
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-: >"$log"
+name=qemu-afxdp
+. "$(dirname "$0")/build-work.sh"
 
 say() {
     echo "qemu-afxdp: $*" >&2
