@@ -2,11 +2,12 @@
 
 1. logging (journal or stderr), 2. every refusal that can be decided up front (root without
 --allow-root, missing capabilities, an unknown group, a directory another uid could change
-(broker.trust), a bad policy), so a refused start creates nothing, 3. the listening socket
-(from systemd, or bound by hand) and 4. bpffs (chgrp and mounting need privileges the
-broker is about to drop), 5. capabilities down to the three it needs, 6. adopt pins and
-leases, 7. READY=1, serve. A start that fails after 3 removes what it made: the socket it
-bound, the pin and state directories it created.
+(broker.trust), a bad policy, a directory another broker holds (broker.dirlock)), so a
+refused start creates nothing, 3. the listening socket (from systemd, or bound by hand) and
+4. bpffs (chgrp and mounting need privileges the broker is about to drop), 5. capabilities
+down to the three it needs, 6. the directories' locks, 7. adopt pins and leases, 8. READY=1,
+serve. A start that fails after 3 removes what it made: the socket it bound, the pin and
+state directories it created and their lock entries.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING
 
 from broker import activation, audit, caps, trust
 from broker.bpffs import check_lease_pin_dir, ensure_bpffs, lease_pin_dir
-from broker.config import ServeConfig
+from broker.config import ServeConfig, flag_of
 from broker.core import FDSTORE_PREFIX, Service
+from broker.dirlock import LOCK_NAME, DirectoryLocks
 from broker.frontend import FrontEnd
 from broker.jsonfront import JsonFrontEnd
 from broker.leases import LeaseTable
@@ -55,6 +57,23 @@ def refuse_untrusted(config: ServeConfig, activated: bool) -> None:
         from broker.metrics import check_metrics_path
 
         check_metrics_path(config.metrics_file)
+
+
+def lock_directories(config: ServeConfig, locks: DirectoryLocks, *, create: bool) -> None:
+    """Hold the state directory's and the pin directories' locks (broker.dirlock): first
+    with create False, before the socket is bound, for the entries that exist (a second
+    broker is refused having made nothing); then, once the directories exist, all. The map
+    leases' pin directory is made now under --map-pins, so the lock is held from the start;
+    one another uid could change is left alone (its first pin refuses it, maplease.py)."""
+    pins = flag_of("pin_root")
+    locks.take("state directory", flag_of("state_dir"), config.state_dir, create=create)
+    locks.take("pin directory", pins, config.pin_root, create=create)
+    leases = lease_pin_dir(config.pin_root)
+    with contextlib.suppress(trust.UntrustedPath):
+        if create and config.map_pins:
+            trust.ensure_directory("lease pin directory", leases, 0o711)
+        trust.check_directory("lease pin directory", leases)
+        locks.take("lease pin directory", pins, leases, create=create)
 
 
 def device_plugin_front_end(service: Service, lease_id: str) -> FrontEnd:
@@ -92,6 +111,8 @@ def main(config: ServeConfig) -> int:
         group = activation.gid_of(int(config.group) if config.group.isdigit() else config.group)
     inherited = activation.inherited_fds()
     refuse_untrusted(config, activated=bool(inherited))
+    locks = DirectoryLocks()  # held until the process exits, whichever way
+    lock_directories(config, locks, create=False)
     selector = selectors.DefaultSelector()
     notifier = activation.Notifier()
     service = Service(
@@ -106,12 +127,14 @@ def main(config: ServeConfig) -> int:
     raise_fd_limit()
     listener = activation.listening_socket(config.socket_path, group=group, inherited=inherited)
     bound = None if any(fd == listener.fileno() for _, fd in inherited) else config.socket_path
-    with undone_on_failure(listener, bound, config.pin_root, config.state_dir):
+    made = (config.pin_root, config.state_dir, lease_pin_dir(config.pin_root))
+    with undone_on_failure(listener, bound, *made, *(path / LOCK_NAME for path in made)):
         ensure_bpffs(config.pin_root)
         if config.map_pins:
             check_lease_pin_dir(config.pin_root)
         caps.enter_least_privilege(config.allow_root, keep)
         trust.ensure_directory("state directory", config.state_dir, 0o755)
+        lock_directories(config, locks, create=True)
         stored = {name: fd for name, fd in inherited if name.startswith(FDSTORE_PREFIX)}
         front: FrontEnd = JsonFrontEnd(service)
         metrics: Metrics | None = None
@@ -154,4 +177,5 @@ def main(config: ServeConfig) -> int:
         if metrics is not None and sys.exc_info()[0] is None:  # a crash is counted as died
             metrics.stop()
         service.close()
+        locks.close()  # last: a next broker may start once all of this one is closed
     return 0

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import run_captured
+from support import pins_of, run_captured
 
 from broker import caps
 from broker.protocol import Request, encode_message
@@ -183,7 +183,7 @@ def test_non_root_broker_with_three_ambient_caps_serves_frames(
             result = probe.result()
         assert [q.received for q in result.queues] == [FRAMES, FRAMES]
         assert result.mode == "native"
-        assert any(pin_root.iterdir()), "the non-root broker pinned its attachment"
+        assert pins_of(lab4, pin_root), "the non-root broker pinned its attachment"
         assert broker.proc is not None and broker.proc.poll() is None
 
 
