@@ -89,7 +89,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, dest=f.name, action="store_true", default=None, help=help)
         else:
             kind = f.metadata["kind"]
-            metavar = "PATH" if kind is Path else kind.__name__.upper()
+            metavar = "PATH" if issubclass(kind, Path) else kind.__name__.upper()
             parser.add_argument(*flags, dest=f.name, type=kind, metavar=metavar, help=help)
 
 

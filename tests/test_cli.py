@@ -46,6 +46,8 @@ def test_serve_flags_are_the_config_table() -> None:
     usage = xsk("serve", "--help").stdout
     for field in dataclasses.fields(config.ServeConfig):
         assert config.flag_of(field.name) in usage, field.name
+    assert "--socket PATH" in usage and "--state-dir PATH" in usage
+    assert "POSIXPATH" not in usage
 
 
 def test_usage_error_is_one_coded_line_with_exit_2() -> None:
