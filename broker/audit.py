@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 import traceback
 from types import TracebackType
 
@@ -42,18 +41,7 @@ def _pair(key: str, value: str) -> str:
 
 
 class _StderrFormatter(logging.Formatter):
-    """Message followed by the event's fields as key=value; the time as logging writes it,
-    with the seconds formatted once per second rather than once per line."""
-
-    _second: tuple[int, str] = (-1, "")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second[0]:
-            self._second = (second, time.strftime(self.default_time_format, self.converter(second)))
-        return f"{self._second[1]},{int(record.msecs):03d}"  # logging's "%s,%03d"
+    """Message followed by the event's fields as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

@@ -187,7 +187,6 @@ class Service:
     on_change: Callable[[str], None] = field(default=lambda _line: None)
     maps: MapHandouts | None = None  # None: map leases are refused
     observer: Observer = field(default_factory=Unobserved)
-    start_times: procinfo.StartTimes = field(default_factory=procinfo.StartTimes)
 
     def __post_init__(self) -> None:
         self.policy = load_policy(self.policy_path)
@@ -373,7 +372,7 @@ class Service:
             may_raise_to=self._may_raise_to(grant, request, consumer),
             pidfd=consumer.pidfd,
         )
-        start_time = self.start_times.of(consumer.pid, consumer.pidfd)
+        start_time = procinfo.start_time(consumer.pid, consumer.pidfd)
         if request.wants_map:
             return self._hand_out_map(caller, request, grant, consumer, ifindex, start_time)
         attachment = self.loader.ensure(request.ifname, grant.mode, request.queue_ids, ifindex)

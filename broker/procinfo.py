@@ -14,8 +14,7 @@ import errno
 import os
 import resource
 import select
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from broker.errors import ConsumerGone
 
@@ -162,40 +161,3 @@ def start_time(pid: int, pidfd: int | None = None) -> int:
     """
     stat = _read(pid, "stat", pidfd)
     return int(stat[stat.rindex(")") + 2 :].split()[19])
-
-
-def pidfds_on_pidfs() -> bool:
-    """Whether pidfds are files of pidfs (Linux 6.9+), whose inode names one process until
-    reboot, rather than the one anonymous inode that every eventfd shares too. 64-bit only:
-    there, the inode numbers are never reused."""
-    pidfd, anon = os.pidfd_open(os.getpid()), os.eventfd(0, os.EFD_CLOEXEC)
-    try:
-        return sys.maxsize > 2**32 and os.fstat(pidfd).st_dev != os.fstat(anon).st_dev
-    finally:
-        os.close(pidfd)
-        os.close(anon)
-
-
-@dataclass
-class StartTimes:
-    """start_time() of the process behind a pidfd, remembered by the pidfd's pidfs inode, so
-    a consumer asking again costs an fstat instead of /proc/PID/stat (which the kernel
-    generates whole, summing over every thread). Without pidfs every call reads the file."""
-
-    pidfs: bool = field(default_factory=pidfds_on_pidfs)
-    most: int = 256
-    known: dict[int, int] = field(default_factory=dict)  # pidfs inode: start time
-
-    def of(self, pid: int, pidfd: int) -> int:
-        """pid's start time; ConsumerGone once pidfd's process has exited, as start_time()."""
-        if not self.pidfs:
-            return start_time(pid, pidfd)
-        inode = os.fstat(pidfd).st_ino
-        known = self.known.get(inode)
-        if known is not None:
-            _check_same(pid, pidfd)
-            return known
-        known = self.known[inode] = start_time(pid, pidfd)
-        if len(self.known) > self.most:  # the oldest goes
-            del self.known[next(iter(self.known))]
-        return known

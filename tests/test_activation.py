@@ -252,22 +252,6 @@ def test_log_event_fields_go_to_stderr_as_key_value(capfd: pytest.CaptureFixture
         logging.getLogger().removeHandler(handler)
 
 
-def test_stderr_time_stamps_are_logging_s_own_within_and_across_seconds() -> None:
-    """The formatter keeps the formatted second for the next line: every stamp must still
-    read as logging's default one, whatever second the line falls in."""
-    handler = audit.setup_logging(verbose=False)
-    try:
-        ours, plain = handler.formatter, logging.Formatter()
-        assert ours is not None
-        for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.5, 1_699_999_999.0):
-            record = logging.makeLogRecord({"msg": "granted"})
-            record.created, record.msecs = created, (created - int(created)) * 1000
-            assert ours.formatTime(record) == plain.formatTime(record)
-            assert ours.formatTime(record, "%H") == plain.formatTime(record, "%H")
-    finally:
-        logging.getLogger().removeHandler(handler)
-
-
 def test_journal_is_chosen_when_stderr_is_the_journal_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
