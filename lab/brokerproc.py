@@ -68,14 +68,25 @@ def unix_connections(path: Path | str, netns: str | None = None) -> tuple[int, i
     return waiting, sum(row[1] == "ESTAB" for row in rows)
 
 
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def still_fd_count(pid: int, still: float = 0.1) -> int:
     """pid's fd count once it has not changed for `still` seconds."""
-    count, since = len(os.listdir(f"/proc/{pid}/fd")), time.monotonic()
+    count, since = fd_count(pid), time.monotonic()
     while time.monotonic() - since < still:
         time.sleep(0.01)
-        if (now := len(os.listdir(f"/proc/{pid}/fd"))) != count:
+        if (now := fd_count(pid)) != count:
             count, since = now, time.monotonic()
     return count
+
+
+def settled_fd_count(pid: int, expected: int, timeout: float = 30.0) -> int:
+    """pid's fd count once it reaches expected (closed peers are reaped in their owner's
+    loop), or whatever it is after timeout."""
+    wait_until(lambda: fd_count(pid) == expected, timeout, fail=False)
+    return fd_count(pid)
 
 
 @dataclass(frozen=True)
@@ -178,7 +189,7 @@ class BrokerProcess:
         return Client(self.socket_path, broker_uid=self.broker_uid)
 
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        return fd_count(self.pid)
 
     def connections(self) -> tuple[int, int]:
         """(waiting in the listener's backlog, accepted and open) connections to the broker
@@ -194,9 +205,7 @@ class BrokerProcess:
         return still_fd_count(self.pid)
 
     def settled_fd_count(self, expected: int, timeout: float = 30.0) -> int:
-        """The fd count once it reaches expected (closed peers are reaped in the loop)."""
-        wait_until(lambda: self.fd_count() == expected, timeout, fail=False)
-        return self.fd_count()
+        return settled_fd_count(self.pid, expected, timeout)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Stop the process and return its exit status."""

@@ -19,7 +19,7 @@ from typing import IO, Any, AnyStr
 
 from broker import procinfo
 from broker.loader import netns_key
-from lab.brokerproc import REPO, BrokerProcess, wait_until
+from lab.brokerproc import REPO, BrokerProcess, fd_count, settled_fd_count, wait_until
 from lab.netlab import VethLab, in_netns, run, spawn_unprivileged
 from lab.traffic import client_env
 
@@ -164,16 +164,6 @@ def socket_links(fd_dir: Path) -> list[str]:
         with suppress(FileNotFoundError):
             links.append(os.readlink(fd))
     return [link for link in links if link.startswith("socket:")]
-
-
-def fd_count(pid: int) -> int:
-    return len(open_fds(pid))
-
-
-def settled_fd_count(pid: int, expected: int, timeout: float = 30.0) -> int:
-    """The fd count once it reaches expected, or whatever it is after timeout."""
-    wait_until(lambda: fd_count(pid) == expected, timeout, fail=False)
-    return fd_count(pid)
 
 
 class Tenant:
